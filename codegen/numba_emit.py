@@ -1,0 +1,89 @@
+"""Numba backend: one `@njit(parallel=True)` prange loop over the flat float32 buffers.
+
+`error_model='numpy'` so that division and sqrt give IEEE results instead of raising, and no
+`fastmath`: it assumes no NaN/inf, which would break divide-no-NaN and NaN propagation.
+Every value is float32 (`f32(...)` around constants and scalars): a bare Python float would
+promote the whole expression to float64 and halve the throughput.
+"""
+
+from __future__ import annotations
+
+from codegen.ir import Const, Program, format_float
+from codegen.lower import Assign, KernelPlan, lower
+
+# op -> expression template over rendered operands; all scalar float32.
+TEMPLATES: dict[str, str] = {
+    "neg": "-{0}",
+    "add": "{0} + {1}",
+    "sub": "{0} - {1}",
+    "mul": "{0} * {1}",
+    "div": "{0} / {1} if {1} != ZERO else ZERO",
+    "pow": "{0} ** {1}",
+    "square": "{0} * {0}",
+    "sqrt": "np.sqrt({0})",
+    "abs": "abs({0})",
+    "sign": "_sign({0})",
+    "exp": "np.exp({0})",
+    "log": "np.log({0})",
+    "min": "_fmin({0}, {1})",
+    "max": "_fmax({0}, {1})",
+}
+
+PRELUDE = '''\
+import numba
+import numpy as np
+from numpy import float32 as f32
+
+ZERO = f32(0.0)
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _fmin(a, b):
+    # NaN-propagating, like torch.minimum (Python's min would drop a NaN in `b`).
+    return a if (a < b or a != a) else b
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _fmax(a, b):
+    return a if (a > b or a != a) else b
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _sign(a):
+    # sign(NaN) = NaN and sign(0) = 0, as numpy defines it.
+    return f32(1.0) if a > 0 else (f32(-1.0) if a < 0 else a)
+'''
+
+
+def _const(c: Const) -> str:
+    text = format_float(c.value)
+    return f"f32({text!r})" if text in ("nan", "inf", "-inf") else f"f32({text})"
+
+
+def _render(step: Assign) -> str:
+    args = [_const(a) if isinstance(a, Const) else a for a in step.args]
+    return f"{step.name} = {TEMPLATES[step.op].format(*args)}"
+
+
+def emit(program: Program | KernelPlan) -> str:
+    """The source of a module defining `kernel(weight, grad, *tensor_states, lr, *scalar_states)`
+    over 1-D float32 numpy arrays, plus TENSOR_STATES / SCALAR_STATES."""
+    plan = program if isinstance(program, KernelPlan) else lower(program)
+    buffers = ("weight", "grad") + plan.tensor_states
+    params = [f"{b}_buf" for b in buffers] + ["lr", *plan.scalar_states]
+    out = ["# " + line for line in plan.header("numba")]
+    out += ["", PRELUDE, f"TENSOR_STATES = {plan.tensor_states!r}",
+            f"SCALAR_STATES = {plan.scalar_states!r}", "", ""]
+    out.append('@numba.njit(parallel=True, error_model="numpy", cache=True)')
+    out.append(f"def kernel({', '.join(params)}):")
+    for scalar in ("lr", *plan.scalar_states):
+        out.append(f"    {scalar} = f32({scalar})")
+    out.append("    for i in numba.prange(weight_buf.shape[0]):")
+    loads = [b for b in buffers if b != "grad" or plan.reads_grad]
+    out += [f"        {b} = {b}_buf[i]" for b in loads]
+    for comment, step in plan.commented_steps():
+        if comment:
+            out.append(f"        # {comment}")
+        out.append("        " + _render(step))
+    out += [f"        {s}_buf[i] = {s}" for s in plan.stored]
+    return "\n".join(out) + "\n"

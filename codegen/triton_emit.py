@@ -1,0 +1,102 @@
+"""Triton backend: one `@triton.jit` kernel, masked loads and stores, one pass over memory.
+
+Only `tl` functions are used: libdevice calls fail in the interpreter (TRITON_INTERPRET=1), which
+is how the CPU tests run these kernels. Triton has no pow that works there, so `_pow` builds C's
+pow from exp2/log2 with the sign and special cases spelled out.
+"""
+
+from __future__ import annotations
+
+from codegen.ir import Const, Program, format_float
+from codegen.lower import Assign, KernelPlan, lower
+
+TEMPLATES: dict[str, str] = {
+    "neg": "-{0}",
+    "add": "{0} + {1}",
+    "sub": "{0} - {1}",
+    "mul": "{0} * {1}",
+    "div": "tl.where({1} == 0.0, 0.0, {0} / {1})",
+    "pow": "_pow({0}, {1})",
+    "square": "{0} * {0}",
+    "sqrt": "tl.sqrt_rn({0})",
+    "abs": "tl.abs({0})",
+    "sign": "tl.where({0} > 0.0, 1.0, tl.where({0} < 0.0, -1.0, {0}))",
+    "exp": "tl.exp({0})",
+    "log": "tl.log({0})",
+    # NaN-propagating min/max (torch.minimum semantics); tl.minimum's default drops NaNs.
+    "min": "tl.where(({0} < {1}) | ({0} != {0}), {0}, {1})",
+    "max": "tl.where(({0} > {1}) | ({0} != {0}), {0}, {1})",
+}
+
+PRELUDE = '''\
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+# jit functions may only read globals that are constexpr.
+INF: tl.constexpr = tl.constexpr(float("inf"))
+NAN: tl.constexpr = tl.constexpr(float("nan"))
+
+
+@triton.jit
+def _pow(a, b):
+    # C's pow from exp2/log2: |a|**b, then the sign for negative bases with odd integer b,
+    # NaN for negative bases with non-integer b, and C's special cases.
+    mag = tl.exp2(b * tl.log2(tl.abs(a)))
+    b_int = tl.floor(b) == b
+    b_odd = b_int & ((b - 2.0 * tl.floor(0.5 * b)) == 1.0)
+    neg_base = (a < 0.0) | ((a == 0.0) & ((1.0 / a) < 0.0))  # includes -0.0
+    r = tl.where(neg_base & b_odd, -mag, mag)
+    r = tl.where((a < 0.0) & (a > -INF) & (b == b) & ~b_int, NAN, r)
+    r = tl.where((a == -INF) & ~b_int, tl.where(b > 0.0, INF, 0.0), r)
+    r = tl.where((a == -1.0) & (tl.abs(b) == INF), 1.0, r)
+    return tl.where((b == 0.0) | (a == 1.0), 1.0, r)
+'''
+
+
+def _const_name(index: int) -> str:
+    return f"c{index}"
+
+
+def emit(program: Program | KernelPlan) -> str:
+    """The source of a module with `kernel(weight, grad, *tensor_states, lr, *scalar_states)`
+    over 1-D contiguous float32 torch tensors (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    plan = program if isinstance(program, KernelPlan) else lower(program)
+    buffers = ("weight", "grad") + plan.tensor_states
+    scalars = ("lr",) + plan.scalar_states
+    consts = {c: _const_name(i) for i, c in enumerate(plan.constants)}
+
+    def render(step: Assign) -> str:
+        args = [consts[a] if isinstance(a, Const) else a for a in step.args]
+        return f"{step.name} = {TEMPLATES[step.op].format(*args)}"
+
+    out = ["# " + line for line in plan.header("triton")]
+    out += ["", PRELUDE, f"TENSOR_STATES = {plan.tensor_states!r}",
+            f"SCALAR_STATES = {plan.scalar_states!r}", "", ""]
+    out.append("@triton.jit")
+    params = [f"{b}_ptr" for b in buffers] + list(scalars) + ["n", "BLOCK_SIZE: tl.constexpr"]
+    out.append(f"def _update({', '.join(params)}):")
+    out.append("    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)")
+    out.append("    mask = offsets < n")
+    for scalar in scalars:
+        # Scalars and constants as float32 blocks: every op sees same-shaped tensors.
+        out.append(f"    {scalar} = tl.zeros((BLOCK_SIZE,), tl.float32) + {scalar}")
+    for const, name in consts.items():
+        value = format_float(const.value)
+        literal = {"inf": "INF", "-inf": "-INF", "nan": "NAN"}.get(value, value)
+        out.append(f"    {name} = tl.full((BLOCK_SIZE,), {literal}, tl.float32)")
+    loads = [b for b in buffers if b != "grad" or plan.reads_grad]
+    out += [f"    {b} = tl.load({b}_ptr + offsets, mask=mask)" for b in loads]
+    for comment, step in plan.commented_steps():
+        if comment:
+            out.append(f"    # {comment}")
+        out.append("    " + render(step))
+    out += [f"    tl.store({s}_ptr + offsets, {s}, mask=mask)" for s in plan.stored]
+    out += ["", ""]
+    out.append(f"def kernel({', '.join(buffers + scalars)}):")
+    out.append("    n = weight.numel()")
+    out.append("    grid = (triton.cdiv(n, BLOCK),)")
+    call_args = ", ".join([*buffers, *(f"float({s})" for s in scalars), "n"])
+    out.append(f"    _update[grid]({call_args}, BLOCK_SIZE=BLOCK)")
+    return "\n".join(out) + "\n"

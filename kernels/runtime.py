@@ -1,0 +1,115 @@
+"""Compile-and-load: a Program becomes an UpdateKernel that applies one step in place.
+
+`compile()` is memoised in-process by (hash, backend) and on disk by codegen.cache, so the
+generated source is written once per program and machine, and Numba's own cache (cache=True)
+keeps the machine code next to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from codegen import cache
+from codegen.ir import Program
+from codegen.lower import KernelPlan, lower
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (no CUDA for Triton, say)."""
+
+
+def resolve_backend(backend: str, device: torch.device | None = None) -> str:
+    """`auto` is triton for CUDA tensors (or when CUDA is available and no device is given),
+    numba otherwise."""
+    if backend == "auto":
+        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        return "triton" if on_cuda else "numba"
+    cache.check_backend(backend)
+    return backend
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True, eq=False)
+class UpdateKernel:
+    """One fused optimizer step for one program on one backend.
+
+    Call it with flat, contiguous float32 tensors: `kernel(weight, grad, states, lr, scalars)`,
+    where `states` holds a tensor for each of `tensor_states` and `scalars` the *new* value of
+    each of `scalar_states` (see `advance_scalars`). Everything is updated in place.
+    """
+
+    plan: KernelPlan
+    backend: str
+    module: object
+    _launch: Callable
+
+    @property
+    def hash(self) -> str:
+        return self.plan.hash
+
+    @property
+    def tensor_states(self) -> tuple[str, ...]:
+        return self.plan.tensor_states
+
+    @property
+    def scalar_states(self) -> tuple[str, ...]:
+        return self.plan.scalar_states
+
+    def advance_scalars(self, scalars: Mapping[str, float], lr: float) -> dict[str, float]:
+        """New values of the uniform states, by the reference semantics in float32."""
+        return self.plan.program.advance_uniform(scalars, lr)
+
+    def __call__(self, weight: torch.Tensor, grad: torch.Tensor,
+                 states: Mapping[str, torch.Tensor], lr: float,
+                 scalars: Mapping[str, float] | None = None) -> None:
+        scalars = scalars or {}
+        buffers = [weight, grad, *(states[s] for s in self.plan.tensor_states)]
+        values = [float(lr), *(float(scalars[s]) for s in self.plan.scalar_states)]
+        self._launch(buffers, values)
+
+
+def compile(program: Program | str, backend: str = "auto") -> UpdateKernel:  # noqa: A001
+    """The update kernel for `program` (a Program or its text) on `backend`
+    (`auto`, `numba`, `triton` or `torch`)."""
+    if isinstance(program, str):
+        program = Program.parse(program)
+    backend = resolve_backend(backend)
+    return _compile(lower(program), backend)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile_cached(plan: KernelPlan, backend: str) -> UpdateKernel:
+    module = cache.load(plan, backend)
+    fn = module.kernel
+    if backend == "numba":
+        def launch(buffers, values):
+            fn(*(_as_numpy(b) for b in buffers), *values)
+    else:
+        def launch(buffers, values):
+            fn(*buffers, *values)
+    return UpdateKernel(plan, backend, module, launch)
+
+
+def _compile(plan: KernelPlan, backend: str) -> UpdateKernel:
+    if backend == "triton" and not (torch.cuda.is_available()
+                                    or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise BackendUnavailable(
+            "the triton backend needs a CUDA device; on the CPU use backend='numba', or set "
+            "TRITON_INTERPRET=1 before importing triton to run it (slowly) in the interpreter")
+    return _compile_cached(plan, backend)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+        raise TypeError(f"the numba backend needs contiguous float32 CPU tensors, got "
+                        f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
+    return t.detach().numpy().reshape(-1)

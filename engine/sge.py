@@ -1,0 +1,208 @@
+"""Structured Grammatical Evolution: genotypes, their mapping to program text, and variation.
+
+SGE (Lourenço et al.) keeps one codon list per non-terminal; codon ``c`` in the list of ``<nt>``
+picks production ``c`` of ``<nt>`` (an index into its alternatives, duplicates included, so the
+grammar's deliberate biases carry over). Mapping walks the derivation depth first, left to right,
+taking the next unused codon of whichever non-terminal it expands. Locality is better than in
+classic GE because a change in one list cannot shift the meaning of another's codons.
+
+Design:
+- Everything is immutable (tuples, frozen dataclasses) and every random draw takes an explicit
+  ``random.Random``: the same seed gives the same individuals in any process, and a genotype can
+  be shared without copying.
+- Mapping is a function, not a method that edits the genotype: it returns a new Individual whose
+  genotype is the one actually used, i.e. extended (dynamic SGE: a list that runs out gets a
+  fresh random codon) and repaired (see below). Re-mapping that genotype needs no randomness and
+  gives the same phenotype.
+- Depth control (the repair rule). A node at depth ``d`` (the start symbol is at depth 1) may use
+  production ``p`` only if ``d + p.shortest <= max_depth`` (``Production.shortest`` comes from
+  the grammar's shortest-derivation table, so indirect recursion such as e -> fun -> e is bounded
+  too). If the codon's production does not fit, the codon is replaced by ``fits[c % len(fits)]``,
+  where ``fits`` lists the fitting productions in grammar order: deterministic, and the same codon
+  always lands on the same repair. A fresh codon is drawn uniformly from ``fits``. Since the
+  start symbol fits whenever ``max_depth >= grammar.shortest[start]``, every node has at least one
+  fitting production and no tree is ever deeper than ``max_depth``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from engine.grammar import Derivation, Grammar, derive
+
+__all__ = [
+    "Genotype",
+    "Individual",
+    "crossover",
+    "individual_from_text",
+    "initialise",
+    "map_genotype",
+    "mutate",
+    "mutate_genotype",
+]
+
+Genotype = tuple[tuple[int, ...], ...]  # one codon list per non-terminal, in grammar order
+
+
+@dataclass(frozen=True)
+class Individual:
+    """A mapped genotype: what variation needs (codons and where each was used) and the text.
+
+    ``codon_depths[nt][i]`` is the depth of the node that consumed codon ``i`` of ``<nt>``; its
+    length is the number of codons used, so codons past it are unused (kept, as SGE does, so that
+    a later mutation can bring them back into play). ``size`` counts non-terminal nodes.
+    """
+
+    genotype: Genotype
+    phenotype: str
+    depth: int
+    size: int
+    codon_depths: tuple[tuple[int, ...], ...]
+
+
+def map_genotype(grammar: Grammar, genotype: Genotype, max_depth: int,
+                 rng: random.Random | None = None, *, grow_until: int = 0) -> Individual:
+    """Map a genotype to its phenotype under ``max_depth``, extending and repairing codons.
+
+    ``rng`` is needed only when a codon list runs out; without one that is an error, which lets
+    callers re-map stored genotypes with the guarantee that nothing random happens. While a node
+    is shallower than ``grow_until``, fresh codons prefer productions that can still reach that
+    depth: that is how initialisation grows trees to a minimum depth (see ``initialise``).
+    """
+    rules = grammar.rules
+    if len(genotype) != len(rules):
+        raise ValueError(f"genotype has {len(genotype)} codon lists but {grammar.source} has "
+                         f"{len(rules)} non-terminals; it belongs to another grammar")
+    if max_depth < grammar.shortest[grammar.start]:
+        raise ValueError(f"max_depth={max_depth} is below the shallowest tree of "
+                         f"{grammar.source} (depth {grammar.shortest[grammar.start]}); raise it")
+    fitting = grammar.fitting
+    genes = [list(codons) for codons in genotype]
+    used = [0] * len(rules)
+    depths: list[list[int]] = [[] for _ in rules]
+    out: list[str] = []
+    stack: list[tuple[str | int, int]] = [(grammar.start, 1)]
+    deepest = 0
+    while stack:
+        sym, depth = stack.pop()
+        if isinstance(sym, str):
+            out.append(sym)
+            continue
+        rule = rules[sym]
+        codons = genes[sym]
+        i = used[sym]
+        used[sym] = i + 1
+        depths[sym].append(depth)
+        if depth > deepest:
+            deepest = depth
+        fits = fitting(sym, max_depth - depth)
+        if i < len(codons):
+            choice = codons[i]
+            if not 0 <= choice < len(rule):
+                raise ValueError(f"codon {i} of <{grammar.names[sym]}> is {choice}, but it has "
+                                 f"only {len(rule)} productions (valid codons: 0..{len(rule) - 1})")
+            if rule[choice].shortest > max_depth - depth:
+                choice = fits[choice % len(fits)]
+                codons[i] = choice
+        else:
+            if rng is None:
+                raise ValueError(f"the codon list of <{grammar.names[sym]}> ran out and no rng "
+                                 "was given to extend it")
+            if depth < grow_until:
+                growing = [k for k in fits if depth + rule[k].height >= grow_until]
+                choice = rng.choice(growing or fits)
+            else:
+                choice = rng.choice(fits)
+            codons.append(choice)
+        below = depth + 1
+        stack.extend((s, below) for s in reversed(rule[choice].symbols))
+    return Individual(genotype=tuple(tuple(c) for c in genes), phenotype="".join(out),
+                      depth=deepest, size=sum(used),
+                      codon_depths=tuple(tuple(d) for d in depths))
+
+
+def initialise(grammar: Grammar, rng: random.Random, min_depth: int,
+               max_depth: int) -> Individual:
+    """A random individual grown from an empty genotype, between ``min_depth`` and ``max_depth``.
+
+    Below ``min_depth`` every node prefers productions that can still reach it (a 'full' start,
+    so each branch grows, not just one); past it choices are uniform among those that fit
+    ('grow'). Branches that cannot reach the minimum (the DLR condition) simply end, so the tree's
+    deepest branch reaches ``min_depth`` whenever the grammar allows it.
+    """
+    if not 1 <= min_depth <= max_depth:
+        raise ValueError(f"need 1 <= min_depth <= max_depth, got min_depth={min_depth}, "
+                         f"max_depth={max_depth}")
+    empty: Genotype = tuple(() for _ in grammar.rules)
+    return map_genotype(grammar, empty, max_depth, rng, grow_until=min_depth)
+
+
+def mutate_genotype(grammar: Grammar, individual: Individual, p_mut: float, max_depth: int,
+                    rng: random.Random) -> Genotype:
+    """Each used codon of a non-terminal with several options changes with probability p_mut.
+
+    The new codon is a different production among those that fit at the depth where the codon
+    was used, so a mutation is never a silent no-op at the codon level and never breaks the depth
+    limit there. (Duplicated alternatives count as different productions: a `grad` may become
+    another `grad`, which is how the grammar's bias is meant to work.) Unused codons never change.
+    """
+    if not 0.0 <= p_mut <= 1.0:
+        raise ValueError(f"p_mut must be a probability in [0, 1], got {p_mut}")
+    genes = [list(codons) for codons in individual.genotype]
+    for nt, used_depths in enumerate(individual.codon_depths):
+        if len(grammar.rules[nt]) < 2:
+            continue
+        codons = genes[nt]
+        for i, depth in enumerate(used_depths):
+            if rng.random() >= p_mut:
+                continue
+            options = [k for k in grammar.fitting(nt, max_depth - depth) if k != codons[i]]
+            if options:
+                codons[i] = rng.choice(options)
+    return tuple(tuple(c) for c in genes)
+
+
+def mutate(grammar: Grammar, individual: Individual, p_mut: float, max_depth: int,
+           rng: random.Random) -> Individual:
+    """Mutate the used codons, then re-map (new subtrees may need fresh codons from ``rng``)."""
+    genotype = mutate_genotype(grammar, individual, p_mut, max_depth, rng)
+    return map_genotype(grammar, genotype, max_depth, rng)
+
+
+def crossover(grammar: Grammar, a: Individual, b: Individual, max_depth: int,
+              rng: random.Random) -> Individual:
+    """Gene-level uniform crossover: each non-terminal's whole codon list from ``a`` or ``b``.
+
+    Whole lists travel together because a list is only meaningful as a sequence consumed in
+    order; mixing codons inside one list would scramble both parents' subtrees.
+    """
+    genotype = tuple(ga if rng.random() < 0.5 else gb for ga, gb in zip(a.genotype, b.genotype))
+    return map_genotype(grammar, genotype, max_depth, rng)
+
+
+def individual_from_text(grammar: Grammar, text: str, max_depth: int,
+                         name: str = "program") -> Individual:
+    """The individual whose phenotype is ``text`` (whitespace aside): how seeds enter SGE.
+
+    Raises ValueError naming ``name`` when the text is not derivable in the grammar or its
+    shallowest derivation is deeper than ``max_depth``.
+    """
+    try:
+        tree = derive(grammar, text)
+    except ValueError as err:
+        raise ValueError(f"seed {name!r} {err}. A seed must use only the grammar's operators, "
+                         "inputs and constants") from None
+    if tree.depth > max_depth:
+        raise ValueError(f"seed {name!r} needs a tree of depth {tree.depth}, above "
+                         f"max_depth={max_depth}; simplify it or raise max_depth")
+    genes: list[list[int]] = [[] for _ in grammar.rules]
+    _collect(tree, genes)
+    return map_genotype(grammar, tuple(tuple(c) for c in genes), max_depth)
+
+
+def _collect(tree: Derivation, genes: list[list[int]]) -> None:
+    """Codons in the mapper's order: pre-order, children left to right."""
+    genes[tree.nt].append(tree.choice)
+    for child in tree.children:
+        _collect(child, genes)

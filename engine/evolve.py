@@ -1,0 +1,409 @@
+"""The generational loop: select, vary, evaluate, replace; a checkpoint after every generation.
+
+The loop owns no evaluation machinery: a fitness function receives each generation's batch of
+new phenotype texts and returns their fitness, so the caller decides how to run them (serially, a
+process pool, Ray) and in what order results come back. Fitness is maximised (accuracy); a failed
+candidate simply gets a low, finite floor value.
+
+Reproducibility is the design constraint everything else follows from:
+- All randomness of generation ``g`` comes from one ``random.Random`` derived from (seed, g), not
+  from a generator threaded through the run. The state after a generation is therefore just the
+  population and the history, which is exactly what a checkpoint stores, and a run resumed after
+  generation k replays generations k+1.. bit for bit like an uninterrupted one.
+- Fitness values are placed by index, never by arrival order, so the history does not depend on
+  which worker finished first.
+- Checkpoints are JSON with a SHA-256 of their body inside, written to a temporary file and moved
+  into place with ``os.replace``, so a reader sees a whole file or none. The two newest are kept:
+  a corrupt or truncated newest file is refused with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import statistics
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from engine.grammar import Grammar
+from engine.sge import Individual, crossover, individual_from_text, initialise, map_genotype, mutate
+
+__all__ = [
+    "CheckpointError",
+    "EvolutionConfig",
+    "FitnessFunction",
+    "GenerationRecord",
+    "RunResult",
+    "Scored",
+    "evolve",
+    "load_checkpoint",
+]
+
+# A batch of texts in, either a list of fitness values aligned with the batch or (index, fitness)
+# pairs in any order (e.g. as futures complete).
+FitnessFunction = Callable[[Sequence[str]], Iterable[float] | Iterable[tuple[int, float]]]
+
+_FORMAT = "autolr-evolve-checkpoint"
+_VERSION = 1
+_KEEP = 2  # checkpoints kept on disk: the newest and the one to fall back to
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted or does not belong to this run; the message says why."""
+
+
+@dataclass(frozen=True)
+class EvolutionConfig:
+    """Everything that determines a run, besides the grammar, the seeds and the fitness function.
+
+    ``generations`` counts evaluated populations, the random initial one being generation 0. It
+    is the only field that may change when resuming (to extend a run). Depths follow
+    engine.grammar: the start symbol is at depth 1. Defaults are the reference's example config.
+    """
+
+    population: int = 20
+    generations: int = 100
+    elitism: int = 1
+    tournament: int = 5
+    p_cross: float = 0.9
+    p_mut: float = 0.15
+    min_depth: int = 6
+    max_depth: int = 17
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(message: str) -> None:
+            raise ValueError(f"EvolutionConfig: {message}")
+
+        for name in ("population", "generations", "elitism", "tournament", "min_depth",
+                     "max_depth", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                bad(f"{name} must be an int, got {value!r}")
+        if self.population < 1:
+            bad(f"population must be at least 1, got {self.population}")
+        if self.generations < 1:
+            bad(f"generations must be at least 1 (generation 0 is the initial population), "
+                f"got {self.generations}")
+        if not 0 <= self.elitism < self.population:
+            bad(f"elitism must be in [0, population), got {self.elitism} with population "
+                f"{self.population}")
+        if not 1 <= self.tournament <= self.population:
+            bad(f"tournament must be in [1, population], got {self.tournament}")
+        for name in ("p_cross", "p_mut"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                bad(f"{name} must be a probability in [0, 1], got {value!r}")
+        if not 1 <= self.min_depth <= self.max_depth:
+            bad(f"need 1 <= min_depth <= max_depth, got {self.min_depth} and {self.max_depth}")
+
+
+@dataclass(frozen=True)
+class Scored:
+    """An individual with its fitness; elites carry theirs into the next generation."""
+
+    individual: Individual
+    fitness: float
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """What happened in one generation, in population order (elites first)."""
+
+    generation: int
+    phenotypes: tuple[str, ...]
+    fitness: tuple[float, ...]
+    best: float
+    median: float
+    worst: float
+    best_phenotype: str
+    evaluated: int  # distinct new texts sent to the fitness function
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "phenotypes": list(self.phenotypes),
+                "fitness": list(self.fitness)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> GenerationRecord:
+        return cls(**{**data, "phenotypes": tuple(data["phenotypes"]),
+                      "fitness": tuple(data["fitness"])})
+
+
+@dataclass(frozen=True)
+class RunResult:
+    history: tuple[GenerationRecord, ...]
+    population: tuple[Scored, ...]
+
+    @property
+    def best(self) -> tuple[str, float]:
+        """The best (phenotype, fitness) ever evaluated, the earliest on ties."""
+        top = max(self.history, key=lambda r: r.best)  # max keeps the first maximum
+        return top.best_phenotype, top.best
+
+
+def evolve(grammar: Grammar, config: EvolutionConfig, fitness: FitnessFunction, *,
+           seeds: Mapping[str, str] | Sequence[str] = (),
+           checkpoint_dir: str | Path | None = None, resume: bool = False,
+           on_generation: Callable[[GenerationRecord], None] | None = None) -> RunResult:
+    """Run (or resume) an evolution and return its history and final population.
+
+    ``seeds`` are program texts placed in the initial population (a mapping gives them names for
+    error messages); each must be derivable in the grammar within ``config.max_depth``.
+    With ``resume`` the newest good checkpoint in ``checkpoint_dir`` is continued; an empty
+    directory starts afresh. ``on_generation`` sees each new record, e.g. for a progress bar.
+    """
+    named = _named_seeds(seeds)
+    if len(named) > config.population:
+        raise ValueError(f"{len(named)} seeds do not fit in a population of {config.population}")
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and directory is None:
+        raise ValueError("resume=True needs the checkpoint_dir of the run to resume")
+    identity = _identity(grammar, config, named)
+
+    state = None
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        state = _resume_state(directory, identity, grammar, config) if resume else None
+        if not resume and _checkpoint_files(directory):
+            raise CheckpointError(f"{directory} already holds checkpoints of a run; pass "
+                                  "resume=True (--resume) to continue it or use an empty directory")
+    if state is None:
+        population, evaluated = _initial_population(grammar, config, named, fitness)
+        history = [_record(0, population, evaluated)]
+        _after_generation(directory, identity, population, history, on_generation)
+    else:
+        population, history = state
+    for generation in range(len(history), config.generations):
+        population, evaluated = _next_generation(grammar, config, generation, population,
+                                                 fitness)
+        history.append(_record(generation, population, evaluated))
+        _after_generation(directory, identity, population, history, on_generation)
+    return RunResult(history=tuple(history), population=tuple(population))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint file and return its body, refusing anything damaged.
+
+    Raises CheckpointError for a truncated, non-JSON, wrong-format or checksum-failing file.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a complete JSON checkpoint ({err}); the file is "
+                              "truncated or corrupt") from None
+    if not isinstance(data, dict) or "body" not in data or "sha256" not in data:
+        raise CheckpointError(f"{path}: not an AutoLR checkpoint (no body/sha256 fields)")
+    if data["sha256"] != _digest(data["body"]):
+        raise CheckpointError(f"{path}: checksum mismatch; the file was corrupted or edited "
+                              "after it was written")
+    body = data["body"]
+    if body.get("format") != _FORMAT or body.get("version") != _VERSION:
+        raise CheckpointError(f"{path}: format {body.get('format')!r} version "
+                              f"{body.get('version')!r}, expected {_FORMAT!r} version {_VERSION}")
+    return body
+
+
+# -- one generation --------------------------------------------------------------------------
+
+def _generation_rng(config: EvolutionConfig, generation: int) -> random.Random:
+    """The one source of randomness for a generation; a str seed hashes stably (SHA-512)."""
+    return random.Random(f"autolr.evolve/{config.seed}/{generation}")
+
+
+def _initial_population(grammar: Grammar, config: EvolutionConfig,
+                        named: list[tuple[str, str]],
+                        fitness: FitnessFunction) -> tuple[list[Scored], int]:
+    rng = _generation_rng(config, 0)
+    members = [individual_from_text(grammar, text, config.max_depth, name)
+               for name, text in named]
+    while len(members) < config.population:
+        members.append(initialise(grammar, rng, config.min_depth, config.max_depth))
+    texts = [m.phenotype for m in members]
+    values = _evaluate(texts, fitness)
+    return [Scored(m, f) for m, f in zip(members, values)], len(set(texts))
+
+
+def _next_generation(grammar: Grammar, config: EvolutionConfig, generation: int,
+                     parents: list[Scored], fitness: FitnessFunction) -> tuple[list[Scored], int]:
+    rng = _generation_rng(config, generation)
+    ranked = sorted(range(len(parents)), key=lambda i: (-parents[i].fitness, i))
+    elites = [parents[i] for i in ranked[:config.elitism]]
+    children: list[Individual] = []
+    while len(elites) + len(children) < config.population:
+        if rng.random() < config.p_cross:
+            a = _tournament(parents, config.tournament, rng)
+            b = _tournament(parents, config.tournament, rng)
+            child = crossover(grammar, a.individual, b.individual, config.max_depth, rng)
+        else:
+            child = _tournament(parents, config.tournament, rng).individual
+        children.append(mutate(grammar, child, config.p_mut, config.max_depth, rng))
+    texts = [c.phenotype for c in children]
+    values = _evaluate(texts, fitness)
+    return elites + [Scored(c, f) for c, f in zip(children, values)], len(set(texts))
+
+
+def _tournament(population: list[Scored], size: int, rng: random.Random) -> Scored:
+    """Best of ``size`` distinct random entrants; ties go to the earlier one in the population."""
+    entrants = sorted(rng.sample(range(len(population)), size))
+    return population[max(entrants, key=lambda i: (population[i].fitness, -i))]
+
+
+def _evaluate(texts: list[str], fitness: FitnessFunction) -> list[float]:
+    """Fitness for every text, each distinct text sent once, values placed by index."""
+    unique = list(dict.fromkeys(texts))
+    raw = list(fitness(unique))
+    values: list[float | None] = [None] * len(unique)
+    pairs = bool(raw) and all(isinstance(r, (tuple, list)) for r in raw)
+    if pairs:
+        for item in raw:
+            if len(item) != 2 or not isinstance(item[0], int) or not 0 <= item[0] < len(unique):
+                raise ValueError(f"fitness function returned {item!r}; pairs must be "
+                                 f"(index, fitness) with 0 <= index < {len(unique)}")
+            if values[item[0]] is not None:
+                raise ValueError(f"fitness function returned index {item[0]} twice")
+            values[item[0]] = _checked(item[1], unique[item[0]])
+    else:
+        if len(raw) != len(unique):
+            raise ValueError(f"fitness function returned {len(raw)} values for a batch of "
+                             f"{len(unique)}; return one per text, or (index, fitness) pairs")
+        values = [_checked(v, t) for v, t in zip(raw, unique)]
+    missing = [i for i, v in enumerate(values) if v is None]
+    if missing:
+        raise ValueError(f"fitness function returned no value for batch indices {missing[:10]}")
+    by_text = dict(zip(unique, values))
+    return [by_text[t] for t in texts]
+
+
+def _checked(value: object, text: str) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"fitness function returned {value!r} for {text[:80]!r}; "
+                         "fitness must be a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"fitness function returned {number} for {text[:80]!r}; fitness must "
+                         "be finite: give failed candidates a low floor value instead")
+    return number
+
+
+def _record(generation: int, population: list[Scored], evaluated: int) -> GenerationRecord:
+    values = [s.fitness for s in population]
+    top = max(range(len(values)), key=lambda i: (values[i], -i))
+    return GenerationRecord(
+        generation=generation, phenotypes=tuple(s.individual.phenotype for s in population),
+        fitness=tuple(values), best=values[top], median=float(statistics.median(values)),
+        worst=min(values), best_phenotype=population[top].individual.phenotype,
+        evaluated=evaluated)
+
+
+def _named_seeds(seeds: Mapping[str, str] | Sequence[str]) -> list[tuple[str, str]]:
+    if isinstance(seeds, str):
+        raise TypeError("seeds must be a list of program texts or a {name: text} mapping, "
+                        "not a single string")
+    if isinstance(seeds, Mapping):
+        return [(str(name), text) for name, text in seeds.items()]
+    return [(f"seed {i}", text) for i, text in enumerate(seeds)]
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+def _identity(grammar: Grammar, config: EvolutionConfig, named: list[tuple[str, str]]) -> dict:
+    """What a checkpoint must match to be resumed by this call."""
+    return {"config": asdict(config),
+            "grammar_sha256": hashlib.sha256(grammar.text.encode()).hexdigest(),
+            "seeds": [list(pair) for pair in named]}
+
+
+def _after_generation(directory: Path | None, identity: dict, population: list[Scored],
+                      history: list[GenerationRecord],
+                      on_generation: Callable[[GenerationRecord], None] | None) -> None:
+    if directory is not None:
+        _write_checkpoint(directory, identity, population, history)
+    if on_generation is not None:
+        on_generation(history[-1])
+
+
+def _digest(body: object) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _checkpoint_files(directory: Path) -> list[Path]:
+    """Checkpoint files, newest generation first."""
+    return sorted(directory.glob("gen-*.json"), reverse=True)
+
+
+def _write_checkpoint(directory: Path, identity: dict, population: list[Scored],
+                      history: list[GenerationRecord]) -> None:
+    generation = history[-1].generation
+    body = {"format": _FORMAT, "version": _VERSION, **identity, "generation": generation,
+            "population": [{"genotype": [list(g) for g in s.individual.genotype],
+                            "fitness": s.fitness} for s in population],
+            "history": [r.to_json() for r in history]}
+    text = json.dumps({"sha256": _digest(body), "body": body}, allow_nan=False)
+    final = directory / f"gen-{generation:06d}.json"
+    temp = directory / f".{final.name}.{os.getpid()}.tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, final)
+    for old in _checkpoint_files(directory)[_KEEP:]:
+        old.unlink(missing_ok=True)
+
+
+def _resume_state(directory: Path, identity: dict, grammar: Grammar,
+                  config: EvolutionConfig) -> tuple[list[Scored], list[GenerationRecord]] | None:
+    """The newest good checkpoint's population and history; None when there is none yet."""
+    files = _checkpoint_files(directory)
+    refused = []
+    for path in files:
+        try:
+            body = load_checkpoint(path)
+        except CheckpointError as err:
+            refused.append(str(err))
+            warnings.warn(f"refusing checkpoint {err}; trying the previous one", stacklevel=3)
+            continue
+        _check_identity(path, body, identity)
+        return _restore(path, body, grammar, config)
+    if refused:
+        raise CheckpointError("no usable checkpoint in " + str(directory) + ": "
+                              + "; ".join(refused))
+    return None
+
+
+def _check_identity(path: Path, body: dict, identity: dict) -> None:
+    saved = body.get("config", {})
+    for f in fields(EvolutionConfig):
+        if f.name != "generations" and saved.get(f.name) != identity["config"][f.name]:
+            raise CheckpointError(f"{path}: written with {f.name}={saved.get(f.name)!r}, but "
+                                  f"this run has {f.name}={identity['config'][f.name]!r}; only "
+                                  "generations may change when resuming")
+    if body.get("grammar_sha256") != identity["grammar_sha256"]:
+        raise CheckpointError(f"{path}: written with a different grammar text; resume with the "
+                              "grammar file the run started with")
+    if body.get("seeds") != identity["seeds"]:
+        raise CheckpointError(f"{path}: written with different seed programs; resume with the "
+                              "same seeds")
+
+
+def _restore(path: Path, body: dict, grammar: Grammar,
+             config: EvolutionConfig) -> tuple[list[Scored], list[GenerationRecord]]:
+    history = [GenerationRecord.from_json(r) for r in body["history"]]
+    if len(history) > config.generations:
+        raise CheckpointError(f"{path}: already has {len(history)} generations, more than the "
+                              f"{config.generations} asked for")
+    population = []
+    for member, text in zip(body["population"], history[-1].phenotypes):
+        genotype = tuple(tuple(g) for g in member["genotype"])
+        individual = map_genotype(grammar, genotype, config.max_depth)  # no rng: nothing random
+        if individual.phenotype != text:
+            raise CheckpointError(f"{path}: a genotype no longer maps to its recorded phenotype")
+        population.append(Scored(individual, float(member["fitness"])))
+    return population, history

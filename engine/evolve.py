@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import os
 import random
 import statistics
@@ -262,12 +263,10 @@ def _evaluate(texts: list[str], fitness: FitnessFunction) -> list[float]:
     pairs = bool(raw) and all(isinstance(r, (tuple, list)) for r in raw)
     if pairs:
         for item in raw:
-            if len(item) != 2 or not isinstance(item[0], int) or not 0 <= item[0] < len(unique):
-                raise ValueError(f"fitness function returned {item!r}; pairs must be "
-                                 f"(index, fitness) with 0 <= index < {len(unique)}")
-            if values[item[0]] is not None:
-                raise ValueError(f"fitness function returned index {item[0]} twice")
-            values[item[0]] = _checked(item[1], unique[item[0]])
+            index = _index(item, len(unique))
+            if values[index] is not None:
+                raise ValueError(f"fitness function returned index {index} twice")
+            values[index] = _checked(item[1], unique[index])
     else:
         if len(raw) != len(unique):
             raise ValueError(f"fitness function returned {len(raw)} values for a batch of "
@@ -278,6 +277,18 @@ def _evaluate(texts: list[str], fitness: FitnessFunction) -> list[float]:
         raise ValueError(f"fitness function returned no value for batch indices {missing[:10]}")
     by_text = dict(zip(unique, values))
     return [by_text[t] for t in texts]
+
+
+def _index(item: tuple | list, size: int) -> int:
+    """The batch index of an (index, fitness) pair; numpy integers are fine, floats are not."""
+    try:
+        index = operator.index(item[0]) if len(item) == 2 else -1
+    except TypeError:
+        index = -1
+    if not 0 <= index < size:
+        raise ValueError(f"fitness function returned {item!r}; pairs must be "
+                         f"(index, fitness) with 0 <= index < {size}")
+    return index
 
 
 def _checked(value: object, text: str) -> float:

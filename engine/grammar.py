@@ -91,10 +91,6 @@ class Production:
     shortest: int
     height: float
 
-    @property
-    def children(self) -> tuple[int, ...]:
-        return tuple(s for s in self.symbols if isinstance(s, int))
-
 
 @dataclass(frozen=True)
 class Grammar:

@@ -231,6 +231,14 @@ def test_bad_fitness_results_are_refused(fitness, message):
         evolve(DLR, SMALL, fitness)
 
 
+def test_numpy_values_and_indices_are_accepted():
+    def fitness(texts):
+        return [(np.int64(i), np.float32(hashed(t))) for i, t in enumerate(texts)]
+
+    result = evolve(DLR, SMALL, fitness)
+    assert all(type(f) is float for f in result.history[-1].fitness)  # JSON-ready
+
+
 @pytest.mark.parametrize("change, message", [
     ({"population": 0}, "population must be at least 1"),
     ({"generations": 0}, "generations must be at least 1"),

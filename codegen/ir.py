@@ -160,6 +160,14 @@ def _div(a, b):
     return np.where(zero, 0, a / np.where(zero, 1, b))
 
 
+def _pow(a, b):
+    # C's pow, which numpy's power follows except for pow(-inf, y) with y not an integer:
+    # numpy says NaN, C (and torch) say +inf for y > 0 and +0 for y < 0.
+    result = np.power(a, b)
+    fix = (a == -np.inf) & (np.floor(b) != b) & ~np.isnan(b) & ~np.isinf(b)
+    return np.where(fix, np.where(b > 0, np.inf, 0.0), result) if np.any(fix) else result
+
+
 REFERENCE_IMPL = {
     "neg": np.negative,
     "square": lambda a: a * a,
@@ -172,7 +180,7 @@ REFERENCE_IMPL = {
     "sub": np.subtract,
     "mul": np.multiply,
     "div": _div,
-    "pow": np.power,  # C pow: pow(x, 0) = 1 and pow(1, y) = 1 even for NaN; real for int exponents
+    "pow": _pow,  # C pow: pow(x, 0) = 1 and pow(1, y) = 1 even for NaN; real for int exponents
     "min": np.minimum,  # NaN-propagating, like torch.minimum
     "max": np.maximum,
     "lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,

@@ -18,7 +18,7 @@ TEMPLATES: dict[str, str] = {
     "sub": "{0} - {1}",
     "mul": "{0} * {1}",
     "div": "{0} / {1} if {1} != ZERO else ZERO",
-    "pow": "{0} ** {1}",
+    "pow": "_pow({0}, {1})",
     "square": "{0} * {0}",
     "sqrt": "np.sqrt({0})",
     "abs": "abs({0})",
@@ -35,6 +35,8 @@ import numpy as np
 from numpy import float32 as f32
 
 ZERO = f32(0.0)
+INF = f32(np.inf)
+NAN = f32(np.nan)
 
 
 @numba.njit(inline="always", error_model="numpy")
@@ -49,6 +51,15 @@ def _fmax(a, b):
 
 
 @numba.njit(inline="always", error_model="numpy")
+def _pow(a, b):
+    # C's pow. Numba's scalar ** gives -inf for (-inf) ** y with y not an integer; C says +inf
+    # for y > 0 and +0 for y < 0. The vectorised path is right, so only this case is patched.
+    if a == -INF and b != np.floor(b) and b - b == ZERO:
+        return INF if b > ZERO else ZERO
+    return a ** b
+
+
+@numba.njit(inline="always", error_model="numpy")
 def _sign(a):
     # sign(NaN) = NaN and sign(0) = 0, as numpy defines it.
     return f32(1.0) if a > 0 else (f32(-1.0) if a < 0 else a)
@@ -57,7 +68,7 @@ def _sign(a):
 
 def _const(c: Const) -> str:
     text = format_float(c.value)
-    return f"f32({text!r})" if text in ("nan", "inf", "-inf") else f"f32({text})"
+    return {"nan": "NAN", "inf": "INF", "-inf": "-INF"}.get(text, f"f32({text})")
 
 
 def _render(step: Assign) -> str:

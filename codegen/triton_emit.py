@@ -49,7 +49,7 @@ def _pow(a, b):
     neg_base = (a < 0.0) | ((a == 0.0) & ((1.0 / a) < 0.0))  # includes -0.0
     r = tl.where(neg_base & b_odd, -mag, mag)
     r = tl.where((a < 0.0) & (a > -INF) & (b == b) & ~b_int, NAN, r)
-    r = tl.where((a == -INF) & ~b_int, tl.where(b > 0.0, INF, 0.0), r)
+    r = tl.where((a == -INF) & ~b_int & (b == b), tl.where(b > 0.0, INF, 0.0), r)
     r = tl.where((a == -1.0) & (tl.abs(b) == INF), 1.0, r)
     return tl.where((b == 0.0) | (a == 1.0), 1.0, r)
 '''
@@ -81,7 +81,8 @@ def emit(program: Program | KernelPlan) -> str:
     out.append("    mask = offsets < n")
     for scalar in scalars:
         # Scalars and constants as float32 blocks: every op sees same-shaped tensors.
-        out.append(f"    {scalar} = tl.zeros((BLOCK_SIZE,), tl.float32) + {scalar}")
+        # (times ones, not plus zeros: -0.0 + 0.0 would lose the sign of zero)
+        out.append(f"    {scalar} = tl.full((BLOCK_SIZE,), 1.0, tl.float32) * {scalar}")
     for const, name in consts.items():
         value = format_float(const.value)
         literal = {"inf": "INF", "-inf": "-INF", "nan": "NAN"}.get(value, value)

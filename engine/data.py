@@ -61,9 +61,13 @@ class DataCorruptError(ValueError):
     """A data file exists but cannot be decoded; the message names the file and what is wrong."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FashionMNIST:
-    """One split: uint8 images (N, 28, 28) and int64 labels (N,), both read-only."""
+    """One split: uint8 images (N, 28, 28) and int64 labels (N,), both read-only.
+
+    Compared and hashed by identity: the loader hands out one object per file version, so it
+    can key the caches of whatever is derived from it.
+    """
 
     images: np.ndarray
     labels: np.ndarray

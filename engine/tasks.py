@@ -1,0 +1,428 @@
+"""Tasks: a data set, a model and a training protocol, and the fitness they give a candidate.
+
+A `Task` is plain frozen data (picklable, hashable), so it travels to worker processes and keys
+caches. The `paper` preset is the reference ALR/DLR protocol of REFERENCE.md with its flaws fixed:
+- one stratified split per run seed, the same for every evaluation (it was redrawn each time);
+- one normalisation (minus the mean image of the training pool) for every split;
+- the same initial weights for every candidate, derived from the seed;
+- every random source (split, init, shuffling, dropout) an explicit generator derived from the
+  seed, so a candidate's fitness is reproducible bit for bit (at a fixed thread count);
+- a non-finite loss or learning rate is a divergence: floor fitness and a reason, not ~0.1.
+
+Seeds are derived with numpy's SeedSequence from (seed, purpose, trial), so streams never overlap
+and adding a trial does not shift the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.data import FashionMNIST, load_fashion_mnist
+from engine.training import FitResult, ModelSpec, evaluate, fit
+
+__all__ = [
+    "FLOOR_FITNESS",
+    "PRESETS",
+    "AlrProtocol",
+    "DataSpec",
+    "DlrProtocol",
+    "EvalResult",
+    "OptimizerFactory",
+    "Prepared",
+    "Schedule",
+    "Split",
+    "Task",
+    "TrialResult",
+    "evaluate_alr",
+    "evaluate_dlr",
+    "get_task",
+    "make_split",
+    "prepare",
+]
+
+FLOOR_FITNESS = 0.0  # what a diverged, timed-out or broken candidate scores: below any accuracy
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+Schedule = Callable[[int, float], float]  # (epoch, current lr) -> lr for this epoch
+
+_SPLIT, _INIT, _TRAIN = 0, 1, 2  # SeedSequence purposes
+
+
+def _derive(seed: int, purpose: int, trial: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, purpose, trial]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How the Fashion-MNIST training set is cut. `pool` < 60,000 takes a stratified subset first.
+
+    The pool minus `val` and `fitness` images is the training pool: DLR trains on all of it, ALR
+    cuts it into chunks of about `chunk` images and trains trial i on chunk i.
+    """
+
+    val: int = 3500
+    fitness: int = 3500
+    chunk: int = 7571
+    pool: int | None = None  # None: the whole training set
+
+    def __post_init__(self) -> None:
+        for name in ("val", "fitness", "chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DataSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.pool is not None and self.pool < self.val + self.fitness + self.chunk:
+            raise ValueError(
+                f"DataSpec.pool={self.pool} leaves no training chunk after val={self.val} and "
+                f"fitness={self.fitness}; make it at least {self.val + self.fitness + self.chunk}"
+            )
+
+
+@dataclass(frozen=True)
+class AlrProtocol:
+    """Reference ALR fitness: min accuracy over up to `trials` trials, early stop on val accuracy."""
+
+    trials: int = 5
+    batch_size: int = 1000
+    max_epochs: int = 100
+    patience: int = 5
+    abort_below: float = 0.8  # stop trying more chunks once one trial scores below this
+
+    def __post_init__(self) -> None:
+        _positive(self, "trials", "batch_size", "max_epochs", "patience")
+
+
+@dataclass(frozen=True)
+class DlrProtocol:
+    """Reference DLR fitness: SGD driven by the schedule, early stop on validation loss."""
+
+    initial_lr: float = 0.01
+    batch_size: int = 1000
+    max_epochs: int = 100
+    patience: int = 3
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "max_epochs", "patience")
+        if not self.initial_lr > 0:
+            raise ValueError(f"DlrProtocol.initial_lr must be > 0, got {self.initial_lr}")
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise ValueError(f"{type(obj).__name__}.{name} must be >= 1, got {getattr(obj, name)}")
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything that decides a fitness besides the candidate and the seed."""
+
+    name: str
+    data: DataSpec
+    model: ModelSpec
+    alr: AlrProtocol
+    dlr: DlrProtocol
+    eval_batch: int = 1000  # forward-only passes; bigger is not faster here (measured)
+
+    def __post_init__(self) -> None:
+        _positive(self, "eval_batch")
+
+
+# --- the split --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """Indices into the training set; every part is stratified (class counts within one)."""
+
+    val: np.ndarray
+    fitness: np.ndarray
+    chunks: tuple[np.ndarray, ...]
+
+    @property
+    def train(self) -> np.ndarray:
+        return np.concatenate(self.chunks)
+
+
+def _stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A permutation whose every contiguous block holds each class in proportion, within one.
+
+    Each class's members are shuffled and spread evenly over [0, 1) (member r of n_c sits at
+    (r + offset_c) / n_c); sorting by position interleaves the classes evenly.
+    """
+    position = np.empty(len(labels))
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        position[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    return np.argsort(position, kind="stable")
+
+
+def make_split(labels: np.ndarray, spec: DataSpec, seed: int) -> Split:
+    """The run's one split of the training set: depends on the labels, `spec` and `seed` only."""
+    pool = len(labels) if spec.pool is None else spec.pool
+    need = spec.val + spec.fitness + spec.chunk
+    if pool > len(labels) or pool < need:
+        raise ValueError(
+            f"the data set has {len(labels)} images; the task needs a pool of {pool} with at least "
+            f"{need} (val {spec.val} + fitness {spec.fitness} + one chunk of {spec.chunk})"
+        )
+    rng = np.random.default_rng(_derive(seed, _SPLIT))
+    order = _stratified_order(labels, rng)
+    if pool < len(labels):  # a stratified subset, then stratified parts of it
+        subset = order[:pool]
+        order = subset[_stratified_order(labels[subset], rng)]
+    val, fitness = order[: spec.val], order[spec.val : spec.val + spec.fitness]
+    rest = order[spec.val + spec.fitness : pool]
+    n_chunks = max(1, round(len(rest) / spec.chunk))
+    return Split(val=val, fitness=fitness, chunks=tuple(np.array_split(rest, n_chunks)))
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """The split as normalised tensors, shared read-only by every candidate of a run."""
+
+    split: Split
+    mean_image: torch.Tensor  # (28, 28), subtracted from every part
+    val: tuple[torch.Tensor, torch.Tensor]
+    fitness: tuple[torch.Tensor, torch.Tensor]
+    chunks: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    @functools.cached_property
+    def train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All chunks together: DLR's training set."""
+        return torch.cat([x for x, _ in self.chunks]), torch.cat([y for _, y in self.chunks])
+
+
+@functools.lru_cache(maxsize=2)
+def _prepare_cached(dataset: FashionMNIST, spec: DataSpec, seed: int) -> Prepared:
+    split = make_split(dataset.labels, spec, seed)
+    # One mean image, of the training pool only (val and fitness stay unseen), for every part.
+    mean = dataset.images[split.train].mean(axis=0, dtype=np.float64) / 255.0
+
+    def part(index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (dataset.images[index].astype(np.float32) / np.float32(255.0)) - mean.astype(np.float32)
+        return torch.from_numpy(x).unsqueeze(1), torch.from_numpy(dataset.labels[index])
+
+    return Prepared(
+        split=split,
+        mean_image=torch.from_numpy(mean.astype(np.float32)),
+        val=part(split.val),
+        fitness=part(split.fitness),
+        chunks=tuple(part(c) for c in split.chunks),
+    )
+
+
+def prepare(task: Task, seed: int, dataset: FashionMNIST | None = None) -> Prepared:
+    """The task's data for `seed`, built once per process (a worker evaluates many candidates)."""
+    return _prepare_cached(dataset if dataset is not None else load_fashion_mnist("train"), task.data, seed)
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One training run: its chunk (-1 for DLR's whole pool), fitness-set accuracy and curves."""
+
+    chunk: int
+    accuracy: float  # on the fitness set, with the best epoch's weights restored
+    fit: FitResult
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """A candidate's fitness and how it got it. `reason` is None unless it failed.
+
+    On failure (divergence, timeout) fitness is FLOOR_FITNESS and the trials so far are kept.
+    """
+
+    fitness: float
+    trials: tuple[TrialResult, ...]
+    seconds: float
+    reason: str | None = None
+
+    @property
+    def accuracies(self) -> tuple[float, ...]:
+        return tuple(t.accuracy for t in self.trials)
+
+    @property
+    def epochs(self) -> int:
+        return sum(t.fit.epochs for t in self.trials)
+
+    @property
+    def train_loss(self) -> tuple[tuple[float, ...], ...]:
+        return tuple(t.fit.train_loss for t in self.trials)
+
+    @property
+    def val_acc(self) -> tuple[tuple[float, ...], ...]:
+        return tuple(t.fit.val_acc for t in self.trials)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready, for the store and reports."""
+        return {
+            "fitness": self.fitness,
+            "reason": self.reason,
+            "seconds": self.seconds,
+            "accuracies": list(self.accuracies),
+            "epochs": self.epochs,
+            "trials": [
+                {"chunk": t.chunk, "accuracy": t.accuracy, **dataclasses.asdict(t.fit)} for t in self.trials
+            ],
+        }
+
+
+# --- the two protocols ------------------------------------------------------------------------
+
+
+def _deadline(start: float, time_limit: float | None) -> float | None:
+    if time_limit is None:
+        return None
+    if not time_limit > 0:
+        raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit}")
+    return start + time_limit
+
+
+def _trial(
+    task: Task,
+    data: Prepared,
+    optimizer_for: Callable[[torch.nn.Module], torch.optim.Optimizer],
+    train: tuple[torch.Tensor, torch.Tensor],
+    chunk: int,
+    seed: int,
+    deadline: float | None,
+    **protocol: object,
+) -> TrialResult:
+    model = task.model.build(_derive(seed, _INIT))  # the same start for every candidate and trial
+    optimizer = optimizer_for(model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"the optimizer factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+    result = fit(
+        model, optimizer, train, data.val, seed=_derive(seed, _TRAIN, chunk + 1), deadline=deadline, **protocol
+    )
+    accuracy = evaluate(model, *data.fitness, batch_size=task.eval_batch)[1] if result.reason is None else FLOOR_FITNESS
+    return TrialResult(chunk=chunk, accuracy=accuracy, fit=result)
+
+
+def evaluate_alr(
+    task: Task,
+    make_optimizer: OptimizerFactory,
+    *,
+    seed: int = 0,
+    time_limit: float | None = None,
+    dataset: FashionMNIST | None = None,
+) -> EvalResult:
+    """ALR fitness: the minimum fitness-set accuracy over trials, trial i trained on chunk i.
+
+    `make_optimizer(params)` builds the candidate's optimizer for a fresh model. Trials stop
+    early once one scores below `task.alr.abort_below` (the minimum is already that low).
+    `time_limit` (seconds) covers the whole evaluation.
+    """
+    start = time.perf_counter()
+    deadline = _deadline(start, time_limit)
+    data = prepare(task, seed, dataset)
+    protocol = task.alr
+    if protocol.trials > len(data.chunks):
+        raise ValueError(
+            f"task {task.name!r} asks for {protocol.trials} trials but its data gives only "
+            f"{len(data.chunks)} chunks of ~{task.data.chunk}; lower AlrProtocol.trials or DataSpec.chunk"
+        )
+    trials: list[TrialResult] = []
+    reason = None
+    for i in range(protocol.trials):
+        trial = _trial(
+            task,
+            data,
+            lambda model: make_optimizer(model.parameters()),
+            data.chunks[i],
+            i,
+            seed,
+            deadline,
+            batch_size=protocol.batch_size,
+            max_epochs=protocol.max_epochs,
+            patience=protocol.patience,
+            monitor="val_acc",
+        )
+        trials.append(trial)
+        reason = None if trial.fit.reason is None else f"{trial.fit.reason} (trial {i})"
+        if reason is not None or trial.accuracy < protocol.abort_below:
+            break
+    fitness = FLOOR_FITNESS if reason is not None else min(t.accuracy for t in trials)
+    return EvalResult(fitness=fitness, trials=tuple(trials), seconds=time.perf_counter() - start, reason=reason)
+
+
+def evaluate_dlr(
+    task: Task,
+    schedule: Schedule,
+    *,
+    seed: int = 0,
+    time_limit: float | None = None,
+    dataset: FashionMNIST | None = None,
+) -> EvalResult:
+    """DLR fitness: fitness-set accuracy of plain SGD whose lr is `schedule(epoch, lr)` each epoch.
+
+    Trained on the whole training pool, early stopping on validation loss, best weights restored.
+    """
+    if not callable(schedule):
+        raise TypeError(f"schedule must be callable as schedule(epoch, lr) -> lr, got {type(schedule).__name__}")
+    start = time.perf_counter()
+    deadline = _deadline(start, time_limit)
+    data = prepare(task, seed, dataset)
+    protocol = task.dlr
+    trial = _trial(
+        task,
+        data,
+        lambda model: torch.optim.SGD(model.parameters(), lr=protocol.initial_lr),
+        data.train,
+        -1,
+        seed,
+        deadline,
+        batch_size=protocol.batch_size,
+        max_epochs=protocol.max_epochs,
+        patience=protocol.patience,
+        monitor="val_loss",
+        schedule=schedule,
+    )
+    reason = trial.fit.reason
+    fitness = FLOOR_FITNESS if reason is not None else trial.accuracy
+    return EvalResult(fitness=fitness, trials=(trial,), seconds=time.perf_counter() - start, reason=reason)
+
+
+# --- presets ----------------------------------------------------------------------------------
+
+PRESETS: Mapping[str, Task] = types.MappingProxyType(
+    {
+        # Seconds, for tests: a narrow CNN on a 1,600-image pool, a few epochs.
+        "smoke": Task(
+            name="smoke",
+            data=DataSpec(val=200, fitness=200, chunk=600, pool=1600),
+            model=ModelSpec(conv1=4, conv2=8, dense=16),
+            alr=AlrProtocol(trials=2, batch_size=100, max_epochs=3, patience=2, abort_below=0.5),
+            dlr=DlrProtocol(batch_size=100, max_epochs=3, patience=2),
+        ),
+        # The main job's default on a 2-core CPU; sized by measurement (see the module's tests and
+        # the bench): a few seconds of one-thread training per candidate.
+        "quick": Task(
+            name="quick",
+            data=DataSpec(val=1000, fitness=1000, chunk=4000, pool=10000),
+            model=ModelSpec(conv1=16, conv2=32, dense=64),
+            alr=AlrProtocol(trials=2, batch_size=100, max_epochs=4, patience=2, abort_below=0.7),
+            dlr=DlrProtocol(batch_size=100, max_epochs=4, patience=2),
+        ),
+        # The reference protocol (REFERENCE.md), for a GPU or a long CPU run.
+        "paper": Task(name="paper", data=DataSpec(), model=ModelSpec(), alr=AlrProtocol(), dlr=DlrProtocol()),
+    }
+)
+
+
+def get_task(name: str) -> Task:
+    """The preset called `name`; an unknown name is an error that lists the valid ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown task preset {name!r}; valid presets: {', '.join(PRESETS)}") from None

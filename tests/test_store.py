@@ -1,0 +1,213 @@
+"""The results store: round trips, the cache key, idempotence, concurrency and damaged files.
+
+Everything runs on SQLite files in a temporary directory; the concurrency test starts four
+processes that open one new file at the same moment and put overlapping keys.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import pickle
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from engine.store import SCHEMA_VERSION, SOURCES, Record, Store, StoreError, versions
+
+PROGRAM = "alpha: mul(0.1, sub(alpha, grad))\nweight: mul(lr, alpha)"
+
+
+def record(n: int = 0, **changes) -> Record:
+    fields = dict(hash=f"h{n:04d}", task="fmnist-cnn", protocol="smoke", seed=7,
+                  fitness=0.5 + n / 1000, source="trained", program=PROGRAM)
+    fields.update(changes)
+    return Record(**fields)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "results.sqlite") as store:
+        yield store
+
+
+def test_round_trip_keeps_every_field(store):
+    full = record(
+        fingerprint="fp-1", accuracies=(0.8125, 0.83, 1 / 3), reason=None, seconds=12.5,
+        compile_seconds=0.25, versions={"torch": "2.13.0", "autolr": "0.1.0"}, run="run-1",
+        created="2026-01-02T03:04:05.678+00:00",
+    )
+    assert store.put(full) is True
+    assert store.lookup(full.hash, full.task, full.protocol, full.seed) == full
+
+
+def test_defaults_record_provenance(store):
+    fresh = record()
+    assert fresh.versions == versions() and "python" in fresh.versions
+    assert "torch" in fresh.versions  # installed here; what a fitness depends on
+    assert fresh.created.endswith("+00:00")
+    store.put(fresh)
+    assert store.lookup(fresh.hash, fresh.task, fresh.protocol, fresh.seed) == fresh
+
+
+def test_failure_with_reason_round_trips(store):
+    failed = record(fitness=0.0, reason="timeout after 30.0 s", source="trained", accuracies=())
+    store.put(failed)
+    assert store.lookup(failed.hash, "fmnist-cnn", "smoke", 7).reason == "timeout after 30.0 s"
+
+
+def test_put_is_idempotent_and_keeps_the_first_answer(store):
+    assert store.put(record(1, fitness=0.9)) is True
+    assert store.put(record(1, fitness=0.1, run="other")) is False
+    assert store.lookup("h0001", "fmnist-cnn", "smoke", 7).fitness == 0.9
+    assert store.counts()["total"] == 1
+
+
+def test_lookup_is_keyed_by_hash_task_protocol_and_seed(store):
+    store.put(record(1))
+    assert store.lookup("h0001", "fmnist-cnn", "smoke", 7) is not None
+    assert store.lookup("h0002", "fmnist-cnn", "smoke", 7) is None
+    assert store.lookup("h0001", "other-task", "smoke", 7) is None
+    assert store.lookup("h0001", "fmnist-cnn", "quick", 7) is None
+    assert store.lookup("h0001", "fmnist-cnn", "smoke", 8) is None
+    store.put(record(1, seed=8, fitness=0.25))  # same program, other seed: its own row
+    assert store.lookup("h0001", "fmnist-cnn", "smoke", 8).fitness == 0.25
+
+
+def test_lookup_by_fingerprint_finds_the_first_equivalent(store):
+    store.put(record(1, fingerprint=None))
+    store.put(record(2, fingerprint="fp"))
+    store.put(record(3, fingerprint="fp", source="fingerprint"))
+    found = store.lookup_fingerprint("fp", "fmnist-cnn", "smoke", 7)
+    assert found is not None and found.hash == "h0002"
+    assert store.lookup_fingerprint("fp", "fmnist-cnn", "smoke", 8) is None
+    assert store.lookup_fingerprint("nope", "fmnist-cnn", "smoke", 7) is None
+
+
+def test_records_and_counts_by_run(store):
+    store.put(record(1, run="a"))
+    store.put(record(2, run="b", source="screened", fitness=0.0, reason="no grad in weight"))
+    store.put(record(3, run="a", source="fingerprint"))
+    store.put(record(4, run="b", reason="worker died (exit code -11 / signal SIGSEGV)"))
+    assert [r.hash for r in store.records()] == ["h0001", "h0002", "h0003", "h0004"]
+    assert [r.hash for r in store.records(run="a")] == ["h0001", "h0003"]
+    assert store.records(run="c") == []
+    assert store.counts() == {"trained": 2, "screened": 1, "fingerprint": 1, "store": 0,
+                              "failed": 2, "total": 4}
+    assert store.counts(run="a") == {"trained": 1, "screened": 0, "fingerprint": 1, "store": 0,
+                                     "failed": 0, "total": 2}
+
+
+def test_store_is_reused_across_runs(tmp_path):
+    path = tmp_path / "sub" / "dir" / "results.sqlite"  # parents are created
+    with Store(path) as first:
+        first.put(record(1, run="first"))
+    with Store(path) as second:
+        assert second.lookup("h0001", "fmnist-cnn", "smoke", 7).run == "first"
+        assert second.put(record(1, run="second")) is False
+
+
+def test_store_pickles_as_its_path(store):
+    store.put(record(1))
+    clone = pickle.loads(pickle.dumps(store))
+    try:
+        assert clone.path == store.path and clone.lookup("h0001", "fmnist-cnn", "smoke", 7)
+    finally:
+        clone.close()
+
+
+def test_bad_records_are_refused():
+    with pytest.raises(ValueError, match="NaN"):
+        record(fitness=math.nan)
+    with pytest.raises(ValueError, match="source must be one of"):
+        record(source="guessed")
+    assert set(SOURCES) == {"trained", "screened", "fingerprint", "store"}
+
+
+def _writer(path: str, barrier, worker: int, keys: int, queue) -> None:
+    """One of several processes that open a new store at once and put overlapping keys."""
+    order = list(range(keys))
+    random.Random(worker).shuffle(order)
+    barrier.wait()
+    inserted = 0
+    with Store(path) as store:
+        for n in order:
+            inserted += store.put(record(n, run=f"worker-{worker}", accuracies=(n / keys,)))
+            assert store.lookup(f"h{n:04d}", "fmnist-cnn", "smoke", 7) is not None
+    queue.put(inserted)
+
+
+def test_concurrent_writers_from_several_processes(tmp_path):
+    path, processes, keys = tmp_path / "shared.sqlite", 4, 40
+    context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(processes), context.Queue()
+    workers = [context.Process(target=_writer, args=(str(path), barrier, i, keys, queue))
+               for i in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [w.exitcode for w in workers] == [0] * processes
+    inserted = [queue.get(timeout=5) for _ in workers]
+    assert sum(inserted) == keys  # every key went in exactly once, whoever won it
+    with Store(path) as store:
+        rows = store.records()
+        assert sorted(r.hash for r in rows) == [f"h{n:04d}" for n in range(keys)]
+        assert all(r.accuracies == (int(r.hash[1:]) / keys,) for r in rows)  # no torn rows
+
+
+def test_garbage_file_gets_a_clear_error(tmp_path):
+    path = tmp_path / "results.sqlite"
+    path.write_bytes(b"this is not a database, it is a shopping list\n" * 100)
+    with pytest.raises(StoreError) as caught:
+        Store(path)
+    message = str(caught.value)
+    assert str(path) in message and "Move it aside" in message and "mv " in message
+
+
+def test_damaged_pages_get_a_clear_error(tmp_path):
+    path = tmp_path / "results.sqlite"
+    with Store(path) as store:
+        for n in range(300):
+            store.put(record(n, program=PROGRAM * 20))
+    data = bytearray(path.read_bytes())
+    assert len(data) > 16384
+    data[8192:] = random.Random(0).randbytes(len(data) - 8192)  # keep the header, ruin the rest
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="Move it aside"):
+        with Store(path) as store:
+            store.records()
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "results.sqlite"
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer AutoLR"):
+        Store(path)
+
+
+def test_a_store_locked_too_long_says_so(tmp_path):
+    path = tmp_path / "results.sqlite"
+    Store(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process in the middle of a long write
+    try:
+        with Store(path, timeout=0.2) as store:
+            with pytest.raises(StoreError, match="locked by another process"):
+                store.put(record(1))
+            assert store.lookup("h0001", "fmnist-cnn", "smoke", 7) is None  # readers still read
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_schema_file_is_wal(tmp_path):
+    path = tmp_path / "results.sqlite"
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert Path(path).stat().st_size > 0

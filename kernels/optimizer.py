@@ -1,0 +1,366 @@
+"""EvolvedOptimizer: any ALR program as a real `torch.optim.Optimizer`, one fused launch per step.
+
+Layout ("arena"): per param group, the parameters' `.data` become views of one flat float32
+buffer, and so do their gradients and every tensor state of the program. The generated kernels are
+elementwise, so one launch over a contiguous range of the arena updates every parameter in that
+range: the common step is *one* launch for the whole group, whatever the number of tensors.
+
+Torch semantics kept on top of that layout:
+
+* A parameter whose `.grad` is None is skipped (its state neither created nor advanced), as in
+  torch. The launch then covers the maximal runs of neighbouring parameters that do step: a skipped
+  parameter splits the group into two launches, it never costs a launch per tensor.
+* Uniform states (a step counter) are per parameter, as torch keeps Adam's `step`: a 0-d float32
+  CPU tensor in `state[p]`. Neighbours whose counters agree share a launch (the usual case); the
+  counters are advanced on the host in float32, exactly as the kernels' reference semantics say.
+* Gradients: the arena's gradient views become `p.grad`, so autograd accumulates into the arena in
+  place (after `zero_grad(set_to_none=False)`). After `zero_grad()` (set_to_none=True, torch's
+  default) or when a user assigns `p.grad`, backward produces fresh tensors: `step` copies them into
+  the arena (one extra read and write of the gradients) and rebinds `p.grad` to the arena view.
+* Anything that moves a parameter or a state tensor out of the arena (`p.data = ...`, `model.to()`
+  onto another device, `load_state_dict`) is noticed at the next step, which rebuilds the arena.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from codegen.cache import BACKENDS
+from codegen.ir import Program
+from codegen.lower import lower
+from kernels.runtime import UpdateKernel, compile as compile_kernel, resolve_backend, triton_usable_on
+
+__all__ = ["EvolvedOptimizer"]
+
+
+class EvolvedOptimizer(Optimizer):
+    r"""Runs an ALR program (evolved, or from :mod:`kernels.zoo`) as a torch optimizer.
+
+    For every parameter :math:`p` with gradient :math:`g`, elementwise in float32, with states
+    :math:`\alpha, \beta, \sigma` that start at 0 and the program's deltas
+    :math:`F_\alpha, F_\beta, F_\sigma, F_w`::
+
+        alpha <- alpha - F_alpha(alpha, g, lr)
+        beta  <- beta  - F_beta(alpha, beta, g, lr)              # the new alpha
+        sigma <- sigma - F_sigma(alpha, beta, sigma, g, lr)      # the new alpha and beta
+        p     <- p     - F_w(alpha, beta, sigma, g, lr)          # all three new
+
+    ``lr`` is the program's runtime input, kept in ``param_groups[i]['lr']`` so that torch's
+    LR schedulers drive it; a program that never reads ``lr`` ignores it. States that cannot
+    reach the weight update are never stored; states whose delta reads only constants, ``lr`` and
+    other such states (a step counter) are scalars per parameter.
+
+    Args:
+        params: parameters or param groups (dicts), as for any torch optimizer. float32, on the
+            CPU (numba or torch backend) or CUDA (triton or torch backend).
+        program: a :class:`codegen.ir.Program` or its text.
+        backend: ``"auto"`` (triton for CUDA parameters, numba for CPU ones), ``"numba"``,
+            ``"triton"`` or ``"torch"`` (the eager reference).
+        lr: the value of the program's ``lr`` input (default 1.0: evolved programs carry their
+            own step sizes).
+
+    Example::
+
+        >>> opt = EvolvedOptimizer(model.parameters(), zoo.adam(), lr=1e-3)  # == torch Adam
+        >>> opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+                 program: Program | str, backend: str = "auto", lr: float = 1.0) -> None:
+        if isinstance(program, str):
+            program = Program.parse(program)  # a ParseError (ValueError) names line and column
+        elif not isinstance(program, Program):
+            raise TypeError(f"program must be a Program or its text, not {type(program).__name__}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: choose auto, {', '.join(BACKENDS)}")
+        _check_lr(lr, "lr")
+        self.program = program
+        self.backend = backend
+        plan = lower(program)
+        self.tensor_states: tuple[str, ...] = plan.tensor_states
+        self.scalar_states: tuple[str, ...] = plan.scalar_states
+        self._kernels: dict[str, UpdateKernel] = {}
+        self._arenas: dict[int, _Arena] = {}
+        super().__init__(params, {"lr": lr})
+
+    # ---- param groups and their checks ----------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_lr(group["lr"], f"param_groups[{len(self.param_groups) - 1}]['lr']")
+            self._group_backend(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _group_backend(self, group: dict[str, Any]) -> str:
+        """The backend for a group's device, after checking every parameter can live in one
+        float32 arena on a device that backend runs on."""
+        params = group["params"]
+        if not params:
+            return "torch"
+        device = params[0].device
+        for i, p in enumerate(params):
+            if p.dtype != torch.float32:
+                raise TypeError(f"EvolvedOptimizer updates float32 parameters; parameter {i} of its "
+                                f"group is {p.dtype}: convert the model with model.float()")
+            if p.device != device:
+                raise ValueError(f"all parameters of a param group must be on one device; "
+                                 f"parameter 0 is on {device}, parameter {i} on {p.device}: put "
+                                 "them in separate param groups or move the model first")
+        backend = resolve_backend(self.backend, device)
+        if backend == "numba" and device.type != "cpu":
+            raise ValueError(f"the numba backend runs on CPU tensors, and these parameters are on "
+                             f"{device}: use backend='triton' (CUDA) or backend='torch'")
+        if backend == "triton" and not triton_usable_on(device):
+            raise ValueError(f"the triton backend runs on CUDA tensors, and these parameters are on "
+                             f"{device}: use backend='numba' on the CPU (or set TRITON_INTERPRET=1 "
+                             "before importing triton to run it, slowly, in its interpreter)")
+        return backend
+
+    def _kernel(self, backend: str) -> UpdateKernel:
+        if backend not in self._kernels:
+            self._kernels[backend] = compile_kernel(self.program, backend)
+        return self._kernels[backend]
+
+    # ---- the step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient. Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            lr = _check_lr(group["lr"], f"param_groups[{index}]['lr']")
+            arena = self._arena(index, group)
+            if arena is not None:
+                arena.step(self.state, lr)
+        return loss
+
+    def _arena(self, index: int, group: dict[str, Any]) -> _Arena | None:
+        params = group["params"]
+        if not params:
+            return None
+        arena = self._arenas.get(index)
+        if arena is None or not arena.is_current(params, self.state):
+            kernel = self._kernel(self._group_backend(group))
+            arena = _Arena.build(params, self.state, kernel, self.scalar_states)
+            self._arenas[index] = arena
+        return arena
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's: `set_to_none=True` (the default) drops the gradients; `set_to_none=False`
+        zeroes them in place, which for gradients in the arena is one fill per group and lets the
+        next backward accumulate straight into the arena."""
+        if set_to_none:
+            super().zero_grad(set_to_none=True)
+            return
+        for index, group in enumerate(self.param_groups):
+            arena = self._arenas.get(index)
+            in_arena = arena.grad_slots(group["params"]) if arena is not None else set()
+            if in_arena:
+                arena.grad.zero_()
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and i not in in_arena:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
+    # ---- saving and loading ---------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults, state and param groups; the program must travel too.
+        return {**super().__getstate__(), "program": str(self.program), "backend": self.backend}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also what load_state_dict calls, without the program
+        if isinstance(self.__dict__.get("program"), str):
+            self.program = Program.parse(self.program)
+            plan = lower(self.program)
+            self.tensor_states, self.scalar_states = plan.tensor_states, plan.scalar_states
+        self.__dict__.setdefault("_kernels", {})
+        self.__dict__.setdefault("_arenas", {})
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus the program text, so loading checks it is the same program."""
+        state = super().state_dict()
+        state["program"] = str(self.program)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        text = state_dict.get("program")
+        if text is not None and Program.parse(text).hash != self.program.hash:
+            raise ValueError("this state dict was saved by an EvolvedOptimizer running another "
+                             f"program:\n{text}\nnot\n{self.program}")
+        state_dict = {k: v for k, v in state_dict.items() if k != "program"}
+        super().load_state_dict(state_dict)
+        # torch casts every tensor in the state to the parameter's device; the step counters stay
+        # on the host (read every step, so no device sync), as torch keeps Adam's `step`.
+        for param_state in self.state.values():
+            for s in self.scalar_states:
+                if s in param_state:
+                    param_state[s] = _scalar(float(param_state[s]))
+        self._arenas.clear()  # rebuilt from self.state at the next step
+
+
+def _check_lr(lr: Any, where: str) -> float:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{where} must be a number or a one-element tensor, got shape "
+                             f"{tuple(lr.shape)}")
+        lr = lr.item()
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"{where} must be a number, not {type(lr).__name__} ({lr!r})")
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"invalid learning rate {where} = {lr!r}: expected a finite number >= 0 "
+                         "(it is the value of the program's `lr` input)")
+    return float(lr)
+
+
+def _scalar(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _dense_strides(p: torch.Tensor) -> tuple[int, ...]:
+    # The parameter's own layout when it is dense (channels_last stays channels_last: autograd
+    # gives gradients that layout too), contiguous otherwise: what empty_like would allocate.
+    return torch.empty_like(p, device="meta").stride()
+
+
+@dataclass
+class _Slot:
+    """Where one parameter lives in its group's arena."""
+
+    param: torch.Tensor
+    offset: int
+    numel: int
+    shape: torch.Size
+    stride: tuple[int, ...]
+    views: dict[str, torch.Tensor] = field(default_factory=dict)  # weight, grad, tensor states
+    ptr: int = 0  # byte offset of element 0 in every flat buffer
+
+    def holds(self, t: torch.Tensor | None, base: int) -> bool:
+        """Whether `t` is this slot's view of the flat buffer that starts at address `base`."""
+        return (t is not None and t.layout == torch.strided and t.data_ptr() == base + self.ptr
+                and t.stride() == self.stride and t.shape == self.shape)
+
+
+@dataclass(eq=False)
+class _Arena:
+    """One param group's flat buffers: weight, grad, and one per tensor state."""
+
+    kernel: UpdateKernel
+    scalar_states: tuple[str, ...]
+    params: list[torch.Tensor]
+    slots: list[_Slot]
+    buffers: dict[str, torch.Tensor]
+
+    @property
+    def grad(self) -> torch.Tensor:
+        return self.buffers["grad"]
+
+    @classmethod
+    def build(cls, params: list[torch.Tensor], state: dict, kernel: UpdateKernel,
+              scalar_states: tuple[str, ...]) -> "_Arena":
+        device = params[0].device
+        total = sum(p.numel() for p in params)
+        names = ("weight", "grad") + kernel.tensor_states
+        buffers = {n: torch.zeros(total, dtype=torch.float32, device=device) for n in names}
+        slots, offset = [], 0
+        for p in params:
+            slot = _Slot(p, offset, p.numel(), p.shape, _dense_strides(p), ptr=4 * offset)
+            slot.views = {n: buffers[n].as_strided(p.shape, slot.stride, offset) for n in names}
+            slot.views["weight"].copy_(p.detach())
+            p.data = slot.views["weight"]
+            param_state = state.get(p)
+            if param_state:  # states saved earlier (or loaded) move into the arena
+                for s in kernel.tensor_states:
+                    if s in param_state:
+                        slot.views[s].copy_(param_state[s])
+                    param_state[s] = slot.views[s]
+            slots.append(slot)
+            offset += slot.numel
+        return cls(kernel, scalar_states, list(params), slots, buffers)
+
+    def is_current(self, params: list[torch.Tensor], state: dict) -> bool:
+        """Whether every parameter and state tensor still lives in this arena."""
+        if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
+            return False
+        bases = {n: b.data_ptr() for n, b in self.buffers.items()}
+        for slot in self.slots:
+            if not slot.holds(slot.param, bases["weight"]):
+                return False
+            param_state = state.get(slot.param)
+            if param_state and not all(slot.holds(param_state.get(s), bases[s])
+                                       for s in self.kernel.tensor_states):
+                return False
+        return True
+
+    def grad_slots(self, params: list[torch.Tensor]) -> set[int]:
+        base = self.grad.data_ptr()
+        return {i for i, slot in enumerate(self.slots) if slot.holds(slot.param.grad, base)}
+
+    def step(self, state: dict, lr: float) -> None:
+        """Gather stray gradients, create missing state, then launch once per run of neighbouring
+        parameters that step together (have a gradient, agree on the uniform states)."""
+        runs: list[tuple[int, int, tuple[float, ...], list[_Slot]]] = []
+        base = self.grad.data_ptr()
+        for slot in self.slots:
+            p = slot.param
+            g = p.grad
+            if g is None:
+                continue
+            if not slot.holds(g, base):
+                _check_grad(p, g)
+                slot.views["grad"].copy_(g)
+                p.grad = slot.views["grad"]
+            param_state = state[p]  # a defaultdict: {} the first time
+            if not param_state:
+                for s in self.kernel.tensor_states:
+                    param_state[s] = slot.views[s].zero_()
+                for s in self.scalar_states:
+                    param_state[s] = _scalar(0.0)
+            scalars = tuple(float(param_state[s]) for s in self.scalar_states)
+            start, end = slot.offset, slot.offset + slot.numel
+            last = runs[-1] if runs else None
+            if last and last[1] == start and _same(last[2], scalars):
+                runs[-1] = (last[0], end, last[2], last[3] + [slot])
+            else:
+                runs.append((start, end, scalars, [slot]))
+        advanced: dict[tuple, dict[str, float]] = {}
+        for start, end, scalars, slots in runs:
+            key = tuple(v.hex() for v in scalars)
+            if key not in advanced:
+                advanced[key] = self.kernel.advance_scalars(dict(zip(self.scalar_states, scalars)), lr)
+            new = advanced[key]
+            if end > start:
+                b = self.buffers
+                self.kernel(b["weight"][start:end], b["grad"][start:end],
+                            {s: b[s][start:end] for s in self.kernel.tensor_states}, lr, new)
+            for slot in slots:
+                param_state = state[slot.param]
+                for s in self.scalar_states:
+                    param_state[s].fill_(new[s])
+            torch.autograd.graph.increment_version([slot.param for slot in slots])
+
+
+def _same(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return all(x.hex() == y.hex() for x, y in zip(a, b))  # bitwise: NaN == NaN, -0 != 0
+
+
+def _check_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    if g.is_sparse or g.layout != torch.strided:
+        raise TypeError(f"EvolvedOptimizer needs dense gradients, got a {g.layout} gradient for a "
+                        f"parameter of shape {tuple(p.shape)}: use dense gradients (e.g. "
+                        "nn.Embedding(..., sparse=False)) or torch.optim.SparseAdam for this one")
+    if g.dtype != torch.float32 or g.device != p.device or g.shape != p.shape:
+        raise TypeError(f"a gradient must match its float32 parameter: got {g.dtype} {tuple(g.shape)} "
+                        f"on {g.device} for a parameter of shape {tuple(p.shape)} on {p.device}")

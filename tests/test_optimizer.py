@@ -1,0 +1,388 @@
+"""EvolvedOptimizer as a torch optimizer: arena launches, skipped parameters, zero_grad, saving and
+resuming bit for bit, LR schedulers, param groups, and every error a user can hit.
+
+All on small generated tensors (no data set); Adam is the program of choice because it has the
+most state (two tensors and a per-parameter step counter), and torch.optim.Adam is the referee.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import kernels.runtime
+from codegen.ir import ParseError
+from kernels import EvolvedOptimizer, zoo
+
+BACKENDS = ("numba", "torch", "triton")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts kernel launches (calls of any UpdateKernel)."""
+    calls: list[int] = []
+    original = kernels.runtime.UpdateKernel.__call__
+
+    def counting(self, weight, *args, **kwargs):
+        calls.append(weight.numel())
+        return original(self, weight, *args, **kwargs)
+
+    monkeypatch.setattr(kernels.runtime.UpdateKernel, "__call__", counting)
+    return calls
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 4),
+                               torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+
+def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 6, generator=gen), torch.randn(8, 2, generator=gen)
+
+
+def loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
+    x, y = data(step)
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def train(model, opt, steps: range, set_to_none: bool = True, scheduler=None) -> None:
+    for step in steps:
+        opt.zero_grad(set_to_none=set_to_none)
+        loss_of(model, step).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def assert_close_models(a, b, rtol=1e-5):
+    for p, q in zip(a.parameters(), b.parameters()):
+        diff = ((p - q).abs().max() / q.abs().max()).item()
+        assert diff < rtol, f"relative difference {diff:.2e}"
+
+
+def assert_equal_models(a, b):
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+# ---- the arena: one launch per step --------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_launch_per_step_for_the_whole_group(backend, launches):
+    model = mlp()
+    opt = EvolvedOptimizer(model.parameters(), zoo.adam(), backend=backend, lr=1e-3)
+    train(model, opt, range(3))
+    total = sum(p.numel() for p in model.parameters())
+    assert launches == [total] * 3
+
+
+def test_parameters_and_grads_become_views_of_one_buffer():
+    model = mlp()
+    opt = EvolvedOptimizer(model.parameters(), zoo.momentum(), backend="numba", lr=0.1)
+    train(model, opt, range(1), set_to_none=False)
+    params = list(model.parameters())
+    base = params[0].data_ptr()
+    offsets = [p.data_ptr() - base for p in params]
+    assert offsets == [4 * sum(q.numel() for q in params[:i]) for i in range(len(params))]
+    grad_ptrs = [p.grad.data_ptr() for p in params]
+    train(model, opt, range(1, 3), set_to_none=False)  # backward accumulates into the arena
+    assert [p.grad.data_ptr() for p in params] == grad_ptrs
+    assert all(opt.state[p]["alpha"].shape == p.shape for p in params)
+
+
+def test_set_to_none_false_zeroes_the_arena_in_place():
+    model = mlp()
+    opt = EvolvedOptimizer(model.parameters(), zoo.sgd(), backend="numba", lr=0.1)
+    train(model, opt, range(1))
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_matches_torch_adam_with_either_zero_grad(set_to_none):
+    ours, theirs = mlp(), mlp()
+    train(ours, EvolvedOptimizer(ours.parameters(), zoo.adam(), backend="numba", lr=1e-2),
+          range(30), set_to_none)
+    train(theirs, torch.optim.Adam(theirs.parameters(), lr=1e-2), range(30), set_to_none)
+    assert_close_models(ours, theirs)
+
+
+def test_a_parameter_without_grad_is_skipped_as_torch_skips_it(launches):
+    """The middle layer is frozen for a while: its grad is None, so torch neither creates nor
+    advances its state. Ours splits the launch around it, and the step counters then differ per
+    parameter, which the arena must honour (one launch per run of agreeing counters)."""
+    ours, theirs = mlp(), mlp()
+    opt_ours = EvolvedOptimizer(ours.parameters(), zoo.adam(), backend="numba", lr=1e-2)
+    opt_theirs = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+    for model in (ours, theirs):
+        model[2].requires_grad_(False)
+    train(ours, opt_ours, range(4))
+    train(theirs, opt_theirs, range(4))
+    assert len(launches) == 4 * 2  # before and after the frozen layer
+    middle = ours[2].weight
+    assert middle not in opt_ours.state or not opt_ours.state[middle]
+    for model in (ours, theirs):
+        model[2].requires_grad_(True)
+    launches.clear()
+    train(ours, opt_ours, range(4, 10))
+    train(theirs, opt_theirs, range(4, 10))
+    assert len(launches) == 6 * 3  # counters 10 | 6 | 10: three runs
+    assert float(opt_ours.state[middle]["sigma"]) == 6.0
+    assert float(opt_ours.state[ours[0].weight]["sigma"]) == 10.0
+    assert_close_models(ours, theirs)
+    assert set(opt_ours.state_dict()["state"]) == set(opt_theirs.state_dict()["state"])
+
+
+def test_a_user_assigned_grad_is_used_and_moved_into_the_arena():
+    p = torch.nn.Parameter(torch.ones(3, 2))
+    q = torch.nn.Parameter(torch.ones(4))
+    opt = EvolvedOptimizer([p, q], zoo.sgd(), backend="numba", lr=0.5)
+    p.grad = torch.full((2, 3), 2.0).t()  # not contiguous: copied in whatever its strides
+    q.grad = torch.full((4,), 4.0)
+    opt.step()
+    assert torch.equal(p.detach(), torch.zeros(3, 2)) and torch.equal(q.detach(), -torch.ones(4))
+    assert p.grad.data_ptr() + 4 * p.numel() == q.grad.data_ptr()  # now arena views
+
+
+def test_moving_a_parameter_out_of_the_arena_rebuilds_it():
+    ours, theirs = mlp(), mlp()
+    opt_ours = EvolvedOptimizer(ours.parameters(), zoo.adam(), backend="numba", lr=1e-2)
+    opt_theirs = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+    train(ours, opt_ours, range(3))
+    train(theirs, opt_theirs, range(3))
+    for model in (ours, theirs):
+        model[0].weight.data = model[0].weight.data.clone()  # what module._apply does
+    train(ours, opt_ours, range(3, 8))
+    train(theirs, opt_theirs, range(3, 8))
+    assert_close_models(ours, theirs)
+    assert ours[0].weight.data_ptr() + 4 * ours[0].weight.numel() == ours[0].bias.data_ptr()
+
+
+def test_channels_last_parameters_keep_their_layout():
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    opt = EvolvedOptimizer(conv.parameters(), zoo.adam(), backend="numba", lr=1e-2)
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    for _ in range(2):
+        opt.zero_grad()
+        conv(x).square().mean().backward()
+        opt.step()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert opt.state[conv.weight]["alpha"].stride() == conv.weight.stride()
+
+
+def test_the_step_bumps_the_version_counter_like_torch():
+    """Stepping between forward and backward is an error in torch; it must stay one."""
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = EvolvedOptimizer([p], zoo.sgd(), backend="numba", lr=0.1)
+    p.grad = torch.ones(5)
+    loss = (p * p).sum()
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_closure_is_called_with_grad_enabled_and_its_loss_returned():
+    model = mlp()
+    opt = EvolvedOptimizer(model.parameters(), zoo.sgd(), backend="numba", lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, 0)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    second = opt.step(closure)
+    assert second.item() < first.item()
+
+
+# ---- groups, schedulers, saving ------------------------------------------------------------------
+
+def test_param_groups_with_their_own_lr_match_torch():
+    ours, theirs = mlp(), mlp()
+
+    def groups(model):
+        return [{"params": model[0].parameters(), "lr": 3e-2}, {"params": model[2].parameters()}]
+
+    opt_ours = EvolvedOptimizer(groups(ours), zoo.adam(), backend="numba", lr=1e-2)
+    opt_theirs = torch.optim.Adam(groups(theirs), lr=1e-2)
+    opt_ours.add_param_group({"params": ours[4].parameters(), "lr": 5e-3})
+    opt_theirs.add_param_group({"params": theirs[4].parameters(), "lr": 5e-3})
+    train(ours, opt_ours, range(20))
+    train(theirs, opt_theirs, range(20))
+    assert [g["lr"] for g in opt_ours.param_groups] == [3e-2, 1e-2, 5e-3]
+    assert_close_models(ours, theirs)
+
+
+def test_step_lr_drives_lr_exactly_as_for_torch_adam():
+    ours, theirs = mlp(), mlp()
+    opt_ours = EvolvedOptimizer(ours.parameters(), zoo.adam(), backend="numba", lr=1e-2)
+    opt_theirs = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+    sched_ours = torch.optim.lr_scheduler.StepLR(opt_ours, step_size=3, gamma=0.5)
+    sched_theirs = torch.optim.lr_scheduler.StepLR(opt_theirs, step_size=3, gamma=0.5)
+    for step in range(10):
+        train(ours, opt_ours, range(step, step + 1), scheduler=sched_ours)
+        train(theirs, opt_theirs, range(step, step + 1), scheduler=sched_theirs)
+        assert opt_ours.param_groups[0]["lr"] == opt_theirs.param_groups[0]["lr"]
+        assert sched_ours.get_last_lr() == sched_theirs.get_last_lr()
+    assert opt_ours.param_groups[0]["lr"] == 1e-2 * 0.5 ** 3
+    assert_close_models(ours, theirs)
+
+
+def test_a_program_that_ignores_lr_ignores_the_scheduler():
+    program = "alpha: mul(0.5, sub(alpha, grad))\nweight: mul(0.01, alpha)"
+    a, b = mlp(), mlp()
+    opt_a = EvolvedOptimizer(a.parameters(), program, backend="numba", lr=1.0)
+    opt_b = EvolvedOptimizer(b.parameters(), program, backend="numba", lr=123.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt_a, step_size=1, gamma=0.1)
+    train(a, opt_a, range(5), scheduler=sched)
+    train(b, opt_b, range(5))
+    assert_equal_models(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_and_restored_optimizer_continues_bit_for_bit(backend):
+    program = zoo.adam()
+    reference = mlp()
+    opt_ref = EvolvedOptimizer(reference.parameters(), program, backend=backend, lr=1e-2)
+    train(reference, opt_ref, range(12))
+
+    first = mlp()
+    opt_first = EvolvedOptimizer(first.parameters(), program, backend=backend, lr=1e-2)
+    train(first, opt_first, range(5))
+    saved = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt_first.state_dict()}, saved)
+    del first, opt_first
+    saved.seek(0)
+    checkpoint = torch.load(saved)
+
+    resumed = mlp(seed=99)  # different initial weights: all must come from the checkpoint
+    resumed.load_state_dict(checkpoint["model"])
+    opt_resumed = EvolvedOptimizer(resumed.parameters(), program, backend=backend, lr=0.5)
+    opt_resumed.load_state_dict(checkpoint["opt"])
+    assert opt_resumed.param_groups[0]["lr"] == 1e-2
+    train(resumed, opt_resumed, range(5, 12))
+    assert_equal_models(resumed, reference)
+    for p, q in zip(resumed.parameters(), reference.parameters()):
+        for key in ("alpha", "beta", "sigma"):
+            assert torch.equal(opt_resumed.state[p][key], opt_ref.state[q][key])
+
+
+def test_state_dict_looks_like_torch_adams():
+    ours, theirs = mlp(), mlp()
+    opt_ours = EvolvedOptimizer(ours.parameters(), zoo.adam(), backend="numba", lr=1e-2)
+    opt_theirs = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+    train(ours, opt_ours, range(3))
+    train(theirs, opt_theirs, range(3))
+    mine, torchs = opt_ours.state_dict(), opt_theirs.state_dict()
+    assert mine["param_groups"][0]["params"] == torchs["param_groups"][0]["params"]
+    assert set(mine["state"]) == set(torchs["state"])
+    for index, state in mine["state"].items():
+        assert set(state) == {"alpha", "beta", "sigma"}
+        sigma, step = state["sigma"], torchs["state"][index]["step"]
+        assert sigma.dtype == step.dtype == torch.float32 and sigma.dim() == 0
+        assert sigma.item() == step.item() == 3
+        assert state["alpha"].shape == torchs["state"][index]["exp_avg"].shape
+    assert "mul(0.1, sub(alpha, grad))" in mine["program"]
+    copy.deepcopy(mine)
+
+
+def test_loading_another_programs_state_is_refused():
+    model = mlp()
+    adam = EvolvedOptimizer(model.parameters(), zoo.adam(), backend="numba", lr=1e-2)
+    train(model, adam, range(1))
+    other = EvolvedOptimizer(mlp().parameters(), zoo.rmsprop(), backend="numba", lr=1e-2)
+    with pytest.raises(ValueError, match="another program"):
+        other.load_state_dict(adam.state_dict())
+
+
+def test_the_optimizer_pickles_with_its_program():
+    model = mlp()
+    opt = EvolvedOptimizer(model.parameters(), zoo.adam(), backend="numba", lr=1e-2)
+    train(model, opt, range(2))
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.program == opt.program and clone.backend == "numba"
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+def test_float64_parameters_are_refused_with_the_fix():
+    with pytest.raises(TypeError, match=r"float32.*torch.float64.*model.float\(\)"):
+        EvolvedOptimizer(mlp().double().parameters(), zoo.adam())
+
+
+def test_a_device_the_backend_cannot_run_on_is_refused():
+    p = torch.nn.Parameter(torch.empty(3, device="meta"))
+    with pytest.raises(ValueError, match=r"numba backend runs on CPU tensors.*meta.*backend="):
+        EvolvedOptimizer([p], zoo.sgd(), backend="numba")
+
+
+def test_triton_on_cpu_outside_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"triton backend runs on CUDA.*backend='numba'"):
+        EvolvedOptimizer(mlp().parameters(), zoo.sgd(), backend="triton")
+
+
+def test_an_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        EvolvedOptimizer(mlp().parameters(), zoo.sgd(), backend="cuda")
+
+
+def test_sparse_gradients_are_refused_with_the_alternative():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = EvolvedOptimizer(emb.parameters(), zoo.adam(), backend="numba", lr=1e-3)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match=r"dense gradients.*sparse=False.*SparseAdam"):
+        opt.step()
+
+
+@pytest.mark.parametrize("lr, error, match", [
+    (-1e-3, ValueError, r"invalid learning rate lr = -0.001"),
+    (float("nan"), ValueError, r"invalid learning rate lr = nan"),
+    (float("inf"), ValueError, r"finite number >= 0"),
+    ("1e-3", TypeError, r"lr must be a number, not str"),
+])
+def test_bad_lr_is_refused(lr, error, match):
+    with pytest.raises(error, match=match):
+        EvolvedOptimizer(mlp().parameters(), zoo.adam(), lr=lr)
+
+
+def test_bad_lr_in_a_param_group_or_from_a_user_is_refused():
+    model = mlp()
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\] = -1"):
+        EvolvedOptimizer([{"params": model[0].parameters()},
+                          {"params": model[2].parameters(), "lr": -1}], zoo.sgd(), lr=0.1)
+    opt = EvolvedOptimizer(model.parameters(), zoo.sgd(), backend="numba", lr=0.1)
+    with pytest.raises(ValueError, match="invalid learning rate"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": -0.5})
+    assert len(opt.param_groups) == 1
+    opt.param_groups[0]["lr"] = -0.1
+    loss_of(model, 0).backward()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] = -0.1"):
+        opt.step()
+
+
+def test_program_text_that_does_not_parse_gives_the_parse_error():
+    with pytest.raises(ParseError, match=r"line 2, column 16: expected .,., found .alpha."):
+        EvolvedOptimizer(mlp().parameters(), "alpha: mul(0.1, grad)\nweight: mul(lr alpha)")
+
+
+def test_a_program_of_the_wrong_type_is_refused():
+    with pytest.raises(TypeError, match="Program or its text, not int"):
+        EvolvedOptimizer(mlp().parameters(), 42)

@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
     fitness         REAL    NOT NULL,
     accuracies      TEXT    NOT NULL,   -- JSON list, one accuracy per trial
     reason          TEXT,               -- why a failure got the floor fitness; NULL on success
-    source          TEXT    NOT NULL CHECK (source IN ('trained', 'screened', 'fingerprint', 'store')),
+    source          TEXT    NOT NULL
+                    CHECK (source IN ('trained', 'screened', 'fingerprint', 'store')),
     seconds         REAL    NOT NULL,
     compile_seconds REAL    NOT NULL,
     program         TEXT    NOT NULL,
@@ -149,7 +150,7 @@ class Record:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, not {self.source!r}")
         if math.isnan(self.fitness):
             # SQLite would store NaN as NULL; a NaN fitness is the evaluator's job to floor.
-            raise ValueError(f"fitness is NaN for {self.hash}; record the floor fitness and a reason")
+            raise ValueError(f"fitness is NaN for {self.hash}: store the floor and a reason")
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "fitness", float(self.fitness))
         object.__setattr__(self, "accuracies", tuple(float(a) for a in self.accuracies))

@@ -68,6 +68,13 @@ class UpdateKernel:
         """New values of the uniform states, by the reference semantics in float32."""
         return self.plan.program.advance_uniform(scalars, lr)
 
+    def warm_up(self, device: str = "cpu") -> None:
+        """Compile now (Numba compiles on first call) by stepping a throwaway one-element
+        weight, so the cost is paid and measured before training starts."""
+        one = torch.zeros(1, device=device)
+        states = {s: torch.zeros(1, device=device) for s in self.tensor_states}
+        self(one, torch.zeros(1, device=device), states, 1.0, self.advance_scalars({}, 1.0))
+
     def __call__(self, weight: torch.Tensor, grad: torch.Tensor,
                  states: Mapping[str, torch.Tensor], lr: float,
                  scalars: Mapping[str, float] | None = None) -> None:

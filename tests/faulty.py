@@ -1,0 +1,21 @@
+"""A worker for the evaluator that misbehaves on purpose, keyed by a constant in the program."""
+
+import ctypes
+import os
+import time
+
+from engine.evaluate import Job, train
+
+RAISES, HANGS, EXITS, SEGFAULTS = "0.123", "0.456", "0.789", "0.321"
+
+
+def faulty_train(job: Job) -> dict:
+    if RAISES in job.text:
+        raise RuntimeError("boom from a candidate")
+    if HANGS in job.text:
+        time.sleep(3600)
+    if EXITS in job.text:
+        os._exit(3)
+    if SEGFAULTS in job.text:
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    return train(job)

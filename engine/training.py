@@ -36,11 +36,14 @@ __all__ = [
     "configure_process",
     "evaluate",
     "fit",
+    "retain_heap",
 ]
 
 # glibc mallopt parameters (malloc.h); the values are part of glibc's ABI.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_DEFAULT_MMAP_MAX = 65536
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
 
 
 @functools.cache
@@ -54,14 +57,31 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
+def retain_heap(keep: bool = True) -> bool:
+    """Keep freed heap memory in the process (True) or restore glibc's defaults (False).
+
+    Without it glibc serves each large activation with a fresh mmap and unmaps it on free, so
+    every step page-faults ~300 MB in again (measured: 1.6x slower epochs at one thread). The
+    cost is that the process keeps its peak heap (a few hundred MB for the reference CNN at batch
+    1000). Returns False where the C library has no mallopt (not glibc): nothing changed.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    if keep:
+        return libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    restored = libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) == 1
+    restored &= libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD) == 1
+    libc.malloc_trim(0)
+    return bool(restored)
+
+
 def configure_process(threads: int = 1) -> dict[str, object]:
     """Call once at the start of every process that trains (each pool worker, each Ray actor).
 
     Sets torch's intra-op threads (a worker owns `threads` cores; more would oversubscribe the
-    machine) and keeps freed heap memory in the process: without it glibc serves each large
-    activation with a fresh mmap and unmaps it on free, so every step page-faults ~300 MB in again
-    (measured: 1.7x slower epochs at one thread). The cost is that the process keeps its peak
-    heap (a few hundred MB for the reference CNN at batch 1000). Returns what was set, for logs.
+    machine) and keeps freed heap memory in the process (`retain_heap`): call it before the first
+    training step. Returns what was set, for logs.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -70,9 +90,7 @@ def configure_process(threads: int = 1) -> dict[str, object]:
         torch.set_num_interop_threads(1)  # nothing here runs ops concurrently
     except RuntimeError:
         pass  # already fixed: only settable before the first parallel op, harmless to skip
-    libc = _libc()
-    heap_kept = bool(libc) and libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    return {"threads": threads, "heap_kept": heap_kept}
+    return {"threads": threads, "heap_kept": retain_heap(True)}
 
 
 @dataclass(frozen=True)

@@ -338,3 +338,15 @@ def test_presets():
     assert all(isinstance(t, Task) and t.name == name for name, t in tasks.PRESETS.items())
     with pytest.raises(ValueError, match="unknown task preset 'fast'; valid presets: smoke, quick, paper"):
         get_task("fast")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_REAL, reason="the quick preset is sized for the real Fashion-MNIST")
+def test_quick_preset_separates_optimizers(one_thread):
+    """The default task must rank optimizers: Adam clearly above SGD(0.01), a dead optimizer at chance."""
+    task = get_task("quick")
+    good = evaluate_alr(task, adam, seed=0)
+    plain = evaluate_alr(task, lambda p: torch.optim.SGD(p, lr=0.01), seed=0)
+    dead = evaluate_alr(task, lambda p: torch.optim.SGD(p, lr=1e-5), seed=0)
+    assert good.fitness > 0.75 and len(good.trials) == 2
+    assert good.fitness - plain.fitness > 0.1 and dead.fitness < 0.3

@@ -14,9 +14,12 @@ Torch semantics kept on top of that layout:
   CPU tensor in `state[p]`. Neighbours whose counters agree share a launch (the usual case); the
   counters are advanced on the host in float32, exactly as the kernels' reference semantics say.
 * Gradients: the arena's gradient views become `p.grad`, so autograd accumulates into the arena in
-  place (after `zero_grad(set_to_none=False)`). After `zero_grad()` (set_to_none=True, torch's
-  default) or when a user assigns `p.grad`, backward produces fresh tensors: `step` copies them into
-  the arena (one extra read and write of the gradients) and rebinds `p.grad` to the arena view.
+  place after `zero_grad(set_to_none=False)`, and the step is one launch. After `zero_grad()`
+  (set_to_none=True, torch's default) backward makes fresh gradient tensors instead: a small one
+  (under DIRECT_MIN elements) is copied into the arena and `p.grad` rebound to the arena view; a
+  large one gets a launch of its own where it lies, since copying it would cost more memory
+  traffic than the launch. The first step after the arena is built copies every gradient in, so
+  that a `set_to_none=False` loop settles into one launch a step.
 * Anything that moves a parameter or a state tensor out of the arena (`p.data = ...`, `model.to()`
   onto another device, `load_state_dict`) is noticed at the next step, which rebuilds the arena.
 """
@@ -36,6 +39,15 @@ from codegen.lower import lower
 from kernels.runtime import UpdateKernel, compile as compile_kernel, resolve_backend, triton_usable_on
 
 __all__ = ["EvolvedOptimizer"]
+
+# A gradient outside the arena with at least this many elements gets a launch of its own instead
+# of a copy into the arena: copying costs a read and a write of it (~8 bytes an element), a launch
+# ~10-20 us; they break even near 2**16 elements on a 2-core CPU.
+DIRECT_MIN = 1 << 16
+# Each parameter starts on a 64-byte boundary of the arena (16 float32): cache lines on the CPU,
+# and the alignment cuBLAS/cuDNN and Triton's vectorised loads want on a GPU. The few elements in
+# between belong to no parameter; launches sweep over them harmlessly.
+ALIGN = 16
 
 
 class EvolvedOptimizer(Optimizer):
@@ -240,7 +252,8 @@ class _Slot:
     """Where one parameter lives in its group's arena."""
 
     param: torch.Tensor
-    offset: int
+    index: int  # position in the group
+    offset: int  # first element in the flat buffers
     numel: int
     shape: torch.Size
     stride: tuple[int, ...]
@@ -262,6 +275,7 @@ class _Arena:
     params: list[torch.Tensor]
     slots: list[_Slot]
     buffers: dict[str, torch.Tensor]
+    settled: bool = False  # False until the first step after the build
 
     @property
     def grad(self) -> torch.Tensor:
@@ -271,12 +285,15 @@ class _Arena:
     def build(cls, params: list[torch.Tensor], state: dict, kernel: UpdateKernel,
               scalar_states: tuple[str, ...]) -> "_Arena":
         device = params[0].device
-        total = sum(p.numel() for p in params)
+        offsets, total = [], 0
+        for p in params:
+            offsets.append(total)
+            total = -(-(total + p.numel()) // ALIGN) * ALIGN
         names = ("weight", "grad") + kernel.tensor_states
         buffers = {n: torch.zeros(total, dtype=torch.float32, device=device) for n in names}
-        slots, offset = [], 0
-        for p in params:
-            slot = _Slot(p, offset, p.numel(), p.shape, _dense_strides(p), ptr=4 * offset)
+        slots = []
+        for index, (p, offset) in enumerate(zip(params, offsets)):
+            slot = _Slot(p, index, offset, p.numel(), p.shape, _dense_strides(p), ptr=4 * offset)
             slot.views = {n: buffers[n].as_strided(p.shape, slot.stride, offset) for n in names}
             slot.views["weight"].copy_(p.detach())
             p.data = slot.views["weight"]
@@ -287,7 +304,6 @@ class _Arena:
                         slot.views[s].copy_(param_state[s])
                     param_state[s] = slot.views[s]
             slots.append(slot)
-            offset += slot.numel
         return cls(kernel, scalar_states, list(params), slots, buffers)
 
     def is_current(self, params: list[torch.Tensor], state: dict) -> bool:
@@ -309,19 +325,24 @@ class _Arena:
         return {i for i, slot in enumerate(self.slots) if slot.holds(slot.param.grad, base)}
 
     def step(self, state: dict, lr: float) -> None:
-        """Gather stray gradients, create missing state, then launch once per run of neighbouring
-        parameters that step together (have a gradient, agree on the uniform states)."""
-        runs: list[tuple[int, int, tuple[float, ...], list[_Slot]]] = []
+        """Create missing state, find where each gradient is, then launch once per run of
+        neighbouring parameters that step together (gradient in the arena, same uniform states),
+        and once per large gradient that lives outside the arena."""
+        launches: list[_Launch] = []
         base = self.grad.data_ptr()
         for slot in self.slots:
             p = slot.param
             g = p.grad
             if g is None:
                 continue
+            outside = None
             if not slot.holds(g, base):
                 _check_grad(p, g)
-                slot.views["grad"].copy_(g)
-                p.grad = slot.views["grad"]
+                if self.settled and slot.numel >= DIRECT_MIN and g.stride() == slot.stride:
+                    outside = g.as_strided((slot.numel,), (1,), g.storage_offset())
+                else:
+                    slot.views["grad"].copy_(g)
+                    p.grad = slot.views["grad"]
             param_state = state[p]  # a defaultdict: {} the first time
             if not param_state:
                 for s in self.kernel.tensor_states:
@@ -329,27 +350,46 @@ class _Arena:
                 for s in self.scalar_states:
                     param_state[s] = _scalar(0.0)
             scalars = tuple(float(param_state[s]) for s in self.scalar_states)
-            start, end = slot.offset, slot.offset + slot.numel
-            last = runs[-1] if runs else None
-            if last and last[1] == start and _same(last[2], scalars):
-                runs[-1] = (last[0], end, last[2], last[3] + [slot])
+            last = launches[-1] if launches else None
+            if (outside is None and last is not None and last.grad is None
+                    and last.slots[-1].index == slot.index - 1 and _same(last.scalars, scalars)):
+                last.end = slot.offset + slot.numel  # the alignment gap between comes along
+                last.slots.append(slot)
             else:
-                runs.append((start, end, scalars, [slot]))
+                launches.append(_Launch(slot.offset, slot.offset + slot.numel, scalars, [slot],
+                                        outside))
+        self.settled = True
         advanced: dict[tuple, dict[str, float]] = {}
-        for start, end, scalars, slots in runs:
-            key = tuple(v.hex() for v in scalars)
+        b = self.buffers
+        for launch in launches:
+            key = tuple(v.hex() for v in launch.scalars)
             if key not in advanced:
-                advanced[key] = self.kernel.advance_scalars(dict(zip(self.scalar_states, scalars)), lr)
+                old = dict(zip(self.scalar_states, launch.scalars))
+                advanced[key] = self.kernel.advance_scalars(old, lr)
             new = advanced[key]
+            start, end = launch.start, launch.end
             if end > start:
-                b = self.buffers
-                self.kernel(b["weight"][start:end], b["grad"][start:end],
+                grad = b["grad"][start:end] if launch.grad is None else launch.grad
+                self.kernel(b["weight"][start:end], grad,
                             {s: b[s][start:end] for s in self.kernel.tensor_states}, lr, new)
-            for slot in slots:
+            for slot in launch.slots:
                 param_state = state[slot.param]
                 for s in self.scalar_states:
                     param_state[s].fill_(new[s])
-            torch.autograd.graph.increment_version([slot.param for slot in slots])
+        if launches:
+            torch.autograd.graph.increment_version([s.param for x in launches for s in x.slots])
+
+
+@dataclass
+class _Launch:
+    """One kernel launch: arena elements [start, end), their parameters' uniform states, and the
+    gradient when it is not the arena's (a large fresh one, updated where it lies)."""
+
+    start: int
+    end: int
+    scalars: tuple[float, ...]
+    slots: list[_Slot]
+    grad: torch.Tensor | None = None
 
 
 def _same(a: tuple[float, ...], b: tuple[float, ...]) -> bool:

@@ -86,8 +86,10 @@ def test_one_launch_per_step_for_the_whole_group(backend, launches):
     model = mlp()
     opt = EvolvedOptimizer(model.parameters(), zoo.adam(), backend=backend, lr=1e-3)
     train(model, opt, range(3))
-    total = sum(p.numel() for p in model.parameters())
-    assert launches == [total] * 3
+    first, *_, last = model.parameters()
+    span = (last.data_ptr() - first.data_ptr()) // 4 + last.numel()  # with 64-byte alignment
+    assert span < sum(p.numel() for p in model.parameters()) + 16 * 6
+    assert launches == [span] * 3
 
 
 def test_parameters_and_grads_become_views_of_one_buffer():
@@ -97,7 +99,9 @@ def test_parameters_and_grads_become_views_of_one_buffer():
     params = list(model.parameters())
     base = params[0].data_ptr()
     offsets = [p.data_ptr() - base for p in params]
-    assert offsets == [4 * sum(q.numel() for q in params[:i]) for i in range(len(params))]
+    assert all(offset % 64 == 0 for offset in offsets)  # each starts on a cache line
+    assert all(b - a >= 4 * p.numel() and b - a < 4 * p.numel() + 64
+               for a, b, p in zip(offsets, offsets[1:], params))
     grad_ptrs = [p.grad.data_ptr() for p in params]
     train(model, opt, range(1, 3), set_to_none=False)  # backward accumulates into the arena
     assert [p.grad.data_ptr() for p in params] == grad_ptrs
@@ -157,7 +161,42 @@ def test_a_user_assigned_grad_is_used_and_moved_into_the_arena():
     q.grad = torch.full((4,), 4.0)
     opt.step()
     assert torch.equal(p.detach(), torch.zeros(3, 2)) and torch.equal(q.detach(), -torch.ones(4))
-    assert p.grad.data_ptr() + 4 * p.numel() == q.grad.data_ptr()  # now arena views
+    assert p.grad.data_ptr() + 64 == q.grad.data_ptr()  # now arena views, 64-byte aligned
+
+
+def wide(seed: int = 0) -> torch.nn.Module:
+    """One weight above DIRECT_MIN elements, between small ones."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 300), torch.nn.Tanh(),
+                               torch.nn.Linear(300, 240), torch.nn.Tanh(), torch.nn.Linear(240, 2))
+
+
+def test_large_fresh_gradients_are_updated_where_they_lie(launches):
+    """After torch's default zero_grad() the big weight's new gradient gets its own launch (no
+    copy), the small ones are copied into the arena: three launches, and the same answer."""
+    from kernels.optimizer import DIRECT_MIN
+    ours, theirs = wide(), wide()
+    assert ours[2].weight.numel() >= DIRECT_MIN > ours[0].weight.numel()
+    opt_ours = EvolvedOptimizer(ours.parameters(), zoo.adam(), backend="numba", lr=1e-2)
+    opt_theirs = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
+    for step in range(6):
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x + step), y).backward()
+            fresh = model[2].weight.grad
+            opt.step()
+            if opt is opt_ours and step > 0:
+                assert model[2].weight.grad is fresh  # not copied, not rebound
+    assert len(launches) == 1 + 5 * 3  # first step: everything copied in, one launch
+    assert_close_models(ours, theirs)
+
+
+def test_set_to_none_false_settles_into_one_launch_for_large_tensors(launches):
+    model = wide()
+    opt = EvolvedOptimizer(model.parameters(), zoo.adam(), backend="numba", lr=1e-2)
+    train(model, opt, range(4), set_to_none=False)
+    assert len(launches) == 4
 
 
 def test_moving_a_parameter_out_of_the_arena_rebuilds_it():
@@ -171,7 +210,7 @@ def test_moving_a_parameter_out_of_the_arena_rebuilds_it():
     train(ours, opt_ours, range(3, 8))
     train(theirs, opt_theirs, range(3, 8))
     assert_close_models(ours, theirs)
-    assert ours[0].weight.data_ptr() + 4 * ours[0].weight.numel() == ours[0].bias.data_ptr()
+    assert ours[0].weight.data_ptr() + 4 * 64 == ours[0].bias.data_ptr()  # back in an arena
 
 
 def test_channels_last_parameters_keep_their_layout():

@@ -146,7 +146,9 @@ def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
     raw = _read_bytes(path)
 
     def corrupt(what: str) -> DataCorruptError:
-        return DataCorruptError(f"{path}: {what}. Delete the file and reinstall the data. {_INSTALL_HINT}")
+        return DataCorruptError(
+            f"{path}: {what}. Delete the file and reinstall the data. {_INSTALL_HINT}"
+        )
 
     if len(raw) < 4:
         raise corrupt(f"only {len(raw)} bytes, too short for an IDX header")
@@ -180,9 +182,11 @@ def load_fashion_mnist(split: str = "train", directory: str | Path | None = None
     paths = [_stored_name(directory, stem) for stem in _FILES[split]]
     if any(p is None for p in paths):
         missing = [s for s, p in zip(_FILES[split], paths) if p is None]
-        raise DataNotFoundError(f"{directory} has no {' or '.join(missing)} (raw or .gz). {_INSTALL_HINT}")
-    images_path, labels_path = (p.resolve() for p in paths)  # type: ignore[union-attr]
-    return _load_cached(images_path, _identity(images_path), labels_path, _identity(labels_path), directory)
+        raise DataNotFoundError(
+            f"{directory} has no {' or '.join(missing)} (raw or .gz). {_INSTALL_HINT}"
+        )
+    images, labels = (p.resolve() for p in paths)  # type: ignore[union-attr]
+    return _load_cached(images, _identity(images), labels, _identity(labels), directory)
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -193,7 +197,11 @@ def _identity(path: Path) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(
-    images_path: Path, _images_id: tuple[int, int], labels_path: Path, _labels_id: tuple[int, int], directory: Path
+    images_path: Path,
+    _images_id: tuple[int, int],
+    labels_path: Path,
+    _labels_id: tuple[int, int],
+    directory: Path,
 ) -> FashionMNIST:
     images = read_idx(images_path, ndim=3)
     labels = read_idx(labels_path, ndim=1)

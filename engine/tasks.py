@@ -229,7 +229,8 @@ def _prepare_cached(dataset: FashionMNIST, spec: DataSpec, seed: int) -> Prepare
 
 def prepare(task: Task, seed: int, dataset: FashionMNIST | None = None) -> Prepared:
     """The task's data for `seed`, built once per process (a worker evaluates many candidates)."""
-    return _prepare_cached(dataset if dataset is not None else load_fashion_mnist("train"), task.data, seed)
+    dataset = dataset if dataset is not None else load_fashion_mnist("train")
+    return _prepare_cached(dataset, task.data, seed)
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -281,7 +282,8 @@ class EvalResult:
             "accuracies": list(self.accuracies),
             "epochs": self.epochs,
             "trials": [
-                {"chunk": t.chunk, "accuracy": t.accuracy, **dataclasses.asdict(t.fit)} for t in self.trials
+                {"chunk": t.chunk, "accuracy": t.accuracy, **dataclasses.asdict(t.fit)}
+                for t in self.trials
             ],
         }
 
@@ -310,11 +312,22 @@ def _trial(
     model = task.model.build(_derive(seed, _INIT))  # the same start for every candidate and trial
     optimizer = optimizer_for(model)
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"the optimizer factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        raise TypeError(
+            f"the optimizer factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer"
+        )
     result = fit(
-        model, optimizer, train, data.val, seed=_derive(seed, _TRAIN, chunk + 1), deadline=deadline, **protocol
+        model,
+        optimizer,
+        train,
+        data.val,
+        seed=_derive(seed, _TRAIN, chunk + 1),
+        deadline=deadline,
+        eval_batch=task.eval_batch,
+        **protocol,
     )
-    accuracy = evaluate(model, *data.fitness, batch_size=task.eval_batch)[1] if result.reason is None else FLOOR_FITNESS
+    accuracy = FLOOR_FITNESS
+    if result.reason is None:
+        accuracy = evaluate(model, *data.fitness, batch_size=task.eval_batch)[1]
     return TrialResult(chunk=chunk, accuracy=accuracy, fit=result)
 
 
@@ -339,7 +352,8 @@ def evaluate_alr(
     if protocol.trials > len(data.chunks):
         raise ValueError(
             f"task {task.name!r} asks for {protocol.trials} trials but its data gives only "
-            f"{len(data.chunks)} chunks of ~{task.data.chunk}; lower AlrProtocol.trials or DataSpec.chunk"
+            f"{len(data.chunks)} chunks of ~{task.data.chunk}; lower AlrProtocol.trials or "
+            "DataSpec.chunk"
         )
     trials: list[TrialResult] = []
     reason = None
@@ -362,7 +376,8 @@ def evaluate_alr(
         if reason is not None or trial.accuracy < protocol.abort_below:
             break
     fitness = FLOOR_FITNESS if reason is not None else min(t.accuracy for t in trials)
-    return EvalResult(fitness=fitness, trials=tuple(trials), seconds=time.perf_counter() - start, reason=reason)
+    seconds = time.perf_counter() - start
+    return EvalResult(fitness=fitness, trials=tuple(trials), seconds=seconds, reason=reason)
 
 
 def evaluate_dlr(
@@ -378,7 +393,9 @@ def evaluate_dlr(
     Trained on the whole training pool, early stopping on validation loss, best weights restored.
     """
     if not callable(schedule):
-        raise TypeError(f"schedule must be callable as schedule(epoch, lr) -> lr, got {type(schedule).__name__}")
+        raise TypeError(
+            f"schedule must be callable as schedule(epoch, lr) -> lr, got {type(schedule).__name__}"
+        )
     start = time.perf_counter()
     deadline = _deadline(start, time_limit)
     data = prepare(task, seed, dataset)
@@ -404,7 +421,8 @@ def evaluate_dlr(
     )
     reason = trial.fit.reason
     fitness = FLOOR_FITNESS if reason is not None else trial.accuracy
-    return EvalResult(fitness=fitness, trials=(trial,), seconds=time.perf_counter() - start, reason=reason)
+    seconds = time.perf_counter() - start
+    return EvalResult(fitness=fitness, trials=(trial,), seconds=seconds, reason=reason)
 
 
 # --- presets ----------------------------------------------------------------------------------
@@ -430,7 +448,9 @@ PRESETS: Mapping[str, Task] = types.MappingProxyType(
             dlr=DlrProtocol(batch_size=100, max_epochs=8, patience=3, chunks=1),
         ),
         # The reference protocol (REFERENCE.md), for a GPU or a long CPU run.
-        "paper": Task(name="paper", data=DataSpec(), model=ModelSpec(), alr=AlrProtocol(), dlr=DlrProtocol()),
+        "paper": Task(
+            name="paper", data=DataSpec(), model=ModelSpec(), alr=AlrProtocol(), dlr=DlrProtocol()
+        ),
     }
 )
 

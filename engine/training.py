@@ -115,7 +115,9 @@ class ModelSpec:
                 raise ValueError(f"ModelSpec.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("dropout1", "dropout2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"ModelSpec.{name} is a drop probability in [0, 1), got {getattr(self, name)}")
+                raise ValueError(
+                    f"ModelSpec.{name} is a drop probability in [0, 1), got {getattr(self, name)}"
+                )
         if self.image_size < 6 or self.image_size % 2:
             raise ValueError(f"ModelSpec.image_size must be even and >= 6, got {self.image_size}")
 
@@ -137,7 +139,9 @@ class _ReluDropout(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, mask: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         out = torch.mul(x, mask).relu_()
         ctx.save_for_backward(out)
         ctx.scale = scale
@@ -159,7 +163,8 @@ def _scaled_mask(numel: int, p: float, generator: torch.Generator) -> torch.Tens
     scale = 1.0 / (1.0 - p)
     keep = (1.0 - p) * 256.0
     if keep == int(keep):
-        words = torch.empty((numel + 7) // 8, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+        words = torch.empty((numel + 7) // 8, dtype=torch.int64)
+        words.random_(-(2**63), None, generator=generator)  # the full 64-bit range: 8 fair bytes
         mask = words.view(torch.uint8)[:numel].float().lt_(keep)
     else:
         mask = torch.rand(numel, generator=generator).ge_(p)
@@ -225,7 +230,9 @@ class FitResult:
     reason: str | None
 
 
-def evaluate(model: CNN, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(
+    model: CNN, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
+) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) without dropout or autograd bookkeeping."""
     was_training = model.training
     model.eval()
@@ -254,6 +261,7 @@ def fit(
     monitor: str = "val_acc",
     schedule: Callable[[int, float], float] | None = None,
     deadline: float | None = None,
+    eval_batch: int = 1000,
 ) -> FitResult:
     """Keras-style fit with early stopping that always restores the best epoch's weights.
 
@@ -266,8 +274,11 @@ def fit(
     """
     if monitor not in ("val_acc", "val_loss"):
         raise ValueError(f"monitor must be 'val_acc' or 'val_loss', got {monitor!r}")
-    if batch_size < 1 or max_epochs < 1 or patience < 1:
-        raise ValueError(f"batch_size, max_epochs and patience must be >= 1, got {batch_size}, {max_epochs}, {patience}")
+    if min(batch_size, max_epochs, patience, eval_batch) < 1:
+        raise ValueError(
+            "batch_size, max_epochs, patience and eval_batch must be >= 1, got "
+            f"{batch_size}, {max_epochs}, {patience}, {eval_batch}"
+        )
     start = time.perf_counter()
     x, y = train
     n = len(y)
@@ -305,7 +316,7 @@ def fit(
                 break
         if reason is not None:
             break
-        val_loss, val_acc = evaluate(model, *val)
+        val_loss, val_acc = evaluate(model, *val, batch_size=eval_batch)
         curves["train_loss"].append(loss_sum / n)
         curves["val_acc"].append(val_acc)
         curves["val_loss"].append(val_loss)

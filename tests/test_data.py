@@ -18,7 +18,7 @@ from engine import data
 from engine.data import DataCorruptError, DataNotFoundError, find_data_dir, load_fashion_mnist, read_idx
 
 REAL_DIR = data.SYSTEM_DIR
-HAVE_REAL = (REAL_DIR / "train-images-idx3-ubyte.gz").is_file() or (REAL_DIR / "train-images-idx3-ubyte").is_file()
+HAVE_REAL = any((REAL_DIR / f"train-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz"))
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -47,7 +47,8 @@ def _generated(directory, n=2000, seed=0):
     labels = np.arange(n) % 10
     noise = rng.normal(0, 60, size=(n, 28, 28))
     images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
-    for stem, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels.astype(np.uint8))):
+    files = {"train-images-idx3-ubyte": images, "train-labels-idx1-ubyte": labels.astype(np.uint8)}
+    for stem, array in files.items():
         header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
         (directory / f"{stem}.gz").write_bytes(gzip.compress(header + array.tobytes()))
     return load_fashion_mnist("train", directory=directory)
@@ -100,7 +101,8 @@ def test_split_is_fixed_by_the_seed():
 def test_pool_subset_is_stratified():
     labels = paper_labels()
     split = make_split(labels, SMOKE.data, seed=0)
-    assert len(split.val) == 200 and len(split.fitness) == 200 and [len(c) for c in split.chunks] == [600, 600]
+    assert len(split.val) == 200 and len(split.fitness) == 200
+    assert [len(c) for c in split.chunks] == [600, 600]
     for part in (split.val, split.fitness, *split.chunks):
         counts = np.bincount(labels[part], minlength=10)
         assert counts.max() - counts.min() <= 2, counts
@@ -161,7 +163,8 @@ def test_fast_cnn_computes_the_reference_math():
     gen = torch.Generator().manual_seed(5)
     m1 = training._scaled_mask(64 * 16 * 12 * 12, 0.25, gen).view(64, 12, 12, 16).permute(0, 3, 1, 2)
     m2 = training._scaled_mask(64 * 32, 0.5, gen).view(64, 32)
-    assert set(m1.unique().tolist()) == {0.0, float(torch.tensor(4 / 3))} and abs(float((m1 > 0).float().mean()) - 0.75) < 0.02
+    assert set(m1.unique().tolist()) == {0.0, float(torch.tensor(4 / 3))}
+    assert abs(float((m1 > 0).float().mean()) - 0.75) < 0.02
     reference = plain_forward(model, x, (m1, m2))
     assert torch.allclose(ours, reference, atol=1e-5)
     grads = torch.autograd.grad(ours.square().sum(), list(model.parameters()))
@@ -266,7 +269,9 @@ def test_trials_train_on_distinct_chunks_from_the_same_start(dataset, monkeypatc
     [([0.9, 0.85, 0.95], 3, 0.85), ([0.9, 0.7, 0.95], 2, 0.7), ([0.5, 0.9, 0.9], 1, 0.5)],
     ids=["minimum", "abort-second", "abort-first"],
 )
-def test_fitness_is_the_minimum_and_trials_stop_below_threshold(dataset, monkeypatch, scores, trials, fitness):
+def test_fitness_is_the_minimum_and_trials_stop_below_threshold(
+    dataset, monkeypatch, scores, trials, fitness
+):
     remaining = list(scores)
     monkeypatch.setattr(tasks, "evaluate", lambda model, x, y, batch_size: (0.0, remaining.pop(0)))
     task = dataclasses.replace(
@@ -275,7 +280,8 @@ def test_fitness_is_the_minimum_and_trials_stop_below_threshold(dataset, monkeyp
         alr=AlrProtocol(trials=3, batch_size=100, max_epochs=1, patience=1, abort_below=0.8),
     )
     result = evaluate_alr(task, adam, seed=0, dataset=dataset)
-    assert result.accuracies == tuple(scores[:trials]) and result.fitness == fitness and result.reason is None
+    assert result.accuracies == tuple(scores[:trials])
+    assert result.fitness == fitness and result.reason is None
 
 
 def test_nan_candidate_gets_the_floor_with_a_reason(dataset):
@@ -331,19 +337,22 @@ def test_dlr_non_finite_lr_is_a_divergence(dataset):
 
 def test_presets():
     paper = get_task("paper")
-    assert paper.alr == AlrProtocol(trials=5, batch_size=1000, max_epochs=100, patience=5, abort_below=0.8)
+    assert paper.alr == AlrProtocol(
+        trials=5, batch_size=1000, max_epochs=100, patience=5, abort_below=0.8
+    )
     assert paper.dlr == DlrProtocol(initial_lr=0.01, batch_size=1000, max_epochs=100, patience=3)
     assert paper.model == ModelSpec() and paper.data == DataSpec(val=3500, fitness=3500, chunk=7571)
     assert {"smoke", "quick", "paper"} <= set(tasks.PRESETS)
     assert all(isinstance(t, Task) and t.name == name for name, t in tasks.PRESETS.items())
-    with pytest.raises(ValueError, match="unknown task preset 'fast'; valid presets: smoke, quick, paper"):
+    expected = "unknown task preset 'fast'; valid presets: smoke, quick, paper"
+    with pytest.raises(ValueError, match=expected):
         get_task("fast")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_REAL, reason="the quick preset is sized for the real Fashion-MNIST")
 def test_quick_preset_separates_optimizers(one_thread):
-    """The default task must rank optimizers: Adam clearly above SGD(0.01), a dead optimizer at chance."""
+    """The default task must rank optimizers: Adam well above SGD(0.01), a dead one near chance."""
     task = get_task("quick")
     good = evaluate_alr(task, adam, seed=0)
     plain = evaluate_alr(task, lambda p: torch.optim.SGD(p, lr=0.01), seed=0)

@@ -10,8 +10,8 @@ every candidate, so the step must cost no more than torch's best Adam. Two model
 Rows per model (one `group=`): `EvolvedOptimizer(zoo.adam())` and `EvolvedOptimizer(zoo.ades())`
 with gradients already in the arena (what a loop with `zero_grad(set_to_none=False)` gives),
 the Adam program again when every step starts from fresh gradient tensors (after torch's default
-`zero_grad()`, so the step first copies them into the arena), `torch.optim.Adam(fused=True)` and
-`torch.optim.Adam(foreach=True)`. `extra_info` holds each row's speedup over fused and foreach
+`zero_grad()`: small ones are copied into the arena, large ones get a launch of their own),
+`torch.optim.Adam(fused=True)` and `torch.optim.Adam(foreach=True)`. `extra_info` holds each row's speedup over fused and foreach
 Adam (their time / ours), the peers timed in this module (best of 10). Gradients are set once,
 not computed: the step alone is timed. Run:
 
@@ -105,8 +105,8 @@ def test_evolved_optimizer_step(benchmark, peers, program, model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_evolved_optimizer_step_from_fresh_grads(benchmark, peers, model):
-    """The step after torch's default zero_grad(): backward made new gradient tensors, which the
-    step copies into the arena (one more read and write of the gradients)."""
+    """The step after torch's default zero_grad(): backward made new gradient tensors; the step
+    copies the small ones into the arena and launches once per large one where it lies."""
     net = model_with_grads(model)
     fresh = [p.grad.clone() for p in net.parameters()]
     opt = EvolvedOptimizer(net.parameters(), zoo.adam(), backend="numba", lr=LR)

@@ -376,8 +376,9 @@ class _Arena:
                 param_state = state[slot.param]
                 for s in self.scalar_states:
                     param_state[s].fill_(new[s])
-        if launches:
-            torch.autograd.graph.increment_version([s.param for x in launches for s in x.slots])
+        for launch in launches:  # torch's in-place ops do this; the kernels write behind its back
+            for slot in launch.slots:
+                torch.autograd.graph.increment_version(slot.param)
 
 
 @dataclass

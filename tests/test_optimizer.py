@@ -8,14 +8,20 @@ most state (two tensors and a per-parameter step counter), and torch.optim.Adam 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import kernels.runtime
-from codegen.ir import ParseError
+from codegen.ir import ParseError, Program, reference_step
 from kernels import EvolvedOptimizer, zoo
 
 BACKENDS = ("numba", "torch", "triton")
@@ -425,3 +431,41 @@ def test_program_text_that_does_not_parse_gives_the_parse_error():
 def test_a_program_of_the_wrong_type_is_refused():
     with pytest.raises(TypeError, match="Program or its text, not int"):
         EvolvedOptimizer(mlp().parameters(), 42)
+
+
+# ---- bench/gpu/run.py where there is no GPU ------------------------------------------------------
+
+GPU_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "run.py"
+
+
+def run_gpu_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU paths, even on a GPU machine
+    return subprocess.run([sys.executable, str(GPU_SCRIPT), *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=GPU_SCRIPT.parents[2])
+
+
+def test_gpu_script_without_a_gpu_says_so_and_exits_0():
+    out = run_gpu_script()
+    assert out.returncode == 0, out.stderr
+    assert "NO CUDA GPU PRESENT" in out.stdout
+    assert "all 58 programs" in out.stdout  # 8 zoo programs and 50 random ones generate
+
+
+def test_gpu_script_dry_run_in_the_interpreter():
+    out = run_gpu_script("--interpret")
+    assert out.returncode == 0, out.stdout + out.stderr
+    checks = [line for line in out.stdout.splitlines() if line.startswith("| check")]
+    assert len(checks) == 2 and all(line.rstrip(" |").endswith("ok") for line in checks)
+    assert "EvolvedOptimizer(adam)" in out.stdout and "device copy" in out.stdout
+
+
+def test_gpu_check_accepts_what_flush_to_zero_explains():
+    spec = importlib.util.spec_from_file_location("autolr_gpu_run", GPU_SCRIPT)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    program = Program.parse("weight: mul(grad, 1e-10)")
+    weight, grad = np.zeros(2, np.float32), np.array([1e-30, 1.0], np.float32)
+    flushed, _ = run.reference_step_ftz(program, weight, grad, {}, 1.0)
+    exact, _ = reference_step(program, weight, grad, {}, 1.0)
+    assert exact[0] != 0 and flushed[0] == 0  # 1e-40 is subnormal: the GPU gives 0
+    assert flushed[1] == exact[1] == np.float32(-1e-10)

@@ -76,12 +76,28 @@ def retain_heap(keep: bool = True) -> bool:
     return bool(restored)
 
 
+def _set_numba_threads(threads: int) -> int | None:
+    """Give numba's parallel kernels (the evolved optimizers) the same cores as torch.
+
+    Left at its default (every core), a one-thread worker's optimizer step fights torch's
+    OpenMP pool and the other workers: measured 8 ms a step instead of 0.5 ms for 0.3M
+    parameters. numba's setting is per calling thread: call this from the thread that trains.
+    """
+    try:
+        import numba
+    except ImportError:
+        return None
+    count = min(threads, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(count)
+    return count
+
+
 def configure_process(threads: int = 1) -> dict[str, object]:
     """Call once at the start of every process that trains (each pool worker, each Ray actor).
 
-    Sets torch's intra-op threads (a worker owns `threads` cores; more would oversubscribe the
-    machine) and keeps freed heap memory in the process (`retain_heap`): call it before the first
-    training step. Returns what was set, for logs.
+    Sets torch's and numba's threads (a worker owns `threads` cores; more would oversubscribe
+    the machine) and keeps freed heap memory in the process (`retain_heap`): call it before the
+    first training step. Returns what was set, for logs.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -90,7 +106,11 @@ def configure_process(threads: int = 1) -> dict[str, object]:
         torch.set_num_interop_threads(1)  # nothing here runs ops concurrently
     except RuntimeError:
         pass  # already fixed: only settable before the first parallel op, harmless to skip
-    return {"threads": threads, "heap_kept": retain_heap(True)}
+    return {
+        "threads": threads,
+        "numba_threads": _set_numba_threads(threads),
+        "heap_kept": retain_heap(True),
+    }
 
 
 @dataclass(frozen=True)

@@ -435,7 +435,7 @@ PRESETS: Mapping[str, Task] = types.MappingProxyType(
             data=DataSpec(val=200, fitness=200, chunk=600, pool=1600),
             model=ModelSpec(conv1=4, conv2=8, dense=16),
             alr=AlrProtocol(trials=2, batch_size=100, max_epochs=3, patience=2, abort_below=0.5),
-            dlr=DlrProtocol(batch_size=100, max_epochs=3, patience=2),
+            dlr=DlrProtocol(batch_size=100, max_epochs=3, patience=2, chunks=1),
         ),
         # The main job's default on a 2-core CPU: ~7 s of one-thread training for an Adam-like
         # candidate, less for a bad one (one trial, then the abort). The half-width CNN is 3x

@@ -76,6 +76,13 @@ class EvolvedOptimizer(Optimizer):
         lr: the value of the program's ``lr`` input (default 1.0: evolved programs carry their
             own step sizes).
 
+    Note:
+        At the first step each param group's parameters (their ``.data``), gradients and states
+        move into flat buffers, so that one kernel launch updates the whole group. The
+        parameters stay the same ``Parameter`` objects; code that kept a reference to a
+        parameter's old ``.data`` keeps stale memory. See the module docstring for how fresh
+        gradients, skipped parameters and step counters are handled.
+
     Example::
 
         >>> opt = EvolvedOptimizer(model.parameters(), zoo.adam(), lr=1e-3)  # == torch Adam

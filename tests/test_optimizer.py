@@ -98,6 +98,13 @@ def test_one_launch_per_step_for_the_whole_group(backend, launches):
     assert launches == [span] * 3
 
 
+def test_auto_backend_is_numba_for_cpu_parameters():
+    model = mlp()
+    opt = EvolvedOptimizer(model.parameters(), zoo.sgd(), lr=0.1)
+    train(model, opt, range(1))
+    assert opt._arenas[0].kernel.backend == "numba"
+
+
 def test_parameters_and_grads_become_views_of_one_buffer():
     model = mlp()
     opt = EvolvedOptimizer(model.parameters(), zoo.momentum(), backend="numba", lr=0.1)

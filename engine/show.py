@@ -1,0 +1,269 @@
+"""Showing a run: the live display of `engine.run`, and `python -m engine.show RUN_DIR`.
+
+`engine.show` reads only files (summary.json when the run has finished, else its newest
+checkpoint and events.jsonl), so it works on a run that is still going, was stopped, or was
+copied from another machine, and never touches the results store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, \
+    TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from engine.evolve import GenerationRecord
+from engine.report import evaluation_counts, hall_of_fame, one_line, program_size, wall_seconds
+
+__all__ = ["Display", "main", "print_summary"]
+
+TOP = 5  # programs in the live table
+
+
+def _short(text: str, width: int) -> str:
+    line = one_line(text)
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+class Display:
+    """Progress of the running generation and of the run, and the best programs so far.
+
+    On a terminal: rich progress bars and a live table, with one permanent line per generation.
+    Elsewhere (a log file, a test): one plain line per generation.
+    """
+
+    def __init__(self, config: dict, history: list[GenerationRecord], events: list[dict],
+                 baseline: tuple[str, float] | None, workers: int,
+                 console: Console | None = None) -> None:
+        self.config, self.mode = config, config["mode"]
+        self.console = console or Console()
+        self.live_mode = self.console.is_terminal
+        self.baseline = baseline
+        self.generations = config["evolution"]["generations"]
+        self.best: dict[str, tuple[float, str]] = {}  # hash -> (fitness, text)
+        for record in history:
+            for text, fitness in zip(record.phenotypes, record.fitness):
+                self._note(None, text, fitness)
+        self.counts: Counter[str] = Counter()
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description:<14}"), BarColumn(bar_width=30),
+            MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+            speed_estimate_period=24 * 3600)
+        self.run_task = self.progress.add_task("run", total=self.generations,
+                                               completed=len(history), detail="")
+        self.gen_task = None
+        self.live: Live | None = None
+        where = (f"{config['executor']} executor, {workers} worker{'s' * (workers != 1)}")
+        self.message(f"AutoLR {self.mode.upper()} run [bold]{config['name']}[/] "
+                     f"(preset {config['preset']}, seed {config['seed']}, population "
+                     f"{config['evolution']['population']}, {self.generations} generations, "
+                     f"{where})\nwriting to {config['out']}"
+                     + (f"\nresuming after generation {len(history) - 1}" if history else ""))
+
+    def __enter__(self) -> Display:
+        if self.live_mode:
+            self.live = Live(self._renderable(), console=self.console, refresh_per_second=4,
+                             transient=True)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+            self.live = None
+
+    def message(self, text: str) -> None:
+        if self.live_mode:
+            self.console.print(text, highlight=False)
+        else:  # a log: plain lines, never wrapped at an imagined width
+            print(re.sub(r"\[/?bold\]|\[/\]", "", text), flush=True)
+
+    def _note(self, h: str | None, text: str, fitness: float) -> None:
+        if h is None:
+            from engine.report import parse
+
+            try:
+                h = parse(self.mode, text).hash
+            except ValueError:
+                return
+        old = self.best.get(h)
+        if old is None or fitness > old[0]:
+            self.best[h] = (fitness, text)
+
+    def _detail(self) -> str:
+        c = self.counts
+        return (f"trained {c['trained']} · store {c['store']} · screened {c['screened']} · "
+                f"twins {c['fingerprint']} · failed {c['failures']}")
+
+    def _table(self) -> Table:
+        width = max(30, self.console.width - 40)
+        table = Table(title="best so far", title_justify="left", expand=False)
+        for column in ("#", "fitness", "size", "hash", "program"):
+            table.add_column(column, no_wrap=True, overflow="ellipsis",
+                             max_width=width if column == "program" else None)
+        ranked = sorted(self.best.items(), key=lambda kv: -kv[1][0])[:TOP]
+        for i, (h, (fitness, text)) in enumerate(ranked, 1):
+            table.add_row(str(i), f"{fitness:.4f}", str(program_size(self.mode, text)), h[:10],
+                          _short(text, width))
+        if self.baseline is not None:
+            table.caption = f"baseline {self.baseline[0]}: {self.baseline[1]:.4f}"
+        return table
+
+    def _renderable(self):
+        return Group(self.progress, self._table())
+
+    def _refresh(self) -> None:
+        if self.live is not None:
+            self.live.update(self._renderable())
+
+    def start_generation(self, generation: int, size: int) -> None:
+        self.counts.clear()
+        if self.gen_task is not None:
+            self.progress.remove_task(self.gen_task)
+        self.gen_task = self.progress.add_task(f"generation {generation}", total=size,
+                                               detail=self._detail())
+        self._refresh()
+
+    def answered(self, evaluation) -> None:
+        self.counts[evaluation.source] += 1
+        if evaluation.reason and evaluation.source != "screened":
+            self.counts["failures"] += 1
+        if evaluation.hash:
+            self._note(evaluation.hash, evaluation.text, evaluation.fitness)
+        if self.gen_task is not None:
+            self.progress.update(self.gen_task, advance=1, detail=self._detail())
+        self._refresh()
+
+    def generation_done(self, record: GenerationRecord, seconds: float) -> None:
+        self.progress.update(self.run_task, completed=record.generation + 1)
+        self.message(f"gen {record.generation:>3}/{self.generations - 1}  best {record.best:.4f}"
+                     f"  median {record.median:.4f}  new {record.evaluated:>3} "
+                     f"({self._detail()})  {seconds:.0f} s")
+        self._refresh()
+
+
+def print_summary(summary: dict, out: Path, console: Console | None = None) -> None:
+    """The end-of-run (or `engine.show`) summary: best against the baseline, the work done."""
+    console = console or Console()
+    best, base, counts = summary["best"], summary.get("baseline") or {}, summary["evaluations"]
+    table = Table(title=f"AutoLR run {summary['run']}: {summary['status']}", show_header=False,
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("mode / preset / seed", f"{summary['mode']} / {summary['preset']} / "
+                                          f"{summary['seed']}")
+    table.add_row("generations", f"{summary['generations_done']} of {summary['generations']}, "
+                                 f"population {summary['population']}")
+    table.add_row("best fitness", f"{best['fitness']:.4f} (hash {best['hash']}, size "
+                                  f"{best['size']}, generation {best['generation']})")
+    if "fitness" in base:
+        table.add_row("baseline", f"{base['fitness']:.4f} {base['name']} "
+                                  f"({summary['best_minus_baseline']:+.4f} for the best)")
+    table.add_row("best program", best["canonical"])
+    failures = ", ".join(f"{k} {v}" for k, v in counts["failures"].items()) or "none"
+    table.add_row("evaluations", f"{counts['requested']} answered: {counts['trained']} trained, "
+                                 f"{counts['store']} store, {counts['screened']} screened, "
+                                 f"{counts['fingerprint']} fingerprint twins, {counts['failed']} "
+                                 f"unparseable")
+    table.add_row("failures", failures)
+    wall = summary.get("wall_seconds")
+    table.add_row("wall time", "?" if wall is None else
+                  f"{wall:.0f} s over {summary.get('sessions', 1)} session(s)")
+    table.add_row("outputs", f"{out}/report.md, best_optimizer.py, summary.json, history.csv"
+                  + (", kernels/" if summary["mode"] == "alr" else ""))
+    console.print(table)
+
+
+def _fame_table(fame: list[dict], width: int) -> Table:
+    table = Table(title="hall of fame", title_justify="left")
+    for column in ("#", "fitness", "size", "gen", "hash", "program"):
+        table.add_column(column, overflow="fold" if column == "program" else "ellipsis")
+    for e in fame:
+        table.add_row(str(e["rank"]), f"{e['fitness']:.4f}", str(e["size"]),
+                      str(e["generation"]), e["hash"][:10], one_line(e["canonical"]))
+    return table
+
+
+def show(run_dir: Path, console: Console | None = None) -> int:
+    from engine.evolve import CheckpointError, load_checkpoint
+
+    console = console or Console()
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        print(f"engine.show: error: {run_dir} is not an AutoLR run directory (no config.json)",
+              file=sys.stderr)
+        return 2
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    body = None
+    for path in sorted((run_dir / "checkpoints").glob("gen-*.json"), reverse=True):
+        try:
+            body = load_checkpoint(path)
+            break
+        except CheckpointError:
+            continue
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    done = 0 if body is None else len(body["history"])
+    if summary is not None and summary["generations_done"] >= done:
+        print_summary(summary, run_dir, console)
+        fame_path = run_dir / "hall_of_fame.json"
+        if fame_path.is_file():
+            console.print(_fame_table(json.loads(fame_path.read_text()), console.width))
+        return 0
+    events = []
+    events_path = run_dir / "events.jsonl"
+    if events_path.is_file():
+        for line in events_path.read_text(encoding="utf-8").splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+    generations = config["evolution"]["generations"]
+    last = events[-1]["time"] if events and "time" in events[-1] else None
+    ago = "" if last is None else f", last activity {time.time() - last:.0f} s ago"
+    console.print(f"AutoLR run [bold]{config['name']}[/] ({config['mode']}, preset "
+                  f"{config['preset']}, seed {config['seed']}): {done} of {generations} "
+                  f"generations checkpointed{ago}; no summary yet (running or stopped: "
+                  f"`python -m engine.run --resume --out {run_dir}` continues it)",
+                  highlight=False)
+    if body is None:
+        return 0
+    history = [GenerationRecord.from_json(r) for r in body["history"]]
+    table = Table(title="generations", title_justify="left")
+    for column in ("gen", "best", "median", "worst", "new"):
+        table.add_column(column)
+    for r in history:
+        table.add_row(str(r.generation), f"{r.best:.4f}", f"{r.median:.4f}", f"{r.worst:.4f}",
+                      str(r.evaluated))
+    console.print(table)
+    counts = evaluation_counts(events)
+    wall, sessions = wall_seconds(events)
+    console.print(f"evaluations: {counts['requested']} answered, {counts['trained']} trained, "
+                  f"{counts['store']} store, {counts['screened']} screened, "
+                  f"{counts['fingerprint']} twins; wall {wall:.0f} s over {sessions} session(s)",
+                  highlight=False)
+    console.print(_fame_table(hall_of_fame(config["mode"], history), console.width))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.show",
+                                     description="Print the summary and hall of fame of an "
+                                                 "AutoLR run (finished or still running).")
+    parser.add_argument("run_dir", type=Path, help="the run directory (engine.run --out)")
+    args = parser.parse_args(argv)
+    return show(args.run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The run's outputs as units: hall of fame, counts, best_optimizer.py against the real thing.
+
+No training here (seconds in all): the exported optimizer is checked against
+kernels.EvolvedOptimizer on a tiny CNN and on random programs, and the exported schedule against
+the IR's own evaluator. The end-to-end run that writes all of these is in test_run.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from codegen.ir import Program, Schedule
+from engine.evolve import GenerationRecord
+from engine.export import render_alr, render_dlr
+from engine.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
+from engine.report import evaluation_counts, hall_of_fame, reason_kind, wall_seconds
+from engine.seeds import snap, zoo_seeds
+from engine.sge import initialise
+from engine.training import ModelSpec
+from randprog import random_program
+
+
+def load_module(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(generation, pairs):
+    texts, fitness = zip(*pairs)
+    return GenerationRecord(generation, tuple(texts), tuple(fitness), max(fitness),
+                            float(np.median(fitness)), min(fitness), texts[fitness.index(max(fitness))],
+                            len(texts))
+
+
+# -- hall of fame and counts ---------------------------------------------------------------------
+
+def test_hall_of_fame_is_distinct_by_hash_sorted_and_skips_the_floor():
+    history = [
+        record(0, [("weight: mul(0.5, grad)", 0.7), ("weight: mul(grad, 0.5)", 0.7),
+                   ("weight: grad", 0.0), ("weight: mul(0.1, grad)", 0.8)]),
+        record(1, [("weight: mul(0.1, grad)", 0.8), ("weight: mul(0.2, grad)", 0.7)]),
+    ]
+    fame = hall_of_fame("alr", history)
+    assert [e["fitness"] for e in fame] == [0.8, 0.7, 0.7]
+    assert len({e["hash"] for e in fame}) == 3  # mul(0.5, grad) and mul(grad, 0.5): one hash
+    assert fame[1]["program"] == "weight: mul(0.5, grad)"  # the earliest of a tie
+    assert fame[2]["generation"] == 1 and [e["rank"] for e in fame] == [1, 2, 3]
+    assert hall_of_fame("alr", history, k=1)[0]["size"] == 3
+
+
+def test_failure_reasons_are_counted_by_kind():
+    assert reason_kind("screened: NaN or inf weight update on probe inputs at step 3") == \
+        "screened: NaN or inf weight update"
+    assert reason_kind("timeout after 30.0 s") == "timeout after 30.0 s".split(":")[0]
+    assert reason_kind("diverged: training loss nan at epoch 0, step 3 (trial 0)") == "diverged"
+    assert reason_kind("worker died (exit code -9 / signal SIGKILL)") == "worker died"
+    events = [{"event": "session", "time": 0.0},
+              {"event": "evaluation", "source": "trained", "reason": None, "seconds": 2, "time": 5},
+              {"event": "evaluation", "source": "screened", "reason": "screened: x", "time": 6},
+              {"event": "session", "time": 100.0},
+              {"event": "evaluation", "source": "store", "reason": None, "time": 103.0}]
+    counts = evaluation_counts(events)
+    assert counts["requested"] == 3 and counts["trained"] == 1 and counts["store"] == 1
+    assert counts["failures"] == {"screened: x": 1} and counts["train_seconds"] == 2
+    assert wall_seconds(events) == (9.0, 2)  # 6 s, then 3 s: a killed session ends at its last event
+
+
+# -- best_optimizer.py (ALR) ----------------------------------------------------------------------
+
+def grammar_programs(n):
+    grammar = load_grammar(ALR_GRAMMAR)
+    rng = random.Random(7)
+    found = []
+    while len(found) < n:
+        program = Program.parse(initialise(grammar, rng, 4, 10).phenotype)
+        if program.reads_grad_in_weight():
+            found.append(program)
+    return found
+
+
+def train(model_seed, make_optimizer, steps=4):
+    torch.manual_seed(0)
+    model = ModelSpec(conv1=3, conv2=4, dense=8).build(model_seed)  # channels_last convs
+    optimizer = make_optimizer(model.parameters())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_exported_optimizer_matches_evolved_optimizer(tmp_path):
+    alr = load_grammar(ALR_GRAMMAR)
+    programs = [Program.parse(snap(s, alr, "alr", 17)) for s in zoo_seeds("alr")]
+    programs += grammar_programs(1)
+    for i, program in enumerate(programs):
+        path = tmp_path / f"best_{i}.py"
+        path.write_text(render_alr(program, "A test."))
+        module = load_module(path, f"best_{i}")
+        assert Program.parse(module.PROGRAM).hash == program.hash
+        want = train(i, lambda p: kernels.EvolvedOptimizer(p, program, backend="numba"))
+        for backend in ("auto", "torch"):
+            got = train(i, lambda p: module.BestOptimizer(p, backend=backend))
+            assert torch.allclose(got, want, rtol=0, atol=1e-6, equal_nan=True), (backend, program)
+        got = train(i, lambda p: module.BestOptimizer(p))
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), "numba path: same kernel, same bits"
+
+
+def test_exported_optimizer_covers_every_op_and_lr(tmp_path):
+    """Random programs over every IR op (extended ones too), at lr != 1, on flat parameters."""
+    rng = random.Random(3)
+    for i in range(4):
+        program = random_program(rng, max_depth=4)
+        path = tmp_path / f"rand_{i}.py"
+        path.write_text(render_alr(program, "A test."))
+        module = load_module(path, f"rand_{i}")
+        weights = torch.randn(64, generator=torch.Generator().manual_seed(i))
+        results = []
+        for make in (lambda p: kernels.EvolvedOptimizer(p, program, backend="torch", lr=0.3),
+                     lambda p: module.BestOptimizer(p, lr=0.3, backend="torch"),
+                     lambda p: module.BestOptimizer(p, lr=0.3, backend="numba")):
+            w = torch.nn.Parameter(weights.clone())
+            opt = make([w])
+            for step in range(3):
+                w.grad = torch.sin(w.detach() * (step + 1))
+                opt.step()
+            results.append(w.detach())
+        for other in results[1:]:
+            assert torch.allclose(other, results[0], rtol=1e-5, atol=1e-6, equal_nan=True), program
+
+
+def test_exported_optimizer_saves_and_loads_its_state(tmp_path):
+    program = Program.parse(snap(zoo_seeds("alr")[0], load_grammar(ALR_GRAMMAR), "alr", 17))
+    path = tmp_path / "best_state.py"
+    path.write_text(render_alr(program, "A test."))
+    module = load_module(path, "best_state")
+    w = torch.nn.Parameter(torch.ones(5))
+    opt = module.BestOptimizer([w])
+    w.grad = torch.full((5,), 0.5)
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())  # torch's state_dict shares the live tensors
+    assert set(state["state"][0]) == {"alpha", "beta", "sigma"} and float(state["state"][0]["sigma"]) == 1.0
+    w2 = torch.nn.Parameter(w.detach().clone())
+    opt2 = module.BestOptimizer([w2])
+    opt2.load_state_dict(state)
+    for o, p in ((opt, w), (opt2, w2)):
+        p.grad = torch.full((5,), -0.25)
+        o.step()
+    assert torch.equal(w, w2)
+    with pytest.raises(ValueError, match="backend"):
+        module.BestOptimizer([w], backend="cuda")
+
+
+# -- best_optimizer.py (DLR) ----------------------------------------------------------------------
+
+def test_exported_schedule_is_the_evolved_schedule(tmp_path):
+    grammar = load_grammar(DLR_GRAMMAR)
+    rng = random.Random(5)
+    texts = ["if(lr <= 0.0011090909, 0.0011090909, if(epoch < 3, 0.1, 0.0011090909))"]
+    texts += [initialise(grammar, rng, 3, 7).phenotype for _ in range(20)]
+    for i, text in enumerate(texts):
+        schedule = Schedule.parse(text)
+        path = tmp_path / f"sched_{i}.py"
+        path.write_text(render_dlr(schedule, "A test."))
+        module = load_module(path, f"sched_{i}")
+        for epoch in range(0, 12):
+            for lr in (0.0001, 0.0011090909, float(np.float32(0.0011090909)), 0.01, 0.05, 0.1):
+                assert module.schedule(epoch, lr) == schedule(epoch, lr), (text, epoch, lr)
+        # The scheduler drives SGD as the DLR protocol does: lr_e = f(e, lr_{e-1}), from 0.01.
+        w = torch.nn.Parameter(torch.zeros(1))
+        sgd = torch.optim.SGD([w], lr=module.INITIAL_LR)
+        scheduler = module.BestSchedule(sgd)
+        expected, lr = [], 0.01
+        seen = []
+        for epoch in range(6):
+            lr = schedule(epoch, lr)
+            expected.append(lr)
+            seen.append(sgd.param_groups[0]["lr"])
+            sgd.step()
+            scheduler.step()
+        assert seen == expected, text

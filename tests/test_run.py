@@ -1,0 +1,445 @@
+"""`python -m engine.run` end to end on the smoke preset, kills and resumes, and user errors.
+
+The runs are real (subprocesses training the smoke task, serial executor, tiny populations);
+they use the Fashion-MNIST files when installed and otherwise generated IDX files with a
+learnable pattern per class (said in the output of -rs as a skip reason never: both work).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import shlex
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import run as run_module
+from engine import show as show_module
+from engine.data import DataNotFoundError, find_data_dir
+from engine.grammar import ALR_GRAMMAR, load_grammar
+from engine.seeds import SeedError, SeedProgram, read_seed_file, snap, zoo_seeds
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The subprocesses' environment: this session's kernel cache, and data (real or made)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120")
+    try:
+        find_data_dir("train")
+    except DataNotFoundError:
+        directory = tmp_path_factory.mktemp("fmnist")
+        rng = np.random.default_rng(0)
+        labels = np.arange(2000) % 10
+        images = rng.integers(0, 60, size=(2000, 28, 28))
+        for c in range(10):  # a bright bar per class: learnable in a few epochs
+            images[labels == c, 2 * c + 3: 2 * c + 6, 4:24] += 150
+        _write_idx(directory / "train-images-idx3-ubyte.gz", images)
+        _write_idx(directory / "train-labels-idx1-ubyte.gz", labels)
+        env["AUTOLR_DATA"] = str(directory)
+    return env
+
+
+def engine_run(args, env, *, cwd, timeout=600, check=True):
+    result = subprocess.run([sys.executable, "-m", "engine.run", *map(str, args)], env=env,
+                            cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def smoke(mode, out, store, *extra):
+    return ["--mode", mode, "--preset", "smoke", "--executor", "serial", "--out", out,
+            "--store", store, *extra]
+
+
+def history_rows(run_dir):
+    with open(run_dir / "history.csv", newline="") as handle:
+        return [{k: row[k] for k in ("generation", "index", "hash", "fitness", "program")}
+                for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="module")
+def alr_run(tmp_path_factory, env):
+    """An uninterrupted smoke ALR run (the reference for the kill/resume test)."""
+    base = tmp_path_factory.mktemp("alr")
+    result = engine_run(smoke("alr", base / "run", base / "store.sqlite"), env, cwd=base)
+    return base / "run", result
+
+
+# -- a whole run, and what it leaves ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_alr_run_writes_every_output(alr_run):
+    run_dir, result = alr_run
+    assert "writing to" in result.stdout and "finished" in result.stdout
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["mode"] == "alr" and config["preset"] == "smoke"
+    assert set(config["seeds"]) == {"adam", "rmsprop", "momentum"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["generations_done"] == 3
+    assert {"torch", "numba", "python"} <= set(summary["versions"])
+    best, base, counts = summary["best"], summary["baseline"], summary["evaluations"]
+    assert best["fitness"] == max(g["best"] for g in summary["per_generation"])
+    assert base["name"] == "Adam (lr=1e-3)" and 0.1 < base["fitness"] <= 1
+    assert summary["best_minus_baseline"] == pytest.approx(best["fitness"] - base["fitness"])
+    assert counts["requested"] == sum(counts[k] for k in
+                                      ("trained", "store", "screened", "fingerprint", "failed"))
+    assert counts["requested"] == sum(g["evaluated"] for g in summary["per_generation"])
+    assert counts["trained"] >= 3 and summary["wall_seconds"] > 0
+    for g in summary["per_generation"]:
+        assert g["worst"] <= g["median"] <= g["best"]
+
+    rows = history_rows(run_dir)
+    with open(run_dir / "history.csv", newline="") as handle:
+        header = next(csv.reader(handle))
+    assert header == ["generation", "index", "elite", "hash", "fitness", "source", "reason",
+                      "size", "program"]
+    assert len(rows) == 3 * 6
+    fame = json.loads((run_dir / "hall_of_fame.json").read_text())
+    assert 1 <= len(fame) <= 10 and len({e["hash"] for e in fame}) == len(fame)
+    assert fame[0]["hash"] == best["hash"]
+    assert [e["fitness"] for e in fame] == sorted((e["fitness"] for e in fame), reverse=True)
+    assert best["hash"] in (run_dir / "hall_of_fame.md").read_text()
+    for name in ("fitness", "curves", "size"):
+        assert (run_dir / "plots" / f"{name}.png").read_bytes()[:8] == PNG
+    report = (run_dir / "report.md").read_text()
+    assert "plots/fitness.png" in report and "plots/curves.png" in report
+    assert best["hash"] in report and "Adam (lr=1e-3)" in report
+    for backend in ("numba", "triton"):
+        source = (run_dir / "kernels" / f"01-{best['hash']}.{backend}.py").read_text()
+        assert f"program hash: {best['hash']}" in source
+    assert len(list((run_dir / "kernels").glob("*.py"))) == 2 * len(fame)
+    assert (run_dir / "best_optimizer.py").is_file()
+
+
+BEST_OPTIMIZER_CHECK = r"""
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import best_optimizer
+ours = {m for m in sys.modules if m.split(".")[0] in ("engine", "kernels", "codegen")}
+assert not ours, ours  # standalone: nothing of AutoLR was imported
+
+def train(make):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(3 * 26 * 26, 10))
+    model.to(memory_format=torch.channels_last)
+    opt = make(model.parameters())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), losses
+
+mine, losses = train(best_optimizer.BestOptimizer)
+plain, _ = train(lambda p: best_optimizer.BestOptimizer(p, backend="torch"))
+import kernels
+theirs, _ = train(lambda p: kernels.EvolvedOptimizer(p, best_optimizer.PROGRAM))
+print(json.dumps({"numba": torch.allclose(mine, theirs, rtol=0, atol=1e-6),
+                  "torch": torch.allclose(plain, theirs, rtol=0, atol=1e-6),
+                  "moved": not torch.equal(mine, train(lambda p: torch.optim.SGD(p, lr=0))[0]),
+                  "losses": losses}))
+"""
+
+
+@pytest.mark.slow
+def test_best_optimizer_trains_like_the_evolved_optimizer(alr_run, env, tmp_path):
+    run_dir, _ = alr_run
+    result = subprocess.run([sys.executable, "-c", BEST_OPTIMIZER_CHECK, str(run_dir)],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    verdict = json.loads(result.stdout.strip().splitlines()[-1])
+    assert verdict["numba"] and verdict["torch"] and verdict["moved"], verdict
+
+
+@pytest.mark.slow
+def test_dlr_run_writes_a_schedule(tmp_path, env):
+    run_dir = tmp_path / "run"
+    engine_run(smoke("dlr", run_dir, tmp_path / "store.sqlite"), env, cwd=tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["mode"] == "dlr" and summary["baseline"]["name"] == "SGD, constant lr 0.01"
+    assert summary["baseline"]["program"] == "0.01"
+    for name in ("config.json", "history.csv", "hall_of_fame.json", "hall_of_fame.md",
+                 "report.md", "plots/fitness.png", "plots/size.png", "plots/curves.png"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "kernels").exists()  # schedules have no kernels
+    check = ("import sys, json; sys.path.insert(0, sys.argv[1]); import best_optimizer as b, torch\n"
+             "opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=b.INITIAL_LR)\n"
+             "s = b.BestSchedule(opt); lrs = []\n"
+             "for e in range(4): lrs.append(opt.param_groups[0]['lr']); opt.step(); s.step()\n"
+             "print(json.dumps({'schedule': b.SCHEDULE, 'lrs': lrs}))")
+    result = subprocess.run([sys.executable, "-c", check, str(run_dir)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    from codegen.ir import Schedule
+
+    schedule, lr, want = Schedule.parse(out["schedule"]), 0.01, []
+    for epoch in range(4):
+        lr = schedule(epoch, lr)
+        want.append(lr)
+    assert out["lrs"] == want
+    assert schedule.hash == summary["best"]["hash"]
+
+
+# -- stopping and resuming --------------------------------------------------------------------------
+
+def wait_for(predicate, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def events(run_dir):
+    try:
+        lines = (run_dir / "events.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_generation_then_resume_gives_the_uninterrupted_run(alr_run, env, tmp_path):
+    """Separate stores: the resumed run gets nothing from the reference run, so equal histories
+    show that the checkpoint resumes the search exactly *and* that a candidate trained before the
+    kill, after it, or in another run gets the same fitness."""
+    reference, _ = alr_run
+    run_dir = tmp_path / "run"
+    args = smoke("alr", run_dir, tmp_path / "store.sqlite")
+    process = subprocess.Popen([sys.executable, "-m", "engine.run", *map(str, args)], env=env,
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def in_generation_1():
+        return any(e.get("event") == "evaluation" and e["generation"] == 1
+                   for e in events(run_dir))
+
+    try:
+        assert wait_for(in_generation_1, process), "the run never reached generation 1"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    before = events(run_dir)
+    assert not any(e.get("event") == "generation" and e["generation"] == 1 for e in before), \
+        "generation 1 finished before the kill: the test did not kill mid-generation"
+    assert not (run_dir / "summary.json").exists()
+    show = subprocess.run([sys.executable, "-m", "engine.show", str(run_dir)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert show.returncode == 0 and "1 of 3 generations checkpointed" in show.stdout
+
+    engine_run(["--resume", "--out", run_dir], env, cwd=tmp_path)
+    assert history_rows(run_dir) == history_rows(reference)
+    ours = json.loads((run_dir / "summary.json").read_text())
+    theirs = json.loads((reference / "summary.json").read_text())
+    assert ours["best"] == theirs["best"] and ours["per_generation"] != []
+    assert [g["best"] for g in ours["per_generation"]] == [g["best"] for g in theirs["per_generation"]]
+    assert ours["sessions"] == 2 and ours["baseline"]["fitness"] == theirs["baseline"]["fitness"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_and_that_command_finishes(env, tmp_path):
+    run_dir = tmp_path / "run"
+    args = smoke("dlr", run_dir, tmp_path / "store.sqlite")
+    process = subprocess.Popen([sys.executable, "-m", "engine.run", *map(str, args)], env=env,
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert wait_for(lambda: any(e.get("event") == "evaluation" for e in events(run_dir)), process)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Resume with:" in stderr
+    command = shlex.split(stderr.strip().splitlines()[-1])
+    assert command[-3:] == ["--resume", "--out", str(run_dir)]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_time_budget_stops_cleanly_and_resume_continues(env, tmp_path):
+    run_dir = tmp_path / "run"
+    args = smoke("dlr", run_dir, tmp_path / "store.sqlite", "--time-budget", "0.3")
+    result = engine_run(args, env, cwd=tmp_path)
+    assert "Stopped before generation 0 finished" in result.stdout
+    assert any(e.get("event") == "stopped" for e in events(run_dir))
+    result = engine_run(["--resume", "--out", run_dir, "--time-budget", "10m"], env, cwd=tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["generations_done"] == 2
+
+
+# -- seeds -----------------------------------------------------------------------------------------
+
+def test_zoo_adam_is_not_derivable_but_its_paper_ops_form_is():
+    from kernels import zoo
+
+    grammar = load_grammar(ALR_GRAMMAR)
+    with pytest.raises(SeedError, match="exp"):
+        snap(SeedProgram("zoo adam", str(zoo.adam())), grammar, "alr", 17)
+    texts = {s.name: snap(s, grammar, "alr", 17) for s in zoo_seeds("alr")}
+    assert "pow(0.89294785, sigma)" in texts["adam"] and "lr" not in texts["adam"]
+    assert texts["momentum"].endswith("weight: mul(0.010503844, alpha)")  # lr 0.01, snapped
+
+
+def test_snapping_and_seed_files(tmp_path):
+    grammar = load_grammar(ALR_GRAMMAR)
+    path = tmp_path / "seeds.txt"
+    path.write_text("# sgd\nweight: mul(lr, grad)\n\n# a comment\n# decayed\n"
+                    "alpha: mul(0.1, sub(alpha, grad))\nweight: mul(-2, alpha)\n")
+    seeds = read_seed_file(path, lr=0.05)
+    assert [s.name for s in seeds] == ["sgd", "a comment"] and seeds[1].where.endswith("line 4")
+    assert snap(seeds[0], grammar, "alr", 17).splitlines()[-1] == "weight: mul(0.05072436, grad)"
+    assert "mul(neg(1.0), alpha)" in snap(seeds[1], grammar, "alr", 17)
+    from engine.grammar import DLR_GRAMMAR
+
+    dlr = load_grammar(DLR_GRAMMAR)
+    text = snap(SeedProgram("s", "if(epoch < 4.4, 0.05, if(lr > 0.001, 0.01, 0.02))"), dlr, "dlr", 8)
+    assert text == "if(epoch < 4, 0.049545456, if(lr > 0.0011090909, 0.010190909, 0.020281818))"
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(SeedError, match="no programs"):
+        read_seed_file(tmp_path / "empty.txt")
+
+
+@pytest.mark.slow
+def test_snapped_zoo_seeds_train_decently(tmp_path):
+    """The snapped seeds are worth seeding with: each learns (chance is 0.1), and snapped Adam
+    is close to the real Adam at lr=1e-3 on the same protocol."""
+    import kernels
+    from engine.seeds import baseline
+    from engine.tasks import evaluate_alr, get_task
+    from engine.training import configure_process
+
+    configure_process(1)
+    grammar, task = load_grammar(ALR_GRAMMAR), get_task("smoke")
+    fitness = {}
+    for seed in zoo_seeds("alr"):
+        program = snap(seed, grammar, "alr", 17)
+        fitness[seed.name] = evaluate_alr(
+            task, lambda p: kernels.EvolvedOptimizer(p, program, backend="numba")).fitness
+    real = baseline("alr")[1]
+    adam = evaluate_alr(task, lambda p: kernels.EvolvedOptimizer(p, real, backend="numba")).fitness
+    print(fitness, adam)
+    assert all(f > 0.2 for f in fitness.values()), fitness
+    assert abs(fitness["adam"] - adam) < 0.05
+
+
+# -- errors a user can make: one line on stderr, exit status 2 -------------------------------------
+
+def one_line_error(capsys, argv, match):
+    assert run_module.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("engine.run: error: "), err
+    assert "Traceback" not in err and match in err, err
+    return err
+
+
+def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, alr_run_config):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, ["--mode", "xyz"], "invalid choice: 'xyz'")
+    one_line_error(capsys, ["--preset", "huge"], "invalid choice: 'huge'")
+    one_line_error(capsys, ["--time-budget", "soon"], "not a duration")
+    one_line_error(capsys, ["--population", "0"], "must be at least 1")
+    # An output directory that holds another run, or is not a run at all.
+    one_line_error(capsys, ["--mode", "dlr", "--preset", "smoke", "--out", alr_run_config],
+                   "already holds a different run")
+    one_line_error(capsys, ["--mode", "alr", "--preset", "smoke", "--out", alr_run_config],
+                   "already holds this run; pass --resume")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    one_line_error(capsys, ["--out", tmp_path / "junk"], "holds no AutoLR run")
+    # --resume without a run, or changing what a run cannot change.
+    (tmp_path / "empty").mkdir()
+    one_line_error(capsys, ["--resume", "--out", tmp_path / "empty"], "no run to resume")
+    one_line_error(capsys, ["--resume"], "--resume needs --out")
+    one_line_error(capsys, ["--resume", "--out", alr_run_config, "--population", "9"],
+                   "differs from the run's 6")
+    # Grammars: broken, or for the other mode.
+    bad = tmp_path / "bad.bnf"
+    bad.write_text("<start> ::= weight: <e>\n<e> ::= grad | <missing>\n")
+    err = one_line_error(capsys, ["--grammar", bad], "bad.bnf:2")
+    assert "missing" in err
+    from engine.grammar import DLR_GRAMMAR
+
+    one_line_error(capsys, ["--mode", "alr", "--grammar", DLR_GRAMMAR], "are not ALR programs")
+    # Seed programs that cannot enter the population.
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("# mine\nweight: exp(grad)\n")
+    one_line_error(capsys, ["--seed-programs", seeds], "seed program 'mine'")
+    seeds.write_text("weight: mul(grad\n")
+    one_line_error(capsys, ["--seed-programs", seeds], "line 1")
+    one_line_error(capsys, ["--seed-programs", tmp_path / "nope.txt"], "cannot read it")
+    one_line_error(capsys, ["--preset", "smoke", "--population", "2"], "do not fit")
+    # Data that is not there.
+    monkeypatch.setenv("AUTOLR_DATA", str(tmp_path / "no-data"))
+    one_line_error(capsys, ["--preset", "smoke", "--out", tmp_path / "x"], "AUTOLR_DATA=")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def alr_run_config(tmp_path):
+    """A directory that looks like a started smoke ALR run (config only: no training needed)."""
+    out = tmp_path / "started"
+    args = run_module.build_parser().parse_args(["--preset", "smoke", "--out", str(out)])
+    config = run_module.new_config(args, [])
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_errors_end_to_end_have_no_traceback(env, tmp_path):
+    result = engine_run(["--mode", "sgd"], env, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "invalid choice: 'sgd'" in result.stderr
+    result = engine_run(["--preset", "smoke"], dict(env, AUTOLR_DATA=str(tmp_path)),
+                        cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "Fashion-MNIST" in result.stderr or "AUTOLR_DATA" in result.stderr
+
+
+def test_help_explains_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--mode", "--preset", "--seed", "--out", "--resume", "--executor", "--workers",
+                 "--ray-address", "--generations", "--population", "--grammar",
+                 "--seed-programs", "--seed-zoo", "--time-budget", "--time-limit", "--store"):
+        assert flag in text, flag
+
+
+@pytest.mark.slow
+def test_show_prints_a_finished_run(alr_run, capsys):
+    run_dir, _ = alr_run
+    assert show_module.main([str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best"]["hash"][:10] in out and "hall of fame" in out and "finished" in out
+    assert show_module.main([str(run_dir / "nope")]) == 2

@@ -30,11 +30,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 
 from codegen.cache import BACKENDS
-from codegen.ir import Program
+from codegen.ir import STATES, Program, evaluate
 from codegen.lower import lower
 from kernels.runtime import UpdateKernel, compile as compile_kernel, resolve_backend, triton_usable_on
 
@@ -283,6 +284,7 @@ class _Arena:
     slots: list[_Slot]
     buffers: dict[str, torch.Tensor]
     settled: bool = False  # False until the first step after the build
+    uniform: tuple | None = None  # (state, delta) of each scalar state, made on first use
 
     @property
     def grad(self) -> torch.Tensor:
@@ -314,18 +316,40 @@ class _Arena:
         return cls(kernel, scalar_states, list(params), slots, buffers)
 
     def is_current(self, params: list[torch.Tensor], state: dict) -> bool:
-        """Whether every parameter and state tensor still lives in this arena."""
+        """Whether every parameter and state tensor still lives in this arena. Runs every step,
+        so it is cheap: a parameter's address and shape, and the identity of its state tensors
+        (the arena's own views; anything else was put there by someone else)."""
         if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
             return False
-        bases = {n: b.data_ptr() for n, b in self.buffers.items()}
+        base = self.buffers["weight"].data_ptr()
+        names = self.kernel.tensor_states
         for slot in self.slots:
-            if not slot.holds(slot.param, bases["weight"]):
+            p = slot.param
+            if p.data_ptr() != base + slot.ptr or p.shape != slot.shape:
                 return False
-            param_state = state.get(slot.param)
-            if param_state and not all(slot.holds(param_state.get(s), bases[s])
-                                       for s in self.kernel.tensor_states):
+            param_state = state.get(p)
+            if param_state and names and not all(param_state.get(s) is slot.views[s]
+                                                  for s in names):
                 return False
         return True
+
+    def advance(self, old: dict[str, float], lr: float) -> dict[str, float]:
+        """`kernel.advance_scalars`, less its cost: Program.advance_uniform works out which
+        states are uniform (walking every tree) on each call; the list is made once here, and
+        the float32 evaluation is the same."""
+        if self.uniform is None:
+            program = self.kernel.plan.program
+            self.uniform = tuple((s, getattr(program, s)) for s in self.kernel.scalar_states)
+        if not self.uniform:
+            return {}
+        env = {s: np.float32(old.get(s, 0.0)) for s in STATES}
+        env["lr"] = np.float32(lr)
+        new = {}
+        with np.errstate(all="ignore"):
+            for s, delta in self.uniform:
+                env[s] = np.float32(env[s] - evaluate(delta, env))
+                new[s] = float(env[s])
+        return new
 
     def grad_slots(self, params: list[torch.Tensor]) -> set[int]:
         base = self.grad.data_ptr()
@@ -371,8 +395,7 @@ class _Arena:
         for launch in launches:
             key = tuple(v.hex() for v in launch.scalars)
             if key not in advanced:
-                old = dict(zip(self.scalar_states, launch.scalars))
-                advanced[key] = self.kernel.advance_scalars(old, lr)
+                advanced[key] = self.advance(dict(zip(self.scalar_states, launch.scalars)), lr)
             new = advanced[key]
             start, end = launch.start, launch.end
             if end > start:

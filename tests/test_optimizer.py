@@ -476,3 +476,19 @@ def test_gpu_check_accepts_what_flush_to_zero_explains():
     exact, _ = reference_step(program, weight, grad, {}, 1.0)
     assert exact[0] != 0 and flushed[0] == 0  # 1e-40 is subnormal: the GPU gives 0
     assert flushed[1] == exact[1] == np.float32(-1e-10)
+
+
+@pytest.mark.parametrize("program", [zoo.adam(), zoo.sgd(), Program.parse(
+    "sigma: mul(0.5, sub(sigma, lr))\nweight: mul(sigma, grad)"), Program.parse(
+    "alpha: -1.0\nbeta: sub(beta, pow(0.9, alpha))\nweight: mul(beta, grad)")])
+def test_the_host_advance_of_scalar_states_is_the_kernels(program):
+    from kernels.optimizer import _Arena
+    kernel = kernels.compile(program, "numba")
+    arena = _Arena(kernel, kernel.scalar_states, [], [], {})
+    for old in (0.0, 1.0, 41.0, -3.5, float("nan"), float("inf")):
+        for lr in (1.0, 1e-3, 0.0):
+            values = {s: old for s in kernel.scalar_states}
+            want = kernel.advance_scalars(values, lr)
+            got = arena.advance(values, lr)
+            assert {k: float(v).hex() for k, v in got.items()} == \
+                   {k: float(v).hex() for k, v in want.items()}

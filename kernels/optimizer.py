@@ -220,6 +220,12 @@ class EvolvedOptimizer(Optimizer):
         if text is not None and Program.parse(text).hash != self.program.hash:
             raise ValueError("this state dict was saved by an EvolvedOptimizer running another "
                              f"program:\n{text}\nnot\n{self.program}")
+        ours = set(self.tensor_states + self.scalar_states)
+        for index, param_state in state_dict["state"].items():
+            if isinstance(param_state, dict) and set(param_state) - ours:
+                raise ValueError(f"the state of parameter {index} holds {sorted(param_state)}, but "
+                                 f"this program keeps {sorted(ours) or 'no state'}: the state dict "
+                                 "comes from another optimizer")
         state_dict = {k: v for k, v in state_dict.items() if k != "program"}
         super().load_state_dict(state_dict)
         # torch casts every tensor in the state to the parameter's device; the step counters stay
@@ -375,10 +381,11 @@ class _Arena:
                     slot.views["grad"].copy_(g)
                     p.grad = slot.views["grad"]
             param_state = state[p]  # a defaultdict: {} the first time
-            if not param_state:
-                for s in self.kernel.tensor_states:
+            for s in self.kernel.tensor_states:
+                if s not in param_state:
                     param_state[s] = slot.views[s].zero_()
-                for s in self.scalar_states:
+            for s in self.scalar_states:
+                if s not in param_state:
                     param_state[s] = _scalar(0.0)
             scalars = tuple(float(param_state[s]) for s in self.scalar_states)
             last = launches[-1] if launches else None

@@ -492,3 +492,12 @@ def test_the_host_advance_of_scalar_states_is_the_kernels(program):
             got = arena.advance(values, lr)
             assert {k: float(v).hex() for k, v in got.items()} == \
                    {k: float(v).hex() for k, v in want.items()}
+
+
+def test_loading_torch_adams_state_is_refused_with_the_reason():
+    model = mlp()
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train(model, adam, range(1))
+    ours = EvolvedOptimizer(mlp().parameters(), zoo.adam(), backend="numba", lr=1e-2)
+    with pytest.raises(ValueError, match=r"holds \['exp_avg', 'exp_avg_sq', 'step'\].*another"):
+        ours.load_state_dict(adam.state_dict())

@@ -204,7 +204,13 @@ def check_all(progs, device, n: int, budget_s: float) -> list[dict]:
         if time.perf_counter() - start > budget_s:
             print(f"  time budget spent: {len(progs) - i} programs left unchecked")
             break
-        results.append(check_program(name, program, device, n, seed=i))
+        try:
+            results.append(check_program(name, program, device, n, seed=i))
+        except Exception as exc:  # a kernel that fails to compile or run is a failed check
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            results.append({"name": name, "program": program, "approx": False, "judged": 0,
+                            "bad": 0, "soft": 0, "ftz": 0, "skipped": 0, "failed": True,
+                            "example": f"{type(exc).__name__}: {first}"})
     return results
 
 
@@ -383,11 +389,16 @@ def main(argv: list[str] | None = None) -> int:
             print("    " + str(r["program"]).replace("\n", "\n    "))
 
     sizes = [10**6, 10**7, 10**8] if device.type == "cuda" else [10**4]
-    rows += kernel_rows(device, sizes, ms_of)
-    print(f"kernel timings done at {time.perf_counter() - start:.0f} s")
     models = ({"CNN": fmnist_cnn, "MLP": lambda: wide_mlp(4096)} if device.type == "cuda"
               else {"MLP (toy)": lambda: wide_mlp(64)})
-    rows += optimizer_rows(device, models, ms_of)
+    for section, make_rows in (("kernel", lambda: kernel_rows(device, sizes, ms_of)),
+                               ("optimizer", lambda: optimizer_rows(device, models, ms_of))):
+        try:  # one broken section must not cost the rest of the table
+            rows += make_rows()
+        except Exception as exc:
+            rows.append((section, "ERROR", "", None, None, None, None,
+                         f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:150]}"))
+        print(f"{section} timings done at {time.perf_counter() - start:.0f} s")
     print()
     print_table(rows)
     print(f"\n{time.perf_counter() - start:.0f} s in all. GB/s counts the bytes each step must "

@@ -109,6 +109,17 @@ def test_pool_subset_is_stratified():
         assert counts.max() - counts.min() <= 2, counts
 
 
+def test_bad_protocols_and_seeds_are_refused(dataset):
+    with pytest.raises(ValueError, match="abort_below is an accuracy in"):
+        AlrProtocol(abort_below=80)
+    with pytest.raises(ValueError, match="DlrProtocol.patience must be >= 1, got 0"):
+        DlrProtocol(patience=0)
+    with pytest.raises(ValueError, match="ModelSpec.dropout1 is a drop probability"):
+        ModelSpec(dropout1=1.0)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        evaluate_alr(SMOKE, adam, seed=-1, dataset=dataset)
+
+
 def test_bad_data_specs_are_refused():
     with pytest.raises(ValueError, match="leaves no training chunk"):
         DataSpec(val=100, fitness=100, chunk=100, pool=250)

@@ -271,7 +271,7 @@ class _Slot:
     numel: int
     shape: torch.Size
     stride: tuple[int, ...]
-    views: dict[str, torch.Tensor] = field(default_factory=dict)  # weight, grad, tensor states
+    views: dict[str, torch.Tensor] = field(default_factory=dict)  # weight, grad, every state
     ptr: int = 0  # byte offset of element 0 in every flat buffer
 
     def holds(self, t: torch.Tensor | None, base: int) -> bool:
@@ -289,6 +289,7 @@ class _Arena:
     params: list[torch.Tensor]
     slots: list[_Slot]
     buffers: dict[str, torch.Tensor]
+    scalars: torch.Tensor  # (scalar state, parameter) -> value, float32 on the host
     settled: bool = False  # False until the first step after the build
     uniform: tuple | None = None  # (state, delta) of each scalar state, made on first use
 
@@ -306,20 +307,23 @@ class _Arena:
             total = -(-(total + p.numel()) // ALIGN) * ALIGN
         names = ("weight", "grad") + kernel.tensor_states
         buffers = {n: torch.zeros(total, dtype=torch.float32, device=device) for n in names}
+        # The uniform states of every parameter, on the host: row k holds scalar state k.
+        scalars = torch.zeros((len(scalar_states), len(params)), dtype=torch.float32)
         slots = []
         for index, (p, offset) in enumerate(zip(params, offsets)):
             slot = _Slot(p, index, offset, p.numel(), p.shape, _dense_strides(p), ptr=4 * offset)
             slot.views = {n: buffers[n].as_strided(p.shape, slot.stride, offset) for n in names}
+            slot.views.update({s: scalars[k, index] for k, s in enumerate(scalar_states)})
             slot.views["weight"].copy_(p.detach())
             p.data = slot.views["weight"]
             param_state = state.get(p)
             if param_state:  # states saved earlier (or loaded) move into the arena
-                for s in kernel.tensor_states:
+                for s in kernel.tensor_states + scalar_states:
                     if s in param_state:
                         slot.views[s].copy_(param_state[s])
                     param_state[s] = slot.views[s]
             slots.append(slot)
-        return cls(kernel, scalar_states, list(params), slots, buffers)
+        return cls(kernel, scalar_states, list(params), slots, buffers, scalars)
 
     def is_current(self, params: list[torch.Tensor], state: dict) -> bool:
         """Whether every parameter and state tensor still lives in this arena. Runs every step,
@@ -328,7 +332,7 @@ class _Arena:
         if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
             return False
         base = self.buffers["weight"].data_ptr()
-        names = self.kernel.tensor_states
+        names = self.kernel.tensor_states + self.scalar_states
         for slot in self.slots:
             p = slot.param
             if p.data_ptr() != base + slot.ptr or p.shape != slot.shape:
@@ -367,6 +371,7 @@ class _Arena:
         and once per large gradient that lives outside the arena."""
         launches: list[_Launch] = []
         base = self.grad.data_ptr()
+        values = list(zip(*self.scalars.tolist())) if self.scalar_states else None
         for slot in self.slots:
             p = slot.param
             g = p.grad
@@ -381,13 +386,17 @@ class _Arena:
                     slot.views["grad"].copy_(g)
                     p.grad = slot.views["grad"]
             param_state = state[p]  # a defaultdict: {} the first time
-            for s in self.kernel.tensor_states:
+            created = False
+            for s in self.kernel.tensor_states + self.scalar_states:
                 if s not in param_state:
                     param_state[s] = slot.views[s].zero_()
-            for s in self.scalar_states:
-                if s not in param_state:
-                    param_state[s] = _scalar(0.0)
-            scalars = tuple(float(param_state[s]) for s in self.scalar_states)
+                    created = True
+            if values is None:
+                scalars = ()
+            else:
+                if created:
+                    values[slot.index] = tuple(float(slot.views[s]) for s in self.scalar_states)
+                scalars = values[slot.index]
             last = launches[-1] if launches else None
             if (outside is None and last is not None and last.grad is None
                     and last.slots[-1].index == slot.index - 1 and _same(last.scalars, scalars)):
@@ -409,13 +418,11 @@ class _Arena:
                 grad = b["grad"][start:end] if launch.grad is None else launch.grad
                 self.kernel(b["weight"][start:end], grad,
                             {s: b[s][start:end] for s in self.kernel.tensor_states}, lr, new)
-            for slot in launch.slots:
-                param_state = state[slot.param]
-                for s in self.scalar_states:
-                    param_state[s].fill_(new[s])
-        for launch in launches:  # torch's in-place ops do this; the kernels write behind its back
-            for slot in launch.slots:
-                torch.autograd.graph.increment_version(slot.param)
+            first, last = launch.slots[0].index, launch.slots[-1].index  # consecutive
+            for k, s in enumerate(self.scalar_states):
+                self.scalars[k, first:last + 1] = new[s]
+        # torch's in-place ops bump the version counter; the kernels write behind its back.
+        _bump_versions([slot.param for launch in launches for slot in launch.slots])
 
 
 @dataclass
@@ -428,6 +435,14 @@ class _Launch:
     scalars: tuple[float, ...]
     slots: list[_Slot]
     grad: torch.Tensor | None = None
+
+
+def _bump_versions(params: list[torch.Tensor]) -> None:
+    try:
+        torch.autograd.graph.increment_version(params)  # a list at once (recent torch)
+    except TypeError:
+        for p in params:  # torch versions whose increment_version takes one tensor
+            torch.autograd.graph.increment_version(p)
 
 
 def _same(a: tuple[float, ...], b: tuple[float, ...]) -> bool:

@@ -484,7 +484,7 @@ def test_gpu_check_accepts_what_flush_to_zero_explains():
 def test_the_host_advance_of_scalar_states_is_the_kernels(program):
     from kernels.optimizer import _Arena
     kernel = kernels.compile(program, "numba")
-    arena = _Arena(kernel, kernel.scalar_states, [], [], {})
+    arena = _Arena(kernel, kernel.scalar_states, [], [], {}, torch.zeros(0))
     for old in (0.0, 1.0, 41.0, -3.5, float("nan"), float("inf")):
         for lr in (1.0, 1e-3, 0.0):
             values = {s: old for s in kernel.scalar_states}

@@ -40,6 +40,7 @@ from engine.evolve import CheckpointError, EvolutionConfig, GenerationRecord, ev
     load_checkpoint
 from engine.grammar import ALR_GRAMMAR, DLR_GRAMMAR, Grammar, GrammarError, load_grammar
 from engine.seeds import DEFAULT_SEED_LR, SeedError, baseline, read_seed_file, snap_all, zoo_seeds
+from engine.store import versions
 from engine.tasks import PRESETS
 
 __all__ = ["PRESET_DEFAULTS", "UsageError", "main"]
@@ -47,8 +48,11 @@ __all__ = ["PRESET_DEFAULTS", "UsageError", "main"]
 FORMAT = "autolr-run"
 VERSION = 1
 
-# Per preset and mode: population, generations, elitism, tournament, depths, time limit per
-# candidate (s). quick is sized for ~10 minutes on a 2-core CPU with 2 local workers (README).
+# Per preset and mode: the search (EvolutionConfig fields; p_cross and p_mut default to the
+# reference's 0.9 and 0.15) and the time limit per candidate (s). ALR needs max_depth 16 for the
+# Adam seed (every op costs two levels: expr -> fun -> expr). quick is sized by measurement for
+# minutes on a 2-core CPU with 2 local workers: most random and mutated ALR programs are
+# screened or diverge within an epoch, so a generation of 30 costs ~10-20 s there.
 PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
     "smoke": {
         "alr": dict(population=6, generations=3, elitism=1, tournament=2, min_depth=4,
@@ -57,8 +61,8 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
                     max_depth=6, time_limit=120.0),
     },
     "quick": {
-        "alr": dict(population=20, generations=10, elitism=2, tournament=3, min_depth=4,
-                    max_depth=17, time_limit=300.0),
+        "alr": dict(population=30, generations=12, elitism=2, tournament=4, p_cross=0.7,
+                    p_mut=0.1, min_depth=4, max_depth=17, time_limit=300.0),
         "dlr": dict(population=10, generations=6, elitism=1, tournament=3, min_depth=2,
                     max_depth=8, time_limit=300.0),
     },
@@ -228,6 +232,7 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> dict:
         evolution = EvolutionConfig(
             population=population, generations=args.generations or d["generations"],
             elitism=min(d["elitism"], population - 1), tournament=min(d["tournament"], population),
+            p_cross=d.get("p_cross", 0.9), p_mut=d.get("p_mut", 0.15),
             min_depth=d["min_depth"], max_depth=d["max_depth"], seed=seed)
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -257,17 +262,19 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> dict:
     return {
         "format": FORMAT, "version": VERSION, "name": out.name, "out": str(out),
         "mode": mode, "preset": preset, "seed": seed, "evolution": asdict(evolution),
-        "grammar": str(grammar_path), "grammar_text": grammar.text,
+        "grammar": str(Path(grammar_path).resolve()), "grammar_text": grammar.text,
         "seeds": seeds, "seed_zoo": args.seed_zoo is not False,
         "seed_programs": None if args.seed_programs is None else str(args.seed_programs),
         "seed_lr": seed_lr,
         "time_limit": args.time_limit if args.time_limit is not None else d["time_limit"],
         "time_budget": args.time_budget, "executor": args.executor or "local",
         "workers": args.workers, "ray_address": args.ray_address,
-        "store": str(args.store or _default_store()), "backend": args.backend or "auto",
+        "store": str((args.store or _default_store()).expanduser().resolve()),
+        "backend": args.backend or "auto",
         "command": shlex.join(["python", "-m", "engine.run", *argv]),
         "reproduce": shlex.join(["python", *reproduce]),
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "versions": versions(),
     }
 
 
@@ -303,7 +310,7 @@ def resumed_config(args: argparse.Namespace, out: Path) -> dict:
     for name in RESUMABLE[1:]:
         value = getattr(args, name)
         if value is not None:
-            config[name] = str(value) if isinstance(value, Path) else value
+            config[name] = str(value.expanduser().resolve()) if isinstance(value, Path) else value
     return config
 
 
@@ -491,14 +498,17 @@ class Session:
         out, config = self.out, self.config
         grammar = parse_grammar(config["grammar_text"], source=config["grammar"])
         out.mkdir(parents=True, exist_ok=True)
-        if not self.resumed or not (out / "config.json").exists():
-            _write_json(out / "config.json", config)
-            (out / "grammar.bnf").write_text(config["grammar_text"], encoding="utf-8")
+        _write_json(out / "config.json", config)  # a resume may have extended or moved it
+        (out / "grammar.bnf").write_text(config["grammar_text"], encoding="utf-8")
         backend = config["backend"]
-        if backend == "auto":
-            import torch
+        import torch
 
+        if backend == "auto":
             backend = "triton" if torch.cuda.is_available() else "numba"
+        elif backend == "triton" and not (torch.cuda.is_available()
+                                          or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise UsageError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1 to "
+                             "run it, slowly, in Triton's interpreter); use numba on the CPU")
         initializer = functools.partial(configure_process, threads=1)
         try:
             store = Store(config["store"])
@@ -511,6 +521,7 @@ class Session:
         except (ExecutorError, ValueError) as err:
             store.close()
             raise UsageError(str(err).splitlines()[0]) from None
+        _end_line(self.events_path)  # a kill may have cut the last line short
         self.log({"event": "session", "resumed": self.resumed, "pid": os.getpid(),
                   "command": shlex.join(["python", "-m", "engine.run", *sys.argv[1:]]),
                   "executor": config["executor"], "workers": executor.workers})
@@ -540,10 +551,11 @@ class Session:
         except KeyboardInterrupt:
             self.log({"event": "interrupted", "generation": self.generation})
             done = len(self.history)
-            print(f"\nInterrupted during generation {self.generation}. The checkpoint holds "
-                  f"{done} generation{'s' * (done != 1)} and every candidate trained so far is "
-                  f"in the results store.\nResume with:\n  {self.resume_command()}",
-                  file=sys.stderr)
+            where = (f"during generation {self.generation}" if done < self.evolution.generations
+                     else "while writing the outputs (every generation is done)")
+            print(f"\nInterrupted {where}. The checkpoint holds {done} generation"
+                  f"{'s' * (done != 1)} and every candidate trained so far is in the results "
+                  f"store.\nResume with:\n  {self.resume_command()}", file=sys.stderr)
             return 130
         except CheckpointError as err:
             raise UsageError(str(err)) from None
@@ -614,6 +626,16 @@ class Session:
 
     def resume_command(self) -> str:
         return shlex.join([_python(), "-m", "engine.run", "--resume", "--out", str(self.out)])
+
+
+def _end_line(path: Path) -> None:
+    try:
+        with open(path, "rb+") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() and (handle.seek(-1, os.SEEK_END), handle.read(1))[1] != b"\n":
+                handle.write(b"\n")
+    except FileNotFoundError:
+        pass
 
 
 def _write_json(path: Path, data: object) -> None:

@@ -98,7 +98,9 @@ class Display:
                 return
         old = self.best.get(h)
         if old is None or fitness > old[0]:
-            self.best[h] = (fitness, text)
+            from engine.report import parse
+
+            self.best[h] = (fitness, str(parse(self.mode, text).canonical()))
 
     def _detail(self) -> str:
         c = self.counts

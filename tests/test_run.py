@@ -291,9 +291,20 @@ def test_time_budget_stops_cleanly_and_resume_continues(env, tmp_path):
     result = engine_run(args, env, cwd=tmp_path)
     assert "Stopped before generation 0 finished" in result.stdout
     assert any(e.get("event") == "stopped" for e in events(run_dir))
-    result = engine_run(["--resume", "--out", run_dir, "--time-budget", "10m"], env, cwd=tmp_path)
+    # Resuming may extend the run (and the new length is what config.json says from then on).
+    engine_run(["--resume", "--out", run_dir, "--time-budget", "10m", "--generations", "3"], env,
+               cwd=tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["generations_done"] == 2
+    assert summary["status"] == "finished" and summary["generations_done"] == 3
+    assert json.loads((run_dir / "config.json").read_text())["evolution"]["generations"] == 3
+
+
+def test_a_line_cut_short_by_a_kill_is_ended_before_the_next_session(tmp_path):
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"event": "session"}\n{"event": "evalu')
+    run_module._end_line(log)
+    run_module._end_line(log)
+    assert log.read_text() == '{"event": "session"}\n{"event": "evalu\n'
 
 
 # -- seeds -----------------------------------------------------------------------------------------

@@ -115,21 +115,28 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    presets = ", ".join(f"{name} ({d['alr']['population']}x{d['alr']['generations']} ALR)"
-                        for name, d in PRESET_DEFAULTS.items())
+    rows = []
+    for name, d in PRESET_DEFAULTS.items():
+        a, b = d["alr"], d["dlr"]
+        limit = "none" if a["time_limit"] is None else f"{a['time_limit']:.0f} s"
+        rows.append(f"  {name:<7} ALR {a['population']}x{a['generations']}, DLR "
+                    f"{b['population']}x{b['generations']}, time limit {limit}")
+    presets = "/".join(PRESET_DEFAULTS)
     p = _Parser(
         prog="python -m engine.run",
-        description="Evolve a neural-network optimizer (ALR) or learning-rate schedule (DLR) "
-                    "with grammatical evolution. With no flags: the quick ALR preset into a new "
-                    "directory under runs/.",
-        epilog="Ctrl-C saves and prints the command that resumes the run. Watch or inspect a run "
-               "with: python -m engine.show RUN_DIR",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Evolve a neural-network optimizer (ALR) or learning-rate schedule (DLR)\n"
+                    "with grammatical evolution. With no flags: the quick ALR preset into a new\n"
+                    "directory under runs/, which the run prints.",
+        epilog="presets (population x generations, per-candidate time limit):\n"
+               + "\n".join(rows) + "\n\n"
+               "Ctrl-C saves and prints the command that resumes the run. Watch or inspect a run "
+               "with:\n  python -m engine.show RUN_DIR",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("alr", "dlr"), default=None,
                    help="alr: a per-weight optimizer; dlr: an SGD learning-rate schedule "
                         "(default: alr)")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                   help=f"task and search size: {presets} (default: quick)")
+                   help=f"task and search size, {presets}; see below (default: quick)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the search and of the data split (default: 0)")
     p.add_argument("--out", type=Path, default=None,

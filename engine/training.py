@@ -155,9 +155,10 @@ class ModelSpec:
 class _ReluDropout(torch.autograd.Function):
     """relu(x) * mask in one op that keeps only its output for the backward pass.
 
-    The mask holds 0 or 1/(1-p), so relu(x * mask) == relu(x) * mask bit for bit, and out > 0
-    exactly where x > 0 and the element is kept (a scale > 1 cannot underflow a positive float
-    to 0): the output alone gives the gradient, grad * scale where out > 0.
+    The mask holds 0 or 1/(1-p), so relu(x * mask) equals relu(x) * mask exactly (up to the sign
+    of a zero), and out > 0 exactly where x > 0 and the element is kept (a scale > 1 cannot
+    underflow a positive float to 0): the output alone gives the gradient, grad * scale where
+    out > 0, the same as ReLU's backward followed by dropout's.
     """
 
     @staticmethod

@@ -362,14 +362,18 @@ def check_out_dir(out: Path, config: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM stops like Ctrl-C; and Ctrl-C works even where the shell started us with SIGINT
+    # ignored (a background job of a non-interactive shell), so `kill -INT` always saves.
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         return _main(argv)
     except UsageError as err:
         print(f"engine.run: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _terminate(signum, frame):  # SIGTERM behaves as Ctrl-C: checkpointed stop, resume hint
@@ -560,9 +564,10 @@ class Session:
             done = len(self.history)
             where = (f"during generation {self.generation}" if done < self.evolution.generations
                      else "while writing the outputs (every generation is done)")
-            print(f"\nInterrupted {where}. The checkpoint holds {done} generation"
-                  f"{'s' * (done != 1)} and every candidate trained so far is in the results "
-                  f"store.\nResume with:\n  {self.resume_command()}", file=sys.stderr)
+            held = (f"The checkpoint holds {done} generation{'s' * (done != 1)}" if done else
+                    "No generation is checkpointed yet")
+            print(f"\nInterrupted {where}. {held}, and every candidate trained so far is in the "
+                  f"results store.\nResume with:\n  {self.resume_command()}", file=sys.stderr)
             return 130
         except CheckpointError as err:
             raise UsageError(str(err)) from None

@@ -291,6 +291,7 @@ class _Arena:
     buffers: dict[str, torch.Tensor]
     scalars: torch.Tensor  # (scalar state, parameter) -> value, float32 on the host
     settled: bool = False  # False until the first step after the build
+    calls: dict = field(default_factory=dict)  # (start, end) -> a launch over that range
     uniform: tuple | None = None  # (state, delta) of each scalar state, made on first use
 
     @property
@@ -361,6 +362,32 @@ class _Arena:
                 new[s] = float(env[s])
         return new
 
+    def launch(self, start: int, end: int, grad: torch.Tensor | None, lr: float,
+               scalars: dict[str, float]) -> None:
+        """One kernel launch over arena elements [start, end); `grad` None means the arena's."""
+        if grad is None:
+            call = self.calls.get((start, end))
+            if call is None:
+                call = self.calls[(start, end)] = self._call(start, end)
+            call(lr, scalars)
+            return
+        b = self.buffers
+        self.kernel(b["weight"][start:end], grad,
+                    {s: b[s][start:end] for s in self.kernel.tensor_states}, lr, scalars)
+
+    def _call(self, start: int, end: int) -> Callable[[float, dict[str, float]], None]:
+        """A launch over a fixed arena range, its buffers sliced once. For numba, the generated
+        function itself on cached numpy views: the kernel ABI (`kernel(weight, grad, *tensor
+        states, lr, *scalar states)`) without UpdateKernel's per-call conversions, which cost
+        as much as a small parameter's update."""
+        names = ("weight", "grad") + self.kernel.tensor_states
+        views = [self.buffers[n][start:end] for n in names]
+        if self.kernel.backend == "numba":
+            fn, arrays, order = self.kernel.module.kernel, [v.numpy() for v in views], self.scalar_states
+            return lambda lr, scalars: fn(*arrays, lr, *(scalars[s] for s in order))
+        states = dict(zip(names[2:], views[2:]))
+        return lambda lr, scalars: self.kernel(views[0], views[1], states, lr, scalars)
+
     def grad_slots(self, params: list[torch.Tensor]) -> set[int]:
         base = self.grad.data_ptr()
         return {i for i, slot in enumerate(self.slots) if slot.holds(slot.param.grad, base)}
@@ -407,17 +434,13 @@ class _Arena:
                                         outside))
         self.settled = True
         advanced: dict[tuple, dict[str, float]] = {}
-        b = self.buffers
         for launch in launches:
             key = tuple(v.hex() for v in launch.scalars)
             if key not in advanced:
                 advanced[key] = self.advance(dict(zip(self.scalar_states, launch.scalars)), lr)
             new = advanced[key]
-            start, end = launch.start, launch.end
-            if end > start:
-                grad = b["grad"][start:end] if launch.grad is None else launch.grad
-                self.kernel(b["weight"][start:end], grad,
-                            {s: b[s][start:end] for s in self.kernel.tensor_states}, lr, new)
+            if launch.end > launch.start:
+                self.launch(launch.start, launch.end, launch.grad, lr, new)
             first, last = launch.slots[0].index, launch.slots[-1].index  # consecutive
             for k, s in enumerate(self.scalar_states):
                 self.scalars[k, first:last + 1] = new[s]

@@ -37,15 +37,16 @@ def one_thread():
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts kernel launches (calls of any UpdateKernel)."""
+    """Counts kernel launches (the size of each)."""
+    from kernels.optimizer import _Arena
     calls: list[int] = []
-    original = kernels.runtime.UpdateKernel.__call__
+    original = _Arena.launch
 
-    def counting(self, weight, *args, **kwargs):
-        calls.append(weight.numel())
-        return original(self, weight, *args, **kwargs)
+    def counting(self, start, end, *args):
+        calls.append(end - start)
+        return original(self, start, end, *args)
 
-    monkeypatch.setattr(kernels.runtime.UpdateKernel, "__call__", counting)
+    monkeypatch.setattr(_Arena, "launch", counting)
     return calls
 
 

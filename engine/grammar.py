@@ -32,6 +32,8 @@ reference system only checked direct self-recursion and grew depth-48 trees).
 
 from __future__ import annotations
 
+import functools
+
 import math
 import re
 from dataclasses import dataclass
@@ -78,6 +80,20 @@ class GrammarError(ValueError):
         self.kind = kind
 
 
+def _ladder(productions: tuple["Production", ...]) -> tuple[int, ...] | None:
+    values = []
+    for production in productions:
+        if len(production.symbols) != 1 or not isinstance(production.symbols[0], str):
+            return None
+        try:
+            values.append(float(production.symbols[0]))
+        except ValueError:
+            return None
+    if len(values) < 2:
+        return None
+    return tuple(sorted(range(len(values)), key=lambda k: (values[k], k)))
+
+
 @dataclass(frozen=True)
 class Production:
     """One alternative of a rule: terminal strings and non-terminal indices, in order.
@@ -105,6 +121,12 @@ class Grammar:
     rules: tuple[tuple[Production, ...], ...]
     shortest: tuple[int, ...]
     lines: tuple[int, ...]
+
+    @functools.cached_property
+    def ladders(self) -> tuple[tuple[int, ...] | None, ...]:
+        """Per non-terminal: its production indices sorted by value when every production is a
+        single number (a constant rule), else None. Mutation steps along these."""
+        return tuple(_ladder(rules) for rules in self.rules)
     # _fits[nt][budget]: productions whose shortest derivation fits in `budget` more levels.
     _fits: tuple[tuple[tuple[int, ...], ...], ...]
 

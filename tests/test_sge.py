@@ -152,6 +152,28 @@ def test_mutation_with_certainty_changes_every_used_multi_option_codon():
                 assert new[nt][i] != ind.genotype[nt][i]
 
 
+def test_constant_mutations_mostly_step_to_a_neighbouring_constant():
+    """Most constant mutations move one or two places along the sorted constants (a small,
+    multiplicative-like nudge); some still jump anywhere."""
+    rng = random.Random(5)
+    steps = Counter()
+    for _ in range(200):
+        ind = initialise(ALR, rng, 6, 17)
+        new = mutate_genotype(ALR, ind, 1.0, 17, rng)
+        for nt, ladder in enumerate(ALR.ladders):
+            if ladder is None:
+                continue
+            for i in range(len(ind.codon_depths[nt])):
+                before, after = ind.genotype[nt][i], new[nt][i]
+                assert before != after
+                steps[abs(ladder.index(after) - ladder.index(before))] += 1
+    total = sum(steps.values())
+    near = steps[1] + steps[2]
+    assert total > 500
+    assert 0.5 < near / total < 0.8, steps  # 0.8 local x 0.75 (steps of 1-2) + uniform hits
+    assert sum(n for step, n in steps.items() if step > 10) > 0.05 * total  # global jumps remain
+
+
 @pytest.mark.parametrize("mode", ["alr", "dlr"])
 def test_variation_yields_valid_individuals_within_the_depth_limit(mode):
     ir = pytest.importorskip("codegen.ir")

@@ -61,8 +61,8 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
                     max_depth=6, time_limit=120.0),
     },
     "quick": {
-        "alr": dict(population=30, generations=12, elitism=2, tournament=4, p_cross=0.7,
-                    p_mut=0.1, min_depth=4, max_depth=17, time_limit=300.0),
+        "alr": dict(population=30, generations=12, elitism=2, tournament=4, p_cross=0.3,
+                    p_mut=0.05, min_depth=4, max_depth=17, time_limit=300.0),
         "dlr": dict(population=10, generations=6, elitism=1, tournament=3, min_depth=2,
                     max_depth=8, time_limit=300.0),
     },

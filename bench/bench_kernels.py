@@ -108,7 +108,8 @@ def peers():
     def get(kind: str, n: int, reads: int = 4, writes: int = 3):
         key = (kind, n, reads, writes)
         if key not in cache:
-            make = {"fused": lambda: fused_adam_step(n), "stream": lambda: stream_step(n, reads, writes),
+            make = {"fused": lambda: fused_adam_step(n),
+                    "stream": lambda: stream_step(n, reads, writes),
                     "copy": lambda: copy_step(n, reads, writes)}[kind]
             cache[key] = make()
         return cache[key]

@@ -37,7 +37,8 @@ def fmnist_cnn() -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(),
         torch.nn.MaxPool2d(2), torch.nn.Dropout(0.25), torch.nn.Flatten(),
-        torch.nn.Linear(9216, 128), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(128, 10))
+        torch.nn.Linear(9216, 128), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+        torch.nn.Linear(128, 10))
 
 
 def wide_mlp() -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Runtime for generated optimizer kernels: compile-and-load, EvolvedOptimizer, the optimizer zoo."""
+"""Runtime for generated optimizer kernels: compile-and-load, EvolvedOptimizer, the zoo."""
 
 from kernels import zoo
 from kernels.optimizer import EvolvedOptimizer

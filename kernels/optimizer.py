@@ -37,7 +37,8 @@ from torch.optim import Optimizer
 from codegen.cache import BACKENDS
 from codegen.ir import STATES, Program, evaluate
 from codegen.lower import lower
-from kernels.runtime import UpdateKernel, compile as compile_kernel, resolve_backend, triton_usable_on
+from kernels.runtime import UpdateKernel, resolve_backend, triton_usable_on
+from kernels.runtime import compile as compile_kernel
 
 __all__ = ["EvolvedOptimizer"]
 
@@ -128,8 +129,8 @@ class EvolvedOptimizer(Optimizer):
         device = params[0].device
         for i, p in enumerate(params):
             if p.dtype != torch.float32:
-                raise TypeError(f"EvolvedOptimizer updates float32 parameters; parameter {i} of its "
-                                f"group is {p.dtype}: convert the model with model.float()")
+                raise TypeError(f"EvolvedOptimizer updates float32 parameters; parameter {i} of "
+                                f"its group is {p.dtype}: convert the model with model.float()")
             if p.device != device:
                 raise ValueError(f"all parameters of a param group must be on one device; "
                                  f"parameter 0 is on {device}, parameter {i} on {p.device}: put "
@@ -139,9 +140,10 @@ class EvolvedOptimizer(Optimizer):
             raise ValueError(f"the numba backend runs on CPU tensors, and these parameters are on "
                              f"{device}: use backend='triton' (CUDA) or backend='torch'")
         if backend == "triton" and not triton_usable_on(device):
-            raise ValueError(f"the triton backend runs on CUDA tensors, and these parameters are on "
-                             f"{device}: use backend='numba' on the CPU (or set TRITON_INTERPRET=1 "
-                             "before importing triton to run it, slowly, in its interpreter)")
+            raise ValueError(f"the triton backend runs on CUDA tensors, and these parameters are "
+                             f"on {device}: use backend='numba' on the CPU (or set "
+                             "TRITON_INTERPRET=1 before importing triton to run it, slowly, in "
+                             "its interpreter)")
         return backend
 
     def _kernel(self, backend: str) -> UpdateKernel:
@@ -383,7 +385,8 @@ class _Arena:
         names = ("weight", "grad") + self.kernel.tensor_states
         views = [self.buffers[n][start:end] for n in names]
         if self.kernel.backend == "numba":
-            fn, arrays, order = self.kernel.module.kernel, [v.numpy() for v in views], self.scalar_states
+            fn, order = self.kernel.module.kernel, self.scalar_states
+            arrays = [v.numpy() for v in views]
             return lambda lr, scalars: fn(*arrays, lr, *(scalars[s] for s in order))
         states = dict(zip(names[2:], views[2:]))
         return lambda lr, scalars: self.kernel(views[0], views[1], states, lr, scalars)
@@ -478,5 +481,6 @@ def _check_grad(p: torch.Tensor, g: torch.Tensor) -> None:
                         f"parameter of shape {tuple(p.shape)}: use dense gradients (e.g. "
                         "nn.Embedding(..., sparse=False)) or torch.optim.SparseAdam for this one")
     if g.dtype != torch.float32 or g.device != p.device or g.shape != p.shape:
-        raise TypeError(f"a gradient must match its float32 parameter: got {g.dtype} {tuple(g.shape)} "
-                        f"on {g.device} for a parameter of shape {tuple(p.shape)} on {p.device}")
+        raise TypeError(f"a gradient must match its float32 parameter: got {g.dtype} "
+                        f"{tuple(g.shape)} on {g.device} for a parameter of shape "
+                        f"{tuple(p.shape)} on {p.device}")

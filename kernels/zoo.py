@@ -1,7 +1,8 @@
 """The optimizer zoo: named optimizers written as ALR programs.
 
 Each function returns a Program whose weight update is multiplied by the runtime input ``lr``, so
-``EvolvedOptimizer(params, zoo.adam(), lr=1e-3)`` behaves like ``torch.optim.Adam(params, lr=1e-3)``.
+``EvolvedOptimizer(params, zoo.adam(), lr=1e-3)`` behaves like
+``torch.optim.Adam(params, lr=1e-3)``.
 The human optimizers follow torch's single-tensor implementations op for op wherever the ALR form
 (``state <- state - delta``) allows it; where torch computes ``new = f(state)`` directly, the
 program writes ``delta = sub(state, f(state))``, which gives ``f(state)`` exactly whenever the
@@ -21,7 +22,8 @@ import numpy as np
 
 from codegen.ir import Program, format_float
 
-__all__ = ["ZOO", "ades", "adam", "bias_correction", "momentum", "nesterov", "rmsprop", "sgd", "sign"]
+__all__ = ["ZOO", "ades", "adam", "bias_correction", "momentum", "nesterov", "rmsprop", "sgd",
+           "sign"]
 
 
 def _c(value: float) -> str:
@@ -32,8 +34,9 @@ def _c(value: float) -> str:
 
 def _check(name: str, value: float, low: float, high: float = math.inf, *,
            high_open: bool = True, low_open: bool = False) -> None:
-    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not (isinstance(value, (int, float)) and ok):
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (isinstance(value, (int, float)) and above and below):
         lo, hi = "(" if low_open else "[", ")" if high_open else "]"
         raise ValueError(f"invalid {name}: {value!r} (expected a number in {lo}{low}, {high}{hi})")
 
@@ -49,7 +52,8 @@ def sgd() -> Program:
 
 
 def momentum(momentum: float = 0.9) -> Program:  # noqa: A002 - torch's own keyword
-    """Heavy-ball momentum as torch.optim.SGD(momentum=mu): ``buf <- mu*buf + g``, ``p <- p - lr*buf``.
+    """Heavy-ball momentum as torch.optim.SGD(momentum=mu): ``buf <- mu*buf + g``,
+    ``p <- p - lr*buf``.
     Torch's first step sets ``buf = g``, which is what ``mu*0 + g`` gives."""
     _check("momentum", momentum, 0.0)
     return Program.parse(f"alpha: {_ema('alpha', momentum, 'grad')}\n"

@@ -385,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"correctness: {len(checked)} programs in {time.perf_counter() - start:.0f} s")
     for r in results:
         if r["failed"]:
-            print(f"  FAILED {r['name']}: {r['bad']} of {r['judged']} elements, e.g. {r['example']}")
+            print(f"  FAILED {r['name']}: {r['bad']} of {r['judged']} elements, "
+                  f"e.g. {r['example']}")
             print("    " + str(r["program"]).replace("\n", "\n    "))
 
     sizes = [10**6, 10**7, 10**8] if device.type == "cuda" else [10**4]
@@ -396,8 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         try:  # one broken section must not cost the rest of the table
             rows += make_rows()
         except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:150]
             rows.append((section, "ERROR", "", None, None, None, None,
-                         f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:150]}"))
+                         f"{type(exc).__name__}: {first}"))
         print(f"{section} timings done at {time.perf_counter() - start:.0f} s")
     print()
     print_table(rows)

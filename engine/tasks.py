@@ -46,6 +46,7 @@ __all__ = [
     "get_task",
     "make_split",
     "prepare",
+    "resolve_device",
 ]
 
 FLOOR_FITNESS = 0.0  # what a diverged, timed-out or broken candidate scores: below any accuracy
@@ -213,28 +214,45 @@ class Prepared:
 
 
 @functools.lru_cache(maxsize=2)
-def _prepare_cached(dataset: FashionMNIST, spec: DataSpec, seed: int) -> Prepared:
+def _prepare_cached(dataset: FashionMNIST, spec: DataSpec, seed: int, device: str) -> Prepared:
     split = make_split(dataset.labels, spec, seed)
     # One mean image, of the training pool only (val and fitness stay unseen), for every part.
     mean = dataset.images[split.train].mean(axis=0, dtype=np.float64) / 255.0
 
     def part(index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x = (dataset.images[index].astype(np.float32) / np.float32(255.0)) - mean.astype(np.float32)
-        return torch.from_numpy(x).unsqueeze(1), torch.from_numpy(dataset.labels[index])
+        y = dataset.labels[index]
+        return torch.from_numpy(x).unsqueeze(1).to(device), torch.from_numpy(y).to(device)
 
     return Prepared(
         split=split,
-        mean_image=torch.from_numpy(mean.astype(np.float32)),
+        mean_image=torch.from_numpy(mean.astype(np.float32)).to(device),
         val=part(split.val),
         fitness=part(split.fitness),
         chunks=tuple(part(c) for c in split.chunks),
     )
 
 
-def prepare(task: Task, seed: int, dataset: FashionMNIST | None = None) -> Prepared:
-    """The task's data for `seed`, built once per process (a worker evaluates many candidates)."""
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """None means the GPU when there is one (the paper preset's home), else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or None") from err
+
+
+def prepare(
+    task: Task,
+    seed: int,
+    dataset: FashionMNIST | None = None,
+    device: str | torch.device | None = None,
+) -> Prepared:
+    """The task's data for `seed` on `device`, built once per process (a worker evaluates many
+    candidates against it)."""
     dataset = dataset if dataset is not None else load_fashion_mnist("train")
-    return _prepare_cached(dataset, task.data, seed)
+    return _prepare_cached(dataset, task.data, seed, str(resolve_device(device)))
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -313,7 +331,8 @@ def _trial(
     deadline: float | None,
     **protocol: object,
 ) -> TrialResult:
-    model = task.model.build(_derive(seed, _INIT))  # the same start for every candidate and trial
+    # The same start for every candidate and trial.
+    model = task.model.build(_derive(seed, _INIT), device=data.mean_image.device)
     optimizer = optimizer_for(model)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -342,17 +361,19 @@ def evaluate_alr(
     seed: int = 0,
     time_limit: float | None = None,
     dataset: FashionMNIST | None = None,
+    device: str | torch.device | None = None,
 ) -> EvalResult:
     """ALR fitness: the minimum fitness-set accuracy over trials, trial i trained on chunk i.
 
     `make_optimizer(params)` builds the candidate's optimizer for a fresh model. Trials stop
     early once one scores below `task.alr.abort_below` (the minimum is already that low).
     `time_limit` (seconds) covers all trials; the data load (once per process, cached) is not
-    charged to it. `dataset` overrides the Fashion-MNIST search (tests).
+    charged to it. `dataset` overrides the Fashion-MNIST search (tests). `device` None: the
+    GPU if there is one, else the CPU; results are reproducible per device, not across them.
     """
     start = time.perf_counter()
     _deadline(start, time_limit)  # a bad limit fails before any work
-    data = prepare(task, seed, dataset)
+    data = prepare(task, seed, dataset, device)
     deadline = _deadline(time.perf_counter(), time_limit)  # the worker's data load is not charged
     protocol = task.alr
     if protocol.trials > len(data.chunks):
@@ -393,11 +414,12 @@ def evaluate_dlr(
     seed: int = 0,
     time_limit: float | None = None,
     dataset: FashionMNIST | None = None,
+    device: str | torch.device | None = None,
 ) -> EvalResult:
     """DLR fitness: fitness-set accuracy of plain SGD whose lr is `schedule(epoch, lr)` each epoch.
 
     Trained on the training pool (or its first `task.dlr.chunks` chunks), early stopping on
-    validation loss, best weights restored. `time_limit` as for `evaluate_alr`.
+    validation loss, best weights restored. `time_limit`, `device` as for `evaluate_alr`.
     """
     if not callable(schedule):
         raise TypeError(
@@ -405,7 +427,7 @@ def evaluate_dlr(
         )
     start = time.perf_counter()
     _deadline(start, time_limit)
-    data = prepare(task, seed, dataset)
+    data = prepare(task, seed, dataset, device)
     deadline = _deadline(time.perf_counter(), time_limit)
     protocol = task.dlr
     if protocol.chunks is not None and protocol.chunks > len(data.chunks):

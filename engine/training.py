@@ -147,9 +147,12 @@ class ModelSpec:
     def pooled(self) -> int:
         return (self.image_size - 4) // 2
 
-    def build(self, seed: int) -> CNN:
-        """A fresh model whose initial weights depend on `seed` alone: every candidate starts alike."""
-        return CNN(self, seed)
+    def build(self, seed: int, device: str | torch.device = "cpu") -> CNN:
+        """A fresh model whose initial weights depend on `seed` alone: every candidate starts alike.
+
+        Weights are drawn on the CPU and then moved, so they are the same on every device.
+        """
+        return CNN(self, seed).to(device)
 
 
 class _ReluDropout(torch.autograd.Function):
@@ -186,11 +189,11 @@ def _scaled_mask(numel: int, p: float, generator: torch.Generator) -> torch.Tens
     scale = 1.0 / (1.0 - p)
     keep = (1.0 - p) * 256.0
     if keep == int(keep):
-        words = torch.empty((numel + 7) // 8, dtype=torch.int64)
+        words = torch.empty((numel + 7) // 8, dtype=torch.int64, device=generator.device)
         words.random_(-(2**63), None, generator=generator)  # the full 64-bit range: 8 fair bytes
         mask = words.view(torch.uint8)[:numel].float().lt_(keep)
     else:
-        mask = torch.rand(numel, generator=generator).ge_(p)
+        mask = torch.rand(numel, generator=generator, device=generator.device).ge_(p)
     return mask.mul_(scale)
 
 
@@ -305,9 +308,11 @@ def fit(
     start = time.perf_counter()
     x, y = train
     n = len(y)
+    device = next(model.parameters()).device
     # Two streams so changing the batch size does not change the dropout masks' source order.
+    # The shuffle is drawn on the CPU (the same order on every device); masks where they are used.
     shuffle_gen = torch.Generator().manual_seed(seed)
-    dropout_gen = torch.Generator().manual_seed(seed + 0x5EED)
+    dropout_gen = torch.Generator(device=device).manual_seed(seed + 0x5EED)
     better = (lambda a, b: a > b) if monitor == "val_acc" else (lambda a, b: a < b)
     best_value, best_epoch, best_state = None, -1, None
     curves: dict[str, list[float]] = {"train_loss": [], "val_acc": [], "val_loss": [], "lr": []}
@@ -321,7 +326,7 @@ def fit(
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        order = torch.randperm(n, generator=shuffle_gen)
+        order = torch.randperm(n, generator=shuffle_gen).to(device)
         loss_sum = 0.0
         for first in range(0, n, batch_size):
             idx = order[first : first + batch_size]

@@ -394,3 +394,10 @@ def test_quick_preset_separates_optimizers(one_thread):
     dead = evaluate_alr(task, lambda p: torch.optim.SGD(p, lr=1e-5), seed=0)
     assert good.fitness > 0.75 and len(good.trials) == 2
     assert good.fitness - plain.fitness > 0.1 and dead.fitness < 0.3
+
+
+def test_device_resolution():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert tasks.resolve_device(None).type == expected and tasks.resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        tasks.resolve_device("gpu0")

@@ -294,9 +294,9 @@ def fit(
     `monitor` is "val_acc" (higher is better) or "val_loss" (lower); an epoch must strictly beat
     the best to count, as Keras's EarlyStopping with min_delta=0. `schedule(epoch, lr)` sets the
     learning rate at the start of every epoch, the first included, from the current one (Keras's
-    LearningRateScheduler; the DLR protocol). `deadline` is a
-    time.perf_counter() value past which training stops with a timeout reason. A non-finite loss
-    stops training at once with a reason: nothing after it means anything.
+    LearningRateScheduler; the DLR protocol). `deadline` is a time.perf_counter() value past
+    which training stops with a timeout reason. A non-finite loss stops training at once with a
+    reason: nothing after it means anything. `seed` fixes the shuffling and the dropout masks.
     """
     if monitor not in ("val_acc", "val_loss"):
         raise ValueError(f"monitor must be 'val_acc' or 'val_loss', got {monitor!r}")
@@ -332,13 +332,14 @@ def fit(
             idx = order[first : first + batch_size]
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx], dropout=dropout_gen), y[idx])
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                reason = f"diverged: training loss {value} at epoch {epoch}, step {first // batch_size}"
+            batch_loss = float(loss.detach())
+            if not math.isfinite(batch_loss):
+                step = first // batch_size
+                reason = f"diverged: training loss {batch_loss} at epoch {epoch}, step {step}"
                 break
             loss.backward()
             optimizer.step()
-            loss_sum += value * len(idx)
+            loss_sum += batch_loss * len(idx)
             if deadline is not None and time.perf_counter() > deadline:
                 reason = f"timeout: deadline passed at epoch {epoch}, step {first // batch_size}"
                 break

@@ -18,23 +18,12 @@ import torch
 
 import kernels
 from codegen.ir import STATES, Program, reference_step, walk, Call
+from numerics import close
 from randprog import EDGE_VALUES, random_inputs, random_program
 
 BACKENDS = ("numba", "torch", "triton")
 RTOL = {"numba": 1e-4, "torch": 1e-4, "triton": 1e-3}
 N_PROGRAMS, CHUNKS, STEPS, N = 512, 16, 3, 96
-
-
-def value_class(x: np.ndarray) -> np.ndarray:
-    return np.select([np.isnan(x), x == np.inf, x == -np.inf], [1, 2, 3], 0)
-
-
-def close(a: np.ndarray, b: np.ndarray, rtol: float) -> np.ndarray:
-    with np.errstate(all="ignore"):
-        same_class = value_class(a) == value_class(b)
-        finite = np.isfinite(a) & np.isfinite(b)
-        near = np.abs(a.astype(np.float64) - b) <= rtol * np.maximum(np.abs(b), 1e-30) + 1e-37
-    return same_class & (~finite | near)
 
 
 def check_step(kernel, program, weight, grad, state, lr, scalars, backend):

@@ -64,6 +64,7 @@ try:
     from codegen.ir import (COMPARISON_SYMBOLS, REFERENCE_IMPL, STATES, Call, Const, Program,
                             Var, reference_step, walk)
     from kernels import EvolvedOptimizer, zoo
+    from numerics import close
     from randprog import random_inputs, random_program
 except ImportError as exc:  # numpy is the one dependency torch does not bring along
     print(f"error: cannot import what the check needs ({exc}); AutoLR needs numpy and torch",
@@ -94,18 +95,6 @@ def generate_only(progs) -> int:
 
 
 # ---- 1. correctness: triton against the torch backend --------------------------------------------
-
-def value_class(x: np.ndarray) -> np.ndarray:
-    return np.select([np.isnan(x), x == np.inf, x == -np.inf], [1, 2, 3], 0)
-
-
-def close(a: np.ndarray, b: np.ndarray, rtol: float) -> np.ndarray:
-    with np.errstate(all="ignore"):
-        same = value_class(a) == value_class(b)
-        finite = np.isfinite(a) & np.isfinite(b)
-        near = np.abs(a.astype(np.float64) - b) <= rtol * np.maximum(np.abs(b), 1e-30) + 1e-37
-    return same & (~finite | near)
-
 
 def run_backend(kernel, device, weight, grad, states, lr, scalars) -> dict[str, np.ndarray]:
     w = torch.tensor(weight, device=device)

@@ -1,0 +1,614 @@
+"""`python -m engine.compare`: is an evolved optimizer better than tuned human ones, on this task?
+
+A fair answer needs the same treatment for everyone, so every optimizer in the table goes through
+the same three steps:
+
+1. Tune: one number per optimizer, its step size, by Optuna's TPE sampler with the same seed, the
+   same number of trials and the same log-uniform range for all. For Adam, RMSprop and Nesterov
+   it is the learning rate; for an evolved program (whose step size comes from its own evolved
+   constants) it is a global factor on its weight update, run as ``weight: mul(lr, E)``; ADES and
+   Sign, themselves evolved, are scaled by their ``lr`` the same way. Each trial trains once (a
+   fixed tuning seed) and scores the best validation accuracy: tuning never sees the test split,
+   which is loaded only in step 2.
+2. Train N seeds (initial weights, batch order, dropout) with the tuned value; every run trains
+   the task's full epoch budget and keeps its best-validation epoch, whose test accuracy counts.
+   A run whose loss goes non-finite is *diverged*: it counts at accuracy 0 (the project's floor)
+   and the table says how many; a trial that diverges while tuning scores 0 there too, and is
+   counted. Nothing is dropped.
+3. Compare: mean +- sd of test accuracy, and a two-sided Mann-Whitney rank-sum test of each row
+   against the best baseline (the baseline with the highest mean; for that baseline itself, the
+   runner-up).
+
+Every optimizer runs as `kernels.EvolvedOptimizer` with a `kernels.zoo` program, the human ones
+included (they reproduce torch.optim step for step; tests/test_zoo.py). One runtime for every row
+means a difference in the table can only come from the update rule, not from two code paths.
+
+Outputs (``--out``): compare.md, compare.json, curves.png (validation accuracy per epoch, mean
+over seeds; and each trial's validation accuracy against its tuned value). User errors are one
+line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from codegen.ir import Call, ParseError, Program, Var, variables
+from engine import heldout
+from engine.heldout import CompareTask
+from engine.tasks import FLOOR_FITNESS
+
+__all__ = ["BASELINES", "LR_RANGE", "Contender", "Settings", "UsageError", "baseline",
+           "candidate", "main", "resolve_program", "run_compare", "step_factor_program"]
+
+FORMAT, VERSION = "autolr-compare", 1
+BASELINES = ("adam", "rmsprop", "nesterov", "ades", "sign")
+LR_RANGE = (1e-5, 10.0)  # log-uniform, the same for every optimizer
+NAMES = {"adam": "Adam", "rmsprop": "RMSprop", "nesterov": "Nesterov", "ades": "ADES",
+         "sign": "Sign", "sgd": "SGD", "momentum": "Momentum"}
+_TUNE, _FINAL = 11, 12  # seed purposes
+
+
+class UsageError(Exception):
+    """A mistake the user can fix: one line on stderr, exit status 2."""
+
+
+# -- who competes -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Contender:
+    """One row: a program run by EvolvedOptimizer whose runtime `lr` is the tuned value.
+
+    `role` is "candidate" (what is being tested) or "baseline"; `tuned` says what `lr` means.
+    """
+
+    name: str
+    program: str
+    role: str
+    tuned: str  # "learning rate" or "step factor"
+    source: str = ""  # where it came from: a run summary, a file, "text", a zoo call
+
+
+def step_factor_program(program: Program) -> Program:
+    """The program with its weight update multiplied by `lr`: ``weight: mul(lr, E)``.
+
+    A program that already reads `lr` (every zoo program, ADES and Sign included) already has
+    its step factor and is returned as it is; so is one with no weight update."""
+    reads_lr = any("lr" in variables(e) for e in program.deltas().values() if e is not None)
+    if reads_lr or program.weight is None:
+        return program
+    return dataclasses.replace(program, weight=Call("mul", (Var("lr"), program.weight)))
+
+
+def candidate(program: Program, source: str = "text") -> Contender:
+    """The row of a program under test: named by its hash, scaled by the tuned step factor."""
+    return Contender(name=f"evolved {program.hash[:8]}", program=str(step_factor_program(program)),
+                     role="candidate", tuned="step factor", source=source)
+
+
+def baseline(key: str) -> Contender:
+    from kernels import zoo
+
+    if key not in zoo.ZOO:
+        raise UsageError(f"unknown optimizer {key!r}; choose from: {', '.join(zoo.ZOO)}")
+    human = key in ("sgd", "momentum", "nesterov", "rmsprop", "adam")
+    return Contender(name=NAMES.get(key, key), program=str(zoo.ZOO[key]()), role="baseline",
+                     tuned="learning rate" if human else "step factor",
+                     source=f"kernels.zoo.{key}() (torch's defaults for the other settings)"
+                     if human else f"kernels.zoo.{key}() (its constants as evolved)")
+
+
+def resolve_program(arg: str) -> tuple[Program, str]:
+    """A program from text, a file holding one, or a run directory (its summary.json's best).
+
+    Returns the program and where it came from, for the report."""
+    path = Path(arg)
+    source = "text"
+    if path.is_dir() or path.suffix == ".json":
+        summary = path / "summary.json" if path.is_dir() else path
+        if not summary.is_file():
+            raise UsageError(f"{arg}: no summary.json there; pass a finished run directory "
+                             "(engine.run writes summary.json at the end), a program file or "
+                             "program text")
+        try:
+            data = json.loads(summary.read_text(encoding="utf-8"))
+            text, mode = data["best"]["program"], data.get("mode", "alr")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"{summary}: not a run summary with a best program ({err})") from None
+        if mode != "alr":
+            raise UsageError(f"{summary}: a {mode.upper()} run (a learning-rate schedule); "
+                             "compare takes ALR optimizers")
+        source = f"best program of {summary}"
+    elif path.is_file():
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    elif ":" in arg:
+        text = arg
+    else:
+        raise UsageError(f"{arg!r} is neither a file, a run directory nor a program text "
+                         "(like 'weight: mul(0.001, grad)')")
+    try:
+        return Program.parse(text), source
+    except (ParseError, ValueError) as err:
+        raise UsageError(f"cannot parse the program from {arg if len(arg) < 60 else 'the text'}:"
+                         f" {' '.join(str(err).split())}") from None
+
+
+# -- the settings, the jobs -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides the table besides the contenders."""
+
+    task: CompareTask
+    seeds: int = 5
+    trials: int = 15
+    seed: int = 0  # split seed, sampler seed, and the root of every training seed
+    lr_range: tuple[float, float] = LR_RANGE
+    backend: str = "auto"
+
+    @property
+    def startup_trials(self) -> int:
+        """Random trials before TPE models the results (Optuna's default of 10 would leave
+        almost nothing guided at our budgets)."""
+        return min(self.trials, max(3, self.trials // 3))
+
+
+def _derive(seed: int, purpose: int, k: int) -> int:
+    return int(np.random.SeedSequence([seed, purpose, k]).generate_state(1, np.uint64)[0] >> 33)
+
+
+@dataclass(frozen=True)
+class TuneJob:
+    settings: Settings
+    contender: Contender
+
+
+@dataclass(frozen=True)
+class SeedJob:
+    settings: Settings
+    contender: Contender
+    lr: float
+    index: int
+
+
+def _train(settings: Settings, program: str, lr: float, init_seed: int, fit_seed: int):
+    """One training run on the train split, validated on the validation split. No test data."""
+    from engine.training import fit
+    from kernels import EvolvedOptimizer
+
+    task = settings.task
+    splits = heldout.train_val(task, settings.seed)
+    model = task.build_model(init_seed)
+    optimizer = EvolvedOptimizer(model.parameters(), program, backend=settings.backend, lr=lr)
+    result = fit(model, optimizer, splits.train, splits.val, seed=fit_seed,
+                 batch_size=task.batch_size, max_epochs=task.epochs, patience=task.epochs,
+                 monitor="val_acc", eval_batch=task.eval_batch)
+    return model, result
+
+
+def tune(job: TuneJob) -> dict:
+    """TPE over the contender's `lr`; each trial's score is its best validation accuracy."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = job.settings
+    start = time.perf_counter()
+    sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    trials = []
+    for _ in range(s.trials):
+        trial = study.ask()
+        lr = trial.suggest_float("lr", *s.lr_range, log=True)
+        _, result = _train(s, job.contender.program, lr, _derive(s.seed, _TUNE, 0),
+                           _derive(s.seed, _TUNE, 1))
+        value = FLOOR_FITNESS if result.reason else max(result.val_acc, default=FLOOR_FITNESS)
+        study.tell(trial, value)
+        trials.append({"lr": lr, "val_acc": value, "reason": result.reason})
+    best = max(range(len(trials)), key=lambda i: (trials[i]["val_acc"], -i))
+    return {"lr": trials[best]["lr"], "best_val": trials[best]["val_acc"], "trials": trials,
+            "diverged": sum(t["reason"] is not None for t in trials),
+            "seconds": time.perf_counter() - start}
+
+
+def train_seed(job: SeedJob) -> dict:
+    """Seed `index` on the tuned value; the test split is read here and only here."""
+    from engine.training import evaluate
+
+    s = job.settings
+    start = time.perf_counter()
+    model, result = _train(s, job.contender.program, job.lr, _derive(s.seed, _FINAL, 2 * job.index),
+                           _derive(s.seed, _FINAL, 2 * job.index + 1))
+    test_acc = FLOOR_FITNESS
+    if result.reason is None:
+        test_acc = evaluate(model, *heldout.load_test_split(s.task, s.seed),
+                            batch_size=s.task.eval_batch)[1]
+    return {"seed": job.index, "test_acc": test_acc, "reason": result.reason,
+            "best_val": max(result.val_acc, default=FLOOR_FITNESS), "epochs": result.epochs,
+            "val_curve": list(result.val_acc), "seconds": time.perf_counter() - start}
+
+
+# -- the comparison ---------------------------------------------------------------------------
+
+def _executor(workers: int):
+    from engine.executors import make_executor
+    from engine.training import configure_process
+
+    init = functools.partial(configure_process, threads=1)
+    if workers == 1:
+        return make_executor("serial", initializer=init)
+    return make_executor("local", workers, initializer=init)
+
+
+def _floor_seed(index: int, reason: str) -> dict:
+    """A seed that gave no trained model (its job crashed, or tuning did): accuracy 0."""
+    return {"seed": index, "test_acc": FLOOR_FITNESS, "reason": reason, "best_val": FLOOR_FITNESS,
+            "epochs": 0, "val_curve": [], "seconds": 0.0}
+
+
+def run_compare(contenders: Sequence[Contender], settings: Settings, workers: int = 1,
+                log: Callable[[str], None] = lambda line: None) -> dict:
+    """Tune every contender, then train its seeds; returns the report (see `write_outputs`).
+
+    Two phases on purpose: every tuning finishes before any job that reads test data starts.
+    Results do not depend on `workers` (every training runs on one thread, from fixed seeds).
+    """
+    start = time.perf_counter()
+    rows = [{"name": c.name, "role": c.role, "tuned": c.tuned, "program": c.program,
+             "source": c.source, "failed": None, "tuning": None, "lr": None, "seeds": []}
+            for c in contenders]
+    with _executor(workers) as executor:
+        jobs = [TuneJob(settings, c) for c in contenders]
+        for i, outcome in executor.run(tune, jobs):
+            row = rows[i]
+            if not outcome.ok:
+                row["failed"] = f"tuning failed: {outcome.reason}"
+                log(f"{row['name']}: {row['failed']}")
+                continue
+            row["tuning"], row["lr"] = outcome.value, outcome.value["lr"]
+            log(f"tuned {row['name']}: {row['tuned']} {row['lr']:.3g}, best validation "
+                f"{outcome.value['best_val']:.4f} ({outcome.value['diverged']} of "
+                f"{settings.trials} trials diverged) in {outcome.value['seconds']:.0f} s")
+        tuned_at = time.perf_counter()
+        jobs = [SeedJob(settings, c, rows[i]["lr"], k) for i, c in enumerate(contenders)
+                if rows[i]["failed"] is None for k in range(settings.seeds)]
+        owner = [next(i for i, c in enumerate(contenders) if c is j.contender) for j in jobs]
+        for n, outcome in executor.run(train_seed, jobs):
+            rows[owner[n]]["seeds"].append(
+                outcome.value if outcome.ok else _floor_seed(jobs[n].index, outcome.reason))
+    for row in rows:
+        row["seeds"].sort(key=lambda r: r["seed"])
+        if row["failed"]:  # no tuned value, so no run: every seed counts at the floor
+            row["seeds"] = [_floor_seed(k, row["failed"]) for k in range(settings.seeds)]
+    end = time.perf_counter()
+    task = settings.task
+    report = {
+        "format": FORMAT, "version": VERSION,
+        "task": {"name": task.name, "about": task.about, "epochs": task.epochs,
+                 "batch_size": task.batch_size, "model": repr(task.model)},
+        "seeds": settings.seeds, "trials": settings.trials, "seed": settings.seed,
+        "lr_range": list(settings.lr_range), "backend": settings.backend,
+        "sampler": {"name": "optuna TPESampler", "seed": settings.seed,
+                    "n_startup_trials": settings.startup_trials},
+        "rows": rows,
+        "seconds": {"tuning": tuned_at - start, "seeds": end - tuned_at, "total": end - start},
+        "workers": workers,
+    }
+    summarise(report)
+    return report
+
+
+def _rank_sum(a: Sequence[float], b: Sequence[float]) -> float | None:
+    from scipy.stats import mannwhitneyu
+
+    if not a or not b:
+        return None
+    if len(set(a) | set(b)) == 1:
+        return 1.0  # identical samples: nothing to tell apart
+    return float(mannwhitneyu(a, b, alternative="two-sided").pvalue)
+
+
+def summarise(report: dict) -> None:
+    """Adds per-row statistics and the test against the best baseline, in place."""
+    rows = report["rows"]
+    for row in rows:
+        accs = [r["test_acc"] for r in row["seeds"]]
+        row["test"] = {"mean": float(np.mean(accs)) if accs else None,
+                       "sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+                       "median": float(np.median(accs)) if accs else None,
+                       "n": len(accs),
+                       "diverged": sum(r["reason"] is not None for r in row["seeds"])}
+    ranked = sorted((r for r in rows if r["role"] == "baseline"), key=lambda r: -r["test"]["mean"])
+    report["best_baseline"] = ranked[0]["name"] if ranked else None
+    for row in rows:
+        rival = next((r for r in ranked if r is not row), None)
+        row["vs"] = rival["name"] if rival else None
+        if rival is None:
+            row["delta"] = row["p"] = None
+            continue
+        mine = [r["test_acc"] for r in row["seeds"]]
+        theirs = [r["test_acc"] for r in rival["seeds"]]
+        row["delta"] = float(np.mean(mine) - np.mean(theirs))
+        row["p"] = _rank_sum(mine, theirs)
+
+
+# -- the outputs ------------------------------------------------------------------------------
+
+COLUMNS = ("optimizer", "tuned", "tuning val %", "diverged trials", "test acc % (mean ± sd)",
+           "diverged seeds", "vs", "Δ pp", "p")
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    """The table as strings: the same for the markdown, the terminal and the tests.
+
+    `tuned` is the chosen learning rate ("lr 1e-3") or step factor ("x0.5"); `vs`, `Δ pp` and
+    `p` compare the row's test accuracies with the best baseline's (two-sided rank-sum)."""
+    out = []
+    for row in report["rows"]:
+        t, tuning = row["test"], row["tuning"]
+        name = row["name"] + (" *" if row["role"] == "candidate" else "")
+        if row["lr"] is None:
+            lr = "failed"
+        else:
+            lr = f"lr {row['lr']:.3g}" if row["tuned"] == "learning rate" else f"x{row['lr']:.3g}"
+        val = "-" if tuning is None else f"{tuning['best_val'] * 100:.2f}"
+        trials = "-" if tuning is None else f"{tuning['diverged']}/{report['trials']}"
+        acc = f"{t['mean'] * 100:.2f} ± {t['sd'] * 100:.2f}"
+        p = "-" if row.get("p") is None else ("<0.001" if row["p"] < 0.001 else f"{row['p']:.3f}")
+        delta = "-" if row.get("delta") is None else f"{row['delta'] * 100:+.2f}"
+        out.append([name, lr, val, trials, acc, f"{t['diverged']}/{t['n']}", row.get("vs") or "-",
+                    delta, p])
+    return out
+
+
+def smallest_p(n1: int, n2: int) -> float:
+    """The smallest two-sided p an exact rank-sum test can give for samples of n1 and n2."""
+    return min(1.0, 2.0 / math.comb(n1 + n2, n1))
+
+
+def verdicts(report: dict) -> list[str]:
+    lines = []
+    for row in report["rows"]:
+        if row["role"] != "candidate" or row.get("p") is None:
+            continue
+        sig = row["p"] < 0.05
+        word = ("better than" if row["delta"] > 0 else "worse than") if sig else \
+            "not distinguishable from"
+        rival = next(r for r in report["rows"] if r["name"] == row["vs"])
+        floor = smallest_p(row["test"]["n"], rival["test"]["n"])
+        small = f"; with so few seeds p cannot go below {floor:.3g}" if floor >= 0.05 else ""
+        lines.append(f"{row['name']} is {word} the best baseline {row['vs']} "
+                     f"({row['delta'] * 100:+.2f} pp, p = {row['p']:.3g}, two-sided rank-sum, "
+                     f"{row['test']['n']} and {rival['test']['n']} seeds, threshold 0.05{small}).")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    task = report["task"]
+    lines = [f"# Compare on `{task['name']}`", "", f"{task['about']}; {task['epochs']} epochs, "
+             f"batch {task['batch_size']}.", "",
+             f"Tuning: {report['trials']} TPE trials per optimizer (sampler seed "
+             f"{report['sampler']['seed']}, {report['sampler']['n_startup_trials']} random "
+             f"first), log-uniform over [{report['lr_range'][0]:g}, {report['lr_range'][1]:g}], "
+             f"scored on the validation split. Then {report['seeds']} seeds each on the tuned "
+             "value; test accuracy of each run's best-validation epoch. A diverged run counts "
+             "at accuracy 0. `*` marks the candidate; p compares each row with the best "
+             "baseline (for that baseline, the runner-up).", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
+    lines += ["", *verdicts(report)]
+    reasons = sorted({r["reason"].split(" at epoch")[0] for row in report["rows"]
+                      for r in row["seeds"] if r["reason"]})
+    if reasons:
+        lines += ["", "Runs that did not finish: " + "; ".join(reasons) + "."]
+    lines += ["", "Programs (`lr` is the tuned value; compare.json has every program as run):", ""]
+    for row in report["rows"]:
+        if row["role"] == "candidate":
+            lines += [f"- {row['name']} ({row['source']}), run as: "
+                      f"`{'; '.join(row['program'].splitlines())}`"]
+        else:
+            lines += [f"- {row['name']}: {row['source']}"]
+    s = report["seconds"]
+    lines += ["", f"Wall time {s['total']:.0f} s (tuning {s['tuning']:.0f} s, seeds "
+                  f"{s['seeds']:.0f} s) with {report['workers']} worker(s).",
+              f"Command: `{report.get('command', '')}`", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row in report["rows"]:
+        curves = [r["val_curve"] for r in row["seeds"] if r["reason"] is None and r["val_curve"]]
+        style = "-" if row["role"] == "candidate" else "--"
+        div = row["test"]["diverged"]
+        label = row["name"] + (f" ({div} diverged)" if div else "")
+        if curves:
+            length = min(map(len, curves))
+            mean = np.mean([c[:length] for c in curves], axis=0)
+            left.plot(range(1, length + 1), mean * 100, style, marker="o", ms=3, label=label)
+        if row["tuning"]:
+            pts = sorted((t["lr"], t["val_acc"]) for t in row["tuning"]["trials"])
+            right.plot([p[0] for p in pts], [p[1] * 100 for p in pts], style, marker="o", ms=3,
+                       label=row["name"])
+    left.set(xlabel="epoch", ylabel="validation accuracy (%)",
+             title=f"{report['task']['name']}: mean over {report['seeds']} seeds (tuned)")
+    right.set(xscale="log", xlabel="learning rate / step factor",
+              ylabel="best validation accuracy (%)", title="tuning trials (0 = diverged)")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "compare.json", "markdown": out / "compare.md",
+             "plot": out / "curves.png"}
+    paths["json"].write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    paths["markdown"].write_text(markdown(report))
+    plot(report, paths["plot"])
+    return paths
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['task']['name']}: test accuracy over {report['seeds']} seeds "
+                        f"({report['trials']} tuning trials each)")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("optimizer", "vs") else "right",
+                         no_wrap=column in ("optimizer", "tuned", "test acc % (mean ± sd)"))
+    for cells in table_rows(report):
+        table.add_row(*cells)
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 130)  # a log file gets the whole table on one line
+    console.print(table)
+    for line in verdicts(report):
+        console.print(line)
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m engine.compare",
+                description="Compare an evolved optimizer with tuned Adam, RMSprop, Nesterov, "
+                            "ADES and Sign: the same tuning budget for each (TPE over a "
+                            "log-scale learning rate / step factor, on the validation split), "
+                            "then N seeds each, test accuracy and a rank-sum test against the "
+                            "best baseline.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("programs", nargs="+", metavar="PROGRAM_OR_RUN_DIR",
+                   help="program text, a file holding one, or a run directory (its "
+                        "summary.json's best program)")
+    p.add_argument("--task", default="quick",
+                   help=f"one of: {', '.join(heldout.TASKS)}")
+    p.add_argument("--seeds", type=_positive, default=5, help="training seeds per optimizer")
+    p.add_argument("--trials", type=_positive, default=15, help="tuning trials per optimizer")
+    p.add_argument("--optimizers", default=",".join(BASELINES),
+                   help="comma-separated baselines from kernels.zoo")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: runs/compare-<task>-<time>)")
+    p.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+                   help="parallel trainings (processes, one thread each); the table does not "
+                        "depend on it")
+    p.add_argument("--seed", type=int, default=0,
+                   help="split seed, tuning-sampler seed and root of the training seeds")
+    p.add_argument("--epochs", type=_positive, default=None,
+                   help="override the task's epoch budget")
+    p.add_argument("--lr-range", type=float, nargs=2, default=list(LR_RANGE),
+                   metavar=("LOW", "HIGH"), help="log-uniform tuning range, for every optimizer")
+    p.add_argument("--backend", choices=("auto", "numba", "torch", "triton"), default="auto",
+                   help="kernel backend for every optimizer")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    try:
+        task = heldout.get_task(args.task)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.epochs is not None:
+        task = dataclasses.replace(task, epochs=args.epochs)
+    low, high = args.lr_range
+    if not (0 < low < high and math.isfinite(high)):
+        raise UsageError(f"--lr-range {low:g} {high:g}: need 0 < LOW < HIGH")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError("--backend triton: compare trains on the CPU, where Triton runs only in "
+                         "its interpreter (TRITON_INTERPRET=1, slow); use auto or numba")
+    return Settings(task=task, seeds=args.seeds, trials=args.trials, seed=args.seed,
+                    lr_range=(low, high), backend=args.backend)
+
+
+def contenders_from(args: argparse.Namespace) -> list[Contender]:
+    out: list[Contender] = []
+    for arg in args.programs:
+        new = candidate(*resolve_program(arg))
+        if all(c.name != new.name for c in out):  # the same program twice is one row
+            out.append(new)
+    keys = [k.strip() for k in args.optimizers.split(",") if k.strip()]
+    if not keys:
+        raise UsageError("--optimizers is empty; name at least one baseline, e.g. adam")
+    return out + [baseline(k) for k in dict.fromkeys(keys)]
+
+
+def _check_data(task: CompareTask, seed: int) -> None:
+    from engine.data import DataCorruptError, DataNotFoundError
+
+    try:
+        heldout.train_val(task, seed)
+    except (DataNotFoundError, DataCorruptError, ValueError) as err:
+        raise UsageError(' '.join(str(err).split())) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+        settings = settings_from(args)
+        contenders = contenders_from(args)
+        _check_data(settings.task, settings.seed)
+        out = args.out or Path("runs") / (f"compare-{settings.task.name}-"
+                                          f"{datetime.now():%Y%m%d-%H%M%S}")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a directory")
+    except UsageError as err:
+        print(f"engine.compare: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    from rich.console import Console
+
+    err_console = Console(stderr=True)
+    err_console.print(f"compare on {settings.task.name}: {len(contenders)} optimizers x "
+                      f"({settings.trials} tuning trials + {settings.seeds} seeds), "
+                      f"{args.workers} worker(s)")
+    report = run_compare(contenders, settings, args.workers, log=err_console.print)
+    report["command"] = shlex.join(["python", "-m", "engine.compare", *argv])
+    report["created"] = datetime.now().astimezone().isoformat(timespec="seconds")
+    paths = write_outputs(report, out)
+    print_table(report)
+    print(f"wrote {paths['markdown']}, {paths['json'].name}, {paths['plot'].name} "
+          f"({report['seconds']['total']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The tasks `engine.compare` trains on: the evolution task, held-out ones, and their three splits.
+
+An optimizer found on one task is only interesting if it also works where it was not found, so
+besides the evolution presets (`quick`, and `paper` for a GPU or a long CPU run) there are tasks
+that differ in architecture (`fmnist-mlp`: an MLP on Fashion-MNIST images the quick evolution run
+never saw) or in data (`digits`: scikit-learn's bundled 8x8 handwritten digits, so it runs
+anywhere, offline, in seconds).
+
+Every task has a train / validation / test split fixed by the split seed. The test split is kept
+apart on purpose: `train_val` gives what tuning may see, and `load_test_split` is the only
+function that reads test data; `engine.compare` calls it only in the final per-seed evaluation,
+and the tests poison it during tuning to prove so.
+
+For the Fashion-MNIST tasks the test split is the official 10,000-image test file, which the
+evolution never reads (its fitness set comes from the training file). Normalisation is always the
+training split's statistics, applied unchanged to validation and test.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+from engine.data import load_fashion_mnist
+from engine.tasks import PRESETS, make_split, prepare
+from engine.training import ModelSpec
+
+__all__ = ["TASKS", "CompareTask", "MLP", "MLPSpec", "Splits", "get_task", "load_test_split",
+           "train_val"]
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """Flatten -> [Linear ReLU] per hidden width -> Linear(classes). No dropout."""
+
+    inputs: int
+    hidden: tuple[int, ...]
+    classes: int = 10
+
+    def build(self, seed: int) -> MLP:
+        return MLP(self, seed)
+
+
+class MLP(nn.Module):
+    """A plain MLP initialised like the CNN (Glorot-uniform weights, zero biases) from `seed`.
+
+    `forward(x, dropout=...)` takes and ignores the dropout generator, so `engine.training.fit`
+    and `evaluate` drive it exactly as they drive the CNN.
+    """
+
+    def __init__(self, spec: MLPSpec, seed: int) -> None:
+        super().__init__()
+        widths = (spec.inputs, *spec.hidden, spec.classes)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in self.layers:
+                nn.init.xavier_uniform_(layer.weight, generator=generator)
+                layer.bias.zero_()
+
+    def forward(self, x: torch.Tensor, dropout: torch.Generator | None = None) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return self.layers[-1](x)
+
+
+@dataclass(frozen=True)
+class CompareTask:
+    """A data source, a model and a training protocol (fixed epochs, best-validation epoch kept).
+
+    `source` names how the splits are made (see `train_val`); `sizes` are (train, val, test)
+    image counts where the source draws them itself (None: the source's own choice).
+    """
+
+    name: str
+    about: str
+    source: str
+    model: ModelSpec | MLPSpec
+    batch_size: int
+    epochs: int
+    sizes: tuple[int | None, int | None, int | None] = (None, None, None)
+    eval_batch: int = 1000
+    held_out: bool = True
+
+    def build_model(self, seed: int) -> nn.Module:
+        return self.model.build(seed)
+
+
+TASKS: Mapping[str, CompareTask] = types.MappingProxyType({
+    # The evolution task as the quick preset defines it: its model, batch size and epoch budget,
+    # trained on the split's first chunk and validated on its validation set (both exactly what
+    # the evolution used for the same seed); tested on the official test file.
+    "quick": CompareTask(
+        name="quick", about="evolution task: quick preset's CNN (16/32/64), Fashion-MNIST "
+        "chunk 0 (3,000 train), its 1,000 validation images, official test set",
+        source="preset", model=PRESETS["quick"].model, batch_size=100,
+        epochs=PRESETS["quick"].alr.max_epochs, held_out=False),
+    # The reference protocol at full size (53k training images, the reference CNN, batch 1000,
+    # 100 epochs): for a GPU or a long CPU run.
+    "paper": CompareTask(
+        name="paper", about="paper protocol: reference CNN, 53k Fashion-MNIST training images, "
+        "3,500 validation, official test set", source="preset", model=PRESETS["paper"].model,
+        batch_size=1000, epochs=100, held_out=False),
+    "fmnist-mlp": CompareTask(
+        name="fmnist-mlp", about="held out (architecture): MLP 784-256-128-10 on 10,000 "
+        "Fashion-MNIST images outside the quick evolution pool, 2,000 validation, official "
+        "test set", source="fmnist-unseen", model=MLPSpec(784, (256, 128)), batch_size=100,
+        epochs=8, sizes=(10000, 2000, None)),
+    "digits": CompareTask(
+        name="digits", about="held out (data): scikit-learn digits (8x8), MLP 64-64-10, "
+        "997 train / 350 validation / 450 test", source="digits", model=MLPSpec(64, (64,)),
+        batch_size=32, epochs=20, sizes=(997, 350, 450)),
+})
+
+
+def get_task(name: str) -> CompareTask:
+    """The task called `name`; an unknown name is a ValueError listing the valid ones."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class Splits:
+    """What tuning and training may see: the training and validation splits. No test data."""
+
+    train: Pair
+    val: Pair
+    mean: np.ndarray  # the training split's mean input, subtracted from every split
+
+
+def _seed(seed: int, purpose: int) -> int:
+    return int(np.random.SeedSequence([seed, 0xC0DE, purpose]).generate_state(1)[0])
+
+
+def _tensors(x: np.ndarray, y: np.ndarray, mean: np.ndarray, scale: float) -> Pair:
+    x = x.astype(np.float32) / np.float32(scale) - mean.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64))
+
+
+def _images(x: np.ndarray) -> np.ndarray:
+    return x[:, None, :, :]  # (N, 1, 28, 28), what the CNN takes; the MLP flattens
+
+
+@functools.lru_cache(maxsize=4)
+def _digits_indices(seed: int, sizes: tuple[int | None, ...]) -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target
+    n_train, n_val, n_test = sizes
+    rest, test = train_test_split(np.arange(len(labels)), test_size=n_test,
+                                  stratify=labels, random_state=_seed(seed, 1) % 2**32)
+    train, val = train_test_split(rest, test_size=n_val, train_size=n_train,
+                                  stratify=labels[rest], random_state=_seed(seed, 2) % 2**32)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+@functools.lru_cache(maxsize=4)
+def _unseen_fmnist_indices(seed: int, sizes: tuple[int | None, ...]) -> tuple[np.ndarray, ...]:
+    """Train and validation images of the Fashion-MNIST training file that the quick preset's
+    split for the same seed leaves out: the evolution never trained or scored on them."""
+    labels = load_fashion_mnist("train").labels
+    split = make_split(labels, PRESETS["quick"].data, seed)
+    used = np.concatenate([split.val, split.fitness, *split.chunks])
+    unseen = np.setdiff1d(np.arange(len(labels)), used)
+    n_train, n_val, _ = sizes
+    train, val = train_test_split(unseen, train_size=n_train, test_size=n_val,
+                                  stratify=labels[unseen], random_state=_seed(seed, 3) % 2**32)
+    return np.sort(train), np.sort(val)
+
+
+@functools.lru_cache(maxsize=2)
+def train_val(task: CompareTask, seed: int) -> Splits:
+    """The task's training and validation splits for split seed `seed` (cached per process)."""
+    if task.source == "preset":
+        data = prepare(PRESETS[task.name], seed)
+        train = data.chunks[0] if task.name != "paper" else data.train()
+        return Splits(train=train, val=data.val, mean=data.mean_image.numpy())
+    if task.source == "fmnist-unseen":
+        dataset = load_fashion_mnist("train")
+        train, val = _unseen_fmnist_indices(seed, task.sizes)
+        mean = dataset.images[train].mean(axis=0, dtype=np.float64) / 255.0
+        return Splits(train=_tensors(_images(dataset.images[train]), dataset.labels[train],
+                                     mean, 255.0),
+                      val=_tensors(_images(dataset.images[val]), dataset.labels[val], mean, 255.0),
+                      mean=mean)
+    if task.source == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        train, val, _ = _digits_indices(seed, task.sizes)
+        mean = digits.data[train].mean(axis=0) / 16.0
+        return Splits(train=_tensors(digits.data[train], digits.target[train], mean, 16.0),
+                      val=_tensors(digits.data[val], digits.target[val], mean, 16.0), mean=mean)
+    raise ValueError(f"task {task.name!r} has an unknown data source {task.source!r}")
+
+
+@functools.lru_cache(maxsize=2)
+def load_test_split(task: CompareTask, seed: int) -> Pair:
+    """The task's test split, normalised with the training split's statistics.
+
+    The only reader of test data: call it for the final evaluation, never while tuning.
+    """
+    mean = train_val(task, seed).mean
+    if task.source in ("preset", "fmnist-unseen"):
+        test = load_fashion_mnist("test")
+        return _tensors(_images(test.images), test.labels, mean, 255.0)
+    if task.source == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        _, _, index = _digits_indices(seed, task.sizes)
+        return _tensors(digits.data[index], digits.target[index], mean, 16.0)
+    raise ValueError(f"task {task.name!r} has an unknown data source {task.source!r}")

@@ -48,6 +48,7 @@ import numpy as np
 
 from codegen.ir import Call, ParseError, Program, Var, variables
 from engine import heldout
+from engine.cli import Parser, UsageError, positive_int
 from engine.heldout import CompareTask
 from engine.tasks import FLOOR_FITNESS
 
@@ -60,10 +61,6 @@ LR_RANGE = (1e-5, 10.0)  # log-uniform, the same for every optimizer
 NAMES = {"adam": "Adam", "rmsprop": "RMSprop", "nesterov": "Nesterov", "ades": "ADES",
          "sign": "Sign", "sgd": "SGD", "momentum": "Momentum"}
 _TUNE, _FINAL = 11, 12  # seed purposes
-
-
-class UsageError(Exception):
-    """A mistake the user can fix: one line on stderr, exit status 2."""
 
 
 # -- who competes -----------------------------------------------------------------------------
@@ -492,23 +489,8 @@ def print_table(report: dict) -> None:
 
 # -- the CLI ----------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(f"{message} (see --help)")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m engine.compare",
+    p = Parser(prog="python -m engine.compare",
                 description="Compare an evolved optimizer with tuned Adam, RMSprop, Nesterov, "
                             "ADES and Sign: the same tuning budget for each (TPE over a "
                             "log-scale learning rate / step factor, on the validation split), "
@@ -520,18 +502,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "summary.json's best program)")
     p.add_argument("--task", default="quick",
                    help=f"one of: {', '.join(heldout.TASKS)}")
-    p.add_argument("--seeds", type=_positive, default=5, help="training seeds per optimizer")
-    p.add_argument("--trials", type=_positive, default=15, help="tuning trials per optimizer")
+    p.add_argument("--seeds", type=positive_int, default=5, help="training seeds per optimizer")
+    p.add_argument("--trials", type=positive_int, default=15, help="tuning trials per optimizer")
     p.add_argument("--optimizers", default=",".join(BASELINES),
                    help="comma-separated baselines from kernels.zoo")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: runs/compare-<task>-<time>)")
-    p.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                    help="parallel trainings (processes, one thread each); the table does not "
                         "depend on it")
     p.add_argument("--seed", type=int, default=0,
                    help="split seed, tuning-sampler seed and root of the training seeds")
-    p.add_argument("--epochs", type=_positive, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help="override the task's epoch budget")
     p.add_argument("--lr-range", type=float, nargs=2, default=list(LR_RANGE),
                    metavar=("LOW", "HIGH"), help="log-uniform tuning range, for every optimizer")

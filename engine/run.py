@@ -36,6 +36,7 @@ from datetime import datetime
 from pathlib import Path
 
 from codegen.ir import ParseError, Program, Schedule
+from engine.cli import Parser, UsageError, positive_int
 from engine.evolve import CheckpointError, EvolutionConfig, GenerationRecord, evolve, \
     load_checkpoint
 from engine.grammar import ALR_GRAMMAR, DLR_GRAMMAR, Grammar, GrammarError, load_grammar
@@ -78,17 +79,8 @@ RESUMABLE = ("generations", "time_budget", "time_limit", "executor", "workers", 
              "store", "backend")
 
 
-class UsageError(Exception):
-    """A mistake the user can fix; shown as one line, exit status 2."""
-
-
 class BudgetExhausted(Exception):
     """The --time-budget is spent: stop at the end of this generation or now."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        raise UsageError(f"{message} (see --help)")
 
 
 def _duration(text: str) -> float:
@@ -104,16 +96,6 @@ def _duration(text: str) -> float:
     return seconds
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     rows = []
     for name, d in PRESET_DEFAULTS.items():
@@ -122,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         rows.append(f"  {name:<7} ALR {a['population']}x{a['generations']}, DLR "
                     f"{b['population']}x{b['generations']}, time limit {limit}")
     presets = "/".join(PRESET_DEFAULTS)
-    p = _Parser(
+    p = Parser(
         prog="python -m engine.run",
         description="Evolve a neural-network optimizer (ALR) or learning-rate schedule (DLR)\n"
                     "with grammatical evolution. With no flags: the quick ALR preset into a new\n"
@@ -147,13 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("serial", "local", "ray"), default=None,
                    help="where candidates train: in this process, a local process pool, or Ray "
                         "(default: local)")
-    p.add_argument("--workers", type=_positive_int, default=None,
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="parallel trainings (default: one per CPU core; 1 for serial)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (with --executor ray); default: a private local Ray")
-    p.add_argument("--generations", type=_positive_int, default=None,
+    p.add_argument("--generations", type=positive_int, default=None,
                    help="generations, the initial population included (default: the preset's)")
-    p.add_argument("--population", type=_positive_int, default=None,
+    p.add_argument("--population", type=positive_int, default=None,
                    help="population size (default: the preset's)")
     p.add_argument("--grammar", type=Path, default=None,
                    help=f"BNF grammar file (default: {ALR_GRAMMAR.name} or {DLR_GRAMMAR.name} "

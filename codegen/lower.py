@@ -8,7 +8,7 @@ read, and identical subexpressions are computed once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Callable, Union
 
 from codegen.ir import STATES, Call, Const, Node, Program, Var, variables
 
@@ -58,6 +58,21 @@ class KernelPlan:
     @property
     def stored(self) -> tuple[str, ...]:
         return self.tensor_states + ("weight",)
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """Buffers the kernel reads: the weight, grad when read, the tensor states."""
+        return ("weight",) + (("grad",) if self.reads_grad else ()) + self.tensor_states
+
+    def body(self, indent: str, load: str, render: Callable[[Assign], str], store: str) -> list[str]:
+        """The per-element body every emitter shares: loads, one line per step (with a comment
+        naming each update), stores. `load`/`store` are templates over `{name}`."""
+        lines = [indent + load.format(name=b) for b in self.loaded]
+        for comment, step in self.commented_steps():
+            if comment:
+                lines.append(f"{indent}# {comment}")
+            lines.append(indent + render(step))
+        return lines + [indent + store.format(name=s) for s in self.stored]
 
     def signature(self) -> tuple[str, ...]:
         """Kernel arguments, the ABI every backend shares: buffers, then lr, then scalar states."""

@@ -90,11 +90,5 @@ def emit(program: Program | KernelPlan) -> str:
     for scalar in ("lr", *plan.scalar_states):
         out.append(f"    {scalar} = f32({scalar})")
     out.append("    for i in numba.prange(weight_buf.shape[0]):")
-    loads = [b for b in buffers if b != "grad" or plan.reads_grad]
-    out += [f"        {b} = {b}_buf[i]" for b in loads]
-    for comment, step in plan.commented_steps():
-        if comment:
-            out.append(f"        # {comment}")
-        out.append("        " + _render(step))
-    out += [f"        {s}_buf[i] = {s}" for s in plan.stored]
+    out += plan.body("        ", "{name} = {name}_buf[i]", _render, "{name}_buf[i] = {name}")
     return "\n".join(out) + "\n"

@@ -49,12 +49,8 @@ def emit(program: Program | KernelPlan) -> str:
     out.append("")
     out += [f"    {s} = scalar({s})" for s in scalars]
     for const, name in consts.items():
-        out.append(f"    {name} = scalar(float({format_float(const.value)!r}))")
-    loads = [b for b in buffers if b != "grad" or plan.reads_grad]
-    out += [f"    {b} = {b}_buf" for b in loads]
-    for comment, step in plan.commented_steps():
-        if comment:
-            out.append(f"    # {comment}")
-        out.append("    " + render(step))
-    out += [f"    {s}_buf.copy_({s})" for s in plan.stored]
+        text = format_float(const.value)
+        literal = f"float({text!r})" if text in ("nan", "inf", "-inf") else text
+        out.append(f"    {name} = scalar({literal})")
+    out += plan.body("    ", "{name} = {name}_buf", render, "{name}_buf.copy_({name})")
     return "\n".join(out) + "\n"

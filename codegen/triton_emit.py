@@ -87,13 +87,8 @@ def emit(program: Program | KernelPlan) -> str:
         value = format_float(const.value)
         literal = {"inf": "INF", "-inf": "-INF", "nan": "NAN"}.get(value, value)
         out.append(f"    {name} = tl.full((BLOCK_SIZE,), {literal}, tl.float32)")
-    loads = [b for b in buffers if b != "grad" or plan.reads_grad]
-    out += [f"    {b} = tl.load({b}_ptr + offsets, mask=mask)" for b in loads]
-    for comment, step in plan.commented_steps():
-        if comment:
-            out.append(f"    # {comment}")
-        out.append("    " + render(step))
-    out += [f"    tl.store({s}_ptr + offsets, {s}, mask=mask)" for s in plan.stored]
+    out += plan.body("    ", "{name} = tl.load({name}_ptr + offsets, mask=mask)", render,
+                     "tl.store({name}_ptr + offsets, {name}, mask=mask)")
     out += ["", ""]
     out.append(f"def kernel({', '.join(buffers + scalars)}):")
     out.append("    n = weight.numel()")

@@ -9,6 +9,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (randprog) import as modules
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: torch's thread pool only adds contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -103,16 +103,15 @@ def configure_process(threads: int = 1) -> dict[str, object]:
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    # numba first: with its OpenMP threading layer, numba.set_num_threads resets torch's
+    # OpenMP thread count (measured: torch back at 2 threads after asking both for 1).
+    numba_threads = _set_numba_threads(threads)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)  # nothing here runs ops concurrently
     except RuntimeError:
         pass  # already fixed: only settable before the first parallel op, harmless to skip
-    return {
-        "threads": threads,
-        "numba_threads": _set_numba_threads(threads),
-        "heap_kept": retain_heap(True),
-    }
+    return {"threads": threads, "numba_threads": numba_threads, "heap_kept": retain_heap(True)}
 
 
 @dataclass(frozen=True)

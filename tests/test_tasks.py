@@ -401,3 +401,18 @@ def test_device_resolution():
     assert tasks.resolve_device(None).type == expected and tasks.resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         tasks.resolve_device("gpu0")
+
+
+def test_configure_process_leaves_torch_and_numba_at_the_asked_thread_count():
+    """numba.set_num_threads resets torch's OpenMP count: configure_process must win over it."""
+    import numba
+
+    from engine.training import configure_process
+
+    before = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        for threads in (2, 1, 2, 1):
+            configure_process(threads)
+            assert (torch.get_num_threads(), numba.get_num_threads()) == (threads, threads)
+    finally:
+        configure_process(before[0])

@@ -1,18 +1,18 @@
 """Training on the CPU at the speed of the reference's own stack: the model, the loop, the set-up.
 
-Training is where an AutoLR run spends its time (every candidate trains a CNN), so this module is
-about doing the reference's exact computation faster, never about computing something cheaper:
+Training is where an AutoLR run spends its time, so this module does the reference's exact
+computation faster, never something cheaper:
 - `configure_process` stops glibc from returning the ~150 MB activation buffers to the OS after
-  every step (and page-faulting them back in on the next one), which is most of what made stock
-  torch eager 1.6-2.4x slower than TensorFlow here.
-- `CNN` runs in channels_last (what oneDNN's fastest convolution and pooling kernels want), pools
-  before the ReLU (max and ReLU commute exactly: relu(max(x)) == max(relu(x)) bit for bit, with the
-  same gradient, on a 4x smaller tensor), and fuses ReLU with dropout.
-- Dropout masks come from 64-bit words of an explicit torch.Generator cut into bytes: one random
-  byte per element is an exact Bernoulli draw when 256 * keep-probability is an integer (0.75 and
-  0.5 are), at a tenth of the cost of `bernoulli_`. Every random source of a training run is a
-  generator derived from its seed, so a candidate's training is reproducible bit for bit (for a
-  fixed thread count: oneDNN's reductions depend on it).
+  every step (and page-faulting them back in on the next), most of what made stock torch eager
+  1.6-2.4x slower than TensorFlow here.
+- `CNN` runs in channels_last (oneDNN's fastest convolutions), pools before the ReLU (relu and
+  max commute exactly, and the ReLU then sees a 4x smaller tensor), and does max-pool + ReLU +
+  dropout in one Numba pass each way instead of torch's five.
+- Dropout masks are random bytes from 64-bit words of an explicit torch.Generator: one byte per
+  element is an exact Bernoulli draw when 256 * keep-probability is an integer (0.75 and 0.5
+  are), at a tenth of the cost of `bernoulli_`. Every random source is a generator derived from
+  the seed, so training is reproducible bit for bit (at a fixed thread count: oneDNN's
+  reductions depend on it).
 """
 
 from __future__ import annotations
@@ -25,19 +25,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "CNN",
-    "FitResult",
-    "ModelSpec",
-    "configure_process",
-    "evaluate",
-    "fit",
-    "retain_heap",
-]
+try:
+    import numba
+except ImportError:  # the torch path below computes the same, only slower
+    numba = None
+
+__all__ = ["CNN", "FitResult", "ModelSpec", "configure_process", "evaluate", "fit", "retain_heap"]
 
 # glibc mallopt parameters (malloc.h); the values are part of glibc's ABI.
 _M_TRIM_THRESHOLD = -1
@@ -85,9 +83,7 @@ def _set_numba_threads(threads: int) -> int | None:
     OpenMP pool and the other workers: measured 8 ms a step instead of 0.5 ms for 0.3M
     parameters. numba's setting is per calling thread: call this from the thread that trains.
     """
-    try:
-        import numba
-    except ImportError:
+    if numba is None:
         return None
     count = min(threads, numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(count)
@@ -178,6 +174,19 @@ class _ReluDropout(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(grad, out, 0).mul_(ctx.scale), None, None
 
 
+def _random_bytes(numel: int, generator: torch.Generator) -> torch.Tensor:
+    """`numel` fair random bytes: 64-bit words over their full range, cut into bytes."""
+    words = torch.empty((numel + 7) // 8, dtype=torch.int64, device=generator.device)
+    words.random_(-(2**63), None, generator=generator)
+    return words.view(torch.uint8)[:numel]
+
+
+def _keep_below(p: float) -> int | None:
+    """A byte b keeps its element iff b < this: exact when 256 * (1-p) is an integer."""
+    keep = (1.0 - p) * 256.0
+    return int(keep) if keep == int(keep) else None
+
+
 def _scaled_mask(numel: int, p: float, generator: torch.Generator) -> torch.Tensor:
     """A flat float mask: 1/(1-p) with probability 1-p, else 0, drawn from `generator`.
 
@@ -186,11 +195,9 @@ def _scaled_mask(numel: int, p: float, generator: torch.Generator) -> torch.Tens
     mask with `where` costs 4x more here).
     """
     scale = 1.0 / (1.0 - p)
-    keep = (1.0 - p) * 256.0
-    if keep == int(keep):
-        words = torch.empty((numel + 7) // 8, dtype=torch.int64, device=generator.device)
-        words.random_(-(2**63), None, generator=generator)  # the full 64-bit range: 8 fair bytes
-        mask = words.view(torch.uint8)[:numel].float().lt_(keep)
+    keep = _keep_below(p)
+    if keep is not None:
+        mask = _random_bytes(numel, generator).float().lt_(keep)
     else:
         mask = torch.rand(numel, generator=generator, device=generator.device).ge_(p)
     return mask.mul_(scale)
@@ -208,12 +215,127 @@ def _relu_dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) 
     return _ReluDropout.apply(x, mask, 1.0 / (1.0 - p))
 
 
+# --- max-pool 2x2 + ReLU + dropout as one pass each way (Numba, CPU) ---------------------------
+# torch's pooling writes int64 argmax indices and its backward zero-fills the 147 MB input gradient
+# before scattering into it: ~110 ms a step at one thread with the ReLU and dropout passes. These
+# kernels read the conv output once and keep a one-byte code per output (argmax 0-3 in window
+# order, or 4: no gradient), and the backward writes each input gradient exactly once: ~35 ms.
+# Same rules as torch: the first maximum in (0,0) (0,1) (1,0) (1,1) order wins, NaN beats all,
+# relu(NaN) = NaN; the results are bit-identical to the torch path (tested).
+
+
+def _pool_forward(x, rnd, masked, keep_below, scale, out, code):  # pragma: no cover - numba
+    n_images, height, width, channels = x.shape
+    rows = height // 2
+    for nr in numba.prange(n_images * rows):
+        n, i = nr // rows, nr % rows
+        for j in range(width // 2):
+            for c in range(channels):
+                best, k = x[n, 2 * i, 2 * j, c], 0
+                v = x[n, 2 * i, 2 * j + 1, c]
+                if v > best or v != v:
+                    best, k = v, 1
+                v = x[n, 2 * i + 1, 2 * j, c]
+                if v > best or v != v:
+                    best, k = v, 2
+                v = x[n, 2 * i + 1, 2 * j + 1, c]
+                if v > best or v != v:
+                    best, k = v, 3
+                kept = not masked or rnd[n, i, j, c] < keep_below
+                o = best * (scale if kept else np.float32(0.0))
+                if o > 0 or o != o:
+                    out[n, i, j, c], code[n, i, j, c] = o, k
+                else:
+                    out[n, i, j, c], code[n, i, j, c] = 0.0, 4
+
+
+def _pool_backward(grad, code, scale, grad_in):  # pragma: no cover - numba
+    n_images, rows, cols, channels = grad.shape
+    zero = np.float32(0.0)
+    for nr in numba.prange(n_images * rows):
+        n, i = nr // rows, nr % rows
+        for j in range(cols):
+            for c in range(channels):
+                k, v = code[n, i, j, c], grad[n, i, j, c] * scale
+                grad_in[n, 2 * i, 2 * j, c] = v if k == 0 else zero
+                grad_in[n, 2 * i, 2 * j + 1, c] = v if k == 1 else zero
+                grad_in[n, 2 * i + 1, 2 * j, c] = v if k == 2 else zero
+                grad_in[n, 2 * i + 1, 2 * j + 1, c] = v if k == 3 else zero
+
+
+@functools.cache
+def _pool_kernels() -> tuple[Callable, Callable] | None:
+    """Compiled on first use and cached on disk by Numba (about 2 s once, then ~0.3 s a process)."""
+    if numba is None:
+        return None
+    jit = numba.njit(parallel=True, cache=True, nogil=True)
+    return jit(_pool_forward), jit(_pool_backward)
+
+
+def _numba_threads_like_torch() -> None:
+    """Numba's loops get torch's thread count (Numba's first launch resets OpenMP's: restore)."""
+    threads = torch.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+class _PoolReluDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rnd, keep_below, scale):  # type: ignore[override]
+        n, c, h, w = x.shape
+        out = torch.empty((n, h // 2, w // 2, c))
+        code = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
+        masked = rnd is not None
+        rnd = rnd if masked else code[:1, :1, :1, :1]  # never read: a typed stand-in
+        _numba_threads_like_torch()
+        forward = _pool_kernels()[0]
+        forward(x.detach().permute(0, 2, 3, 1).numpy(), rnd.numpy(), masked, keep_below,
+                np.float32(scale), out.numpy(), code.numpy())
+        ctx.save_for_backward(code)
+        ctx.scale = np.float32(scale)
+        return out.permute(0, 3, 1, 2)  # logical NCHW, channels_last in memory
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (code,) = ctx.saved_tensors
+        n, h, w, c = code.shape
+        grad = grad.permute(0, 2, 3, 1).contiguous()  # a no-op for the usual channels_last grad
+        grad_in = torch.empty((n, 2 * h, 2 * w, c))
+        _numba_threads_like_torch()
+        _pool_kernels()[1](grad.numpy(), code.numpy(), ctx.scale, grad_in.numpy())
+        return grad_in.permute(0, 3, 1, 2), None, None, None
+
+
+def _pool_relu_dropout(
+    x: torch.Tensor, p: float, generator: torch.Generator | None, allow_fused: bool = True
+) -> torch.Tensor:
+    """relu(max_pool2d(x, 2)) then dropout(p): one fused pass each way if it can, else torch's."""
+    n, c, h, w = x.shape
+    keep = _keep_below(p)
+    fused = (
+        allow_fused
+        and (x.device.type, x.dtype, h % 2, w % 2) == ("cpu", torch.float32, 0, 0)
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and keep is not None
+        and _pool_kernels() is not None
+    )
+    if not fused:
+        return _relu_dropout(F.max_pool2d(x, 2), p, generator)
+    if generator is None or p == 0.0:
+        return _PoolReluDropout.apply(x, None, 256, 1.0)
+    rnd = _random_bytes(n * c * h * w // 4, generator).view(n, h // 2, w // 2, c)
+    return _PoolReluDropout.apply(x, rnd, keep, 1.0 / (1.0 - p))
+
+
 class CNN(nn.Module):
     """The reference CNN, channels_last, Glorot-uniform kernels and zero biases as in Keras.
 
     `forward(x, dropout=generator)` trains with dropout masks drawn from that generator;
     `forward(x)` is the evaluation pass (no dropout), as Keras's training flag.
     Flatten uses Keras's (height, width, channel) order, which channels_last gives for free.
+    `fused_pool = False` swaps the Numba pooling kernels for torch's ops: the same results, bit
+    for bit, only slower (for benchmarks and machines without Numba).
     """
 
     def __init__(self, spec: ModelSpec, seed: int) -> None:
@@ -229,13 +351,14 @@ class CNN(nn.Module):
                 nn.init.xavier_uniform_(layer.weight, generator=generator)
                 layer.bias.zero_()
         self.to(memory_format=torch.channels_last)
+        self.fused_pool = True
 
     def forward(self, x: torch.Tensor, dropout: torch.Generator | None = None) -> torch.Tensor:
         spec = self.spec
         x = x.contiguous(memory_format=torch.channels_last)  # a no-op for 1-channel images
         x = F.relu(self.conv1(x), inplace=True)  # conv backward needs its input, not its output
-        x = F.max_pool2d(self.conv2(x), 2)  # pool first: relu commutes with max
-        x = _relu_dropout(x, spec.dropout1, dropout)
+        # Pool before ReLU: relu commutes with max, and the ReLU then sees a 4x smaller tensor.
+        x = _pool_relu_dropout(self.conv2(x), spec.dropout1, dropout, self.fused_pool)
         x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # NHWC order, a view in channels_last
         x = _relu_dropout(self.fc1(x), spec.dropout2, dropout)
         return self.fc2(x)

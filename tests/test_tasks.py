@@ -207,6 +207,30 @@ def test_retain_heap_stops_the_page_faults():
         training.retain_heap(True)
 
 
+@pytest.mark.skipif(training._pool_kernels() is None, reason="numba not installed")
+@pytest.mark.parametrize("train", [True, False], ids=["dropout", "eval"])
+def test_fused_pool_kernel_is_bit_identical_to_torch(train):
+    """The Numba max-pool+ReLU+dropout against torch's ops: same outputs and gradients, bit for bit,
+    with ties (first maximum wins) and NaN (it wins) in the windows."""
+    x = torch.randint(-3, 4, (6, 8, 10, 12)).float()  # small integers: many ties
+    x[0, 0, 0, 0] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(6, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    results = []
+    for fused in (True, False):
+        leaf = x.clone().requires_grad_()
+        generator = torch.Generator().manual_seed(3) if train else None
+        if fused:
+            out = training._pool_relu_dropout(leaf, 0.25, generator)
+        else:
+            out = training._relu_dropout(F.max_pool2d(leaf, 2), 0.25, generator)
+        (grad_in,) = torch.autograd.grad(out, leaf, grad)
+        results.append((out.detach(), grad_in))
+    (out_a, grad_a), (out_b, grad_b) = results
+    assert torch.equal(out_a.nan_to_num(-9), out_b.nan_to_num(-9)) and out_a.isnan().any()
+    assert torch.equal(grad_a, grad_b)
+
+
 # --- fit: early stopping, restore, divergence, deadline ---------------------------------------
 
 

@@ -215,7 +215,11 @@ def test_local_initializer_runs_once_in_every_worker(tmp_path):
                     *run_all(executor, whoami, list(range(8)), timeout=30).values()]
     pids = {outcome.value[0] for outcome in outcomes}
     assert all(outcome.value[1] == str(outcome.value[0]) for outcome in outcomes)
-    assert sorted(map(int, log.read_text().split())) == sorted(pids)  # once per process
+    initialised = list(map(int, log.read_text().split()))
+    # Workers start on demand and quick jobs may all land on one of them, so the log may name a
+    # worker that ran no job; what must hold is: once per process, in every process that ran one.
+    assert len(initialised) == len(set(initialised)) <= 2
+    assert pids <= set(initialised)
     assert {outcome.value[2:] for outcome in outcomes} == {("1", "1")}
 
 

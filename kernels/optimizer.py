@@ -27,6 +27,7 @@ Torch semantics kept on top of that layout:
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -161,21 +162,18 @@ class EvolvedOptimizer(Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             lr = _check_lr(group["lr"], f"param_groups[{index}]['lr']")
-            arena = self._arena(index, group)
-            if arena is not None:
-                arena.step(self.state, lr)
+            params = group["params"]
+            if not params:
+                continue
+            arena = self._arenas.get(index)
+            where = None if arena is None else arena.survey(params, self.state)
+            if where is None:  # first step, or something moved out of the arena: (re)build
+                kernel = self._kernel(self._group_backend(group))
+                arena = self._arenas[index] = _Arena.build(params, self.state, kernel,
+                                                           self.scalar_states)
+                where = arena.survey(params, self.state)
+            arena.step(self.state, lr, where)
         return loss
-
-    def _arena(self, index: int, group: dict[str, Any]) -> _Arena | None:
-        params = group["params"]
-        if not params:
-            return None
-        arena = self._arenas.get(index)
-        if arena is None or not arena.is_current(params, self.state):
-            kernel = self._kernel(self._group_backend(group))
-            arena = _Arena.build(params, self.state, kernel, self.scalar_states)
-            self._arenas[index] = arena
-        return arena
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's: `set_to_none=True` (the default) drops the gradients; `set_to_none=False`
@@ -275,6 +273,11 @@ class _Slot:
     stride: tuple[int, ...]
     views: dict[str, torch.Tensor] = field(default_factory=dict)  # weight, grad, every state
     ptr: int = 0  # byte offset of element 0 in every flat buffer
+    state_views: list[torch.Tensor] = field(default_factory=list)  # tensor, then scalar states
+
+    @property
+    def grad_view(self) -> torch.Tensor:
+        return self.views["grad"]
 
     def holds(self, t: torch.Tensor | None, base: int) -> bool:
         """Whether `t` is this slot's view of the flat buffer that starts at address `base`."""
@@ -293,12 +296,21 @@ class _Arena:
     buffers: dict[str, torch.Tensor]
     scalars: torch.Tensor  # (scalar state, parameter) -> value, float32 on the host
     settled: bool = False  # False until the first step after the build
-    calls: dict = field(default_factory=dict)  # (start, end) -> a launch over that range
+    plans: dict = field(default_factory=dict)  # (placement, scalar groups) -> _Plan
+    snapshot: bytes = b""  # the uniform states as the last step left them
+    groups: tuple[int, ...] | None = None  # which parameters share uniform states (None: all)
+    advanced: dict = field(default_factory=dict)  # (old states, lr) -> new states, see advance
+    last_lr: str = ""  # the lr (hex) of the last memo miss
     uniform: tuple | None = None  # (state, delta) of each scalar state, made on first use
 
     @property
     def grad(self) -> torch.Tensor:
         return self.buffers["grad"]
+
+    def __post_init__(self) -> None:
+        # numpy reads and writes a few floats in well under a microsecond; torch indexing costs
+        # several. Shares memory with `scalars` and so with the 0-d tensors in `state[p]`.
+        self.scalars_np: np.ndarray = self.scalars.numpy()
 
     @classmethod
     def build(cls, params: list[torch.Tensor], state: dict, kernel: UpdateKernel,
@@ -317,6 +329,7 @@ class _Arena:
             slot = _Slot(p, index, offset, p.numel(), p.shape, _dense_strides(p), ptr=4 * offset)
             slot.views = {n: buffers[n].as_strided(p.shape, slot.stride, offset) for n in names}
             slot.views.update({s: scalars[k, index] for k, s in enumerate(scalar_states)})
+            slot.state_views = [slot.views[s] for s in kernel.tensor_states + scalar_states]
             slot.views["weight"].copy_(p.detach())
             p.data = slot.views["weight"]
             param_state = state.get(p)
@@ -328,139 +341,224 @@ class _Arena:
             slots.append(slot)
         return cls(kernel, scalar_states, list(params), slots, buffers, scalars)
 
-    def is_current(self, params: list[torch.Tensor], state: dict) -> bool:
-        """Whether every parameter and state tensor still lives in this arena. Runs every step,
-        so it is cheap: a parameter's address and shape, and the identity of its state tensors
-        (the arena's own views; anything else was put there by someone else)."""
-        if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
-            return False
-        base = self.buffers["weight"].data_ptr()
+    def survey(self, params: list[torch.Tensor], state: dict) -> tuple[int, ...] | None:
+        """Where each parameter's gradient is (SKIP, ARENA, FRESH: anywhere else, or state still
+        to create), or None when the arena is stale: a parameter or state tensor no longer lives
+        in it. Runs every step, so it is cheap: one pass of identity and address checks (a state
+        tensor that is not the arena's own view was put there by someone else)."""
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+            return None
+        wbase, gbase = self.buffers["weight"].data_ptr(), self.grad.data_ptr()
         names = self.kernel.tensor_states + self.scalar_states
+        where = []
         for slot in self.slots:
             p = slot.param
-            if p.data_ptr() != base + slot.ptr or p.shape != slot.shape:
-                return False
+            if p.data_ptr() != wbase + slot.ptr or p.shape != slot.shape:
+                return None
             param_state = state.get(p)
-            if param_state and names and not all(param_state.get(s) is slot.views[s]
-                                                  for s in names):
-                return False
-        return True
+            if param_state and names and not all(map(operator.is_, map(param_state.get, names),
+                                                     slot.state_views)):
+                return None
+            g = p.grad
+            if g is None:
+                where.append(SKIP)
+            elif g is slot.grad_view and g.data_ptr() == gbase + slot.ptr and \
+                    (param_state or not names):
+                where.append(ARENA)
+            else:
+                where.append(FRESH)
+        return tuple(where)
 
-    def advance(self, old: dict[str, float], lr: float) -> dict[str, float]:
-        """`kernel.advance_scalars`, less its cost: Program.advance_uniform works out which
-        states are uniform (walking every tree) on each call; the list is made once here, and
-        the float32 evaluation is the same."""
-        if self.uniform is None:
-            program = self.kernel.plan.program
-            self.uniform = tuple((s, getattr(program, s)) for s in self.kernel.scalar_states)
-        if not self.uniform:
-            return {}
-        env = {s: np.float32(old.get(s, 0.0)) for s in STATES}
-        env["lr"] = np.float32(lr)
-        new = {}
-        with np.errstate(all="ignore"):
-            for s, delta in self.uniform:
-                env[s] = np.float32(env[s] - evaluate(delta, env))
-                new[s] = float(env[s])
+    def advance(self, old: bytes, lr: float) -> dict[str, float]:
+        """The uniform states' new values from their old ones (float32 bytes, in
+        `scalar_states` order), as the reference semantics say. Memoised along a chain: a miss
+        works out the next CHAIN steps at this lr, so a step counter costs a dict lookup a step,
+        not a float32 tree walk under np.errstate (~10 us cold)."""
+        key = (old, lr.hex())
+        new = self.advanced.get(key)
+        if new is None:
+            if len(self.advanced) > 64 * CHAIN:
+                self.advanced.clear()
+            if self.uniform is None:
+                program = self.kernel.plan.program
+                self.uniform = tuple((s, getattr(program, s)) for s in self.scalar_states)
+            # A steady lr (the usual case) is worth a chain; one that changes every step (a
+            # per-step scheduler) is not.
+            chain = CHAIN if key[1] == self.last_lr else 1
+            self.last_lr = key[1]
+            env = {s: np.float32(0.0) for s in STATES}
+            env.update(zip(self.scalar_states, np.frombuffer(old, np.float32)))
+            env["lr"] = np.float32(lr)
+            state = old
+            with np.errstate(all="ignore"):
+                for _ in range(chain):
+                    for s, delta in self.uniform:
+                        env[s] = np.float32(env[s] - evaluate(delta, env))
+                    values = {s: float(env[s]) for s in self.scalar_states}
+                    self.advanced[(state, key[1])] = values
+                    state = np.array([env[s] for s in self.scalar_states], np.float32).tobytes()
+            new = self.advanced[key]
         return new
 
-    def launch(self, start: int, end: int, grad: torch.Tensor | None, lr: float,
-               scalars: dict[str, float]) -> None:
-        """One kernel launch over arena elements [start, end); `grad` None means the arena's."""
-        if grad is None:
-            call = self.calls.get((start, end))
-            if call is None:
-                call = self.calls[(start, end)] = self._call(start, end)
-            call(lr, scalars)
-            return
-        b = self.buffers
-        self.kernel(b["weight"][start:end], grad,
-                    {s: b[s][start:end] for s in self.kernel.tensor_states}, lr, scalars)
-
-    def _call(self, start: int, end: int) -> Callable[[float, dict[str, float]], None]:
-        """A launch over a fixed arena range, its buffers sliced once. For numba, the generated
-        function itself on cached numpy views: the kernel ABI (`kernel(weight, grad, *tensor
-        states, lr, *scalar states)`) without UpdateKernel's per-call conversions, which cost
-        as much as a small parameter's update."""
+    def _call(self, start: int, end: int) -> Callable[..., None]:
+        """A launch over a fixed arena range, its buffers sliced once: `call(lr, scalars,
+        grad=None)`, where `grad` is a flat gradient outside the arena to read instead of the
+        arena's. For numba, the generated function itself on cached numpy views: the kernel ABI
+        (`kernel(weight, grad, *tensor states, lr, *scalar states)`) without UpdateKernel's
+        per-call conversions, which cost as much as a small parameter's update."""
         names = ("weight", "grad") + self.kernel.tensor_states
         views = [self.buffers[n][start:end] for n in names]
         if self.kernel.backend == "numba":
             fn, order = self.kernel.module.kernel, self.scalar_states
-            arrays = [v.numpy() for v in views]
-            return lambda lr, scalars: fn(*arrays, lr, *(scalars[s] for s in order))
-        states = dict(zip(names[2:], views[2:]))
-        return lambda lr, scalars: self.kernel(views[0], views[1], states, lr, scalars)
+            weight, grad, *states = [v.numpy() for v in views]
+
+            def call(lr: float, scalars: dict[str, float], outside: torch.Tensor | None = None
+                     ) -> None:
+                fn(weight, grad if outside is None else outside.detach().numpy(), *states, lr,
+                   *(scalars[s] for s in order))
+            return call
+        named = dict(zip(names[2:], views[2:]))
+        return lambda lr, scalars, outside=None: self.kernel(
+            views[0], views[1] if outside is None else outside, named, lr, scalars)
 
     def grad_slots(self, params: list[torch.Tensor]) -> set[int]:
         base = self.grad.data_ptr()
         return {i for i, slot in enumerate(self.slots) if slot.holds(slot.param.grad, base)}
 
-    def step(self, state: dict, lr: float) -> None:
-        """Create missing state, find where each gradient is, then launch once per run of
-        neighbouring parameters that step together (gradient in the arena, same uniform states),
-        and once per large gradient that lives outside the arena."""
-        launches: list[_Launch] = []
+    def step(self, state: dict, lr: float, where: tuple[int, ...]) -> None:
+        """Find where each gradient is (creating missing state), then run the launch plan for
+        that placement: one launch per run of neighbouring parameters that step together
+        (gradient in the arena, same uniform states), one per large gradient outside it.
+
+        Plans are cached by placement, so a step that looks like the last one (the common case,
+        whichever zero_grad a loop uses) costs a few microseconds of Python per parameter on top
+        of the launches: at 1.2M parameters in 8 tensors that bookkeeping was otherwise ~15% of
+        the step."""
+        outside: dict[int, torch.Tensor] = {}
+        if FRESH in where:
+            where, outside = self._place_gradients(state, where)
+        scalars = self.scalars_np
+        snapshot = scalars.tobytes()
+        if snapshot != self.snapshot:  # not what the last step left: someone wrote the states
+            self.groups = None
+            if scalars.shape[0] and scalars.shape[1] > 1:
+                bits = scalars.view(np.uint32)  # bitwise: NaN == NaN, -0 != 0
+                if not (bits == bits[:, :1]).all():
+                    columns: dict[bytes, int] = {}
+                    self.groups = tuple(columns.setdefault(bits[:, i].tobytes(), len(columns))
+                                        for i in range(bits.shape[1]))
+        key = (where, self.groups)
+        plan = self.plans.get(key)
+        if plan is None:
+            if len(self.plans) >= MAX_PLANS:  # placements that keep changing: do not hoard
+                self.plans.clear()
+            plan = self.plans[key] = self._plan(where, self.groups)
+        news = []
+        for launch in plan.launches:
+            new = self.advance(scalars[:, launch.first].tobytes(), lr) if self.scalar_states \
+                else {}
+            news.append(new)
+        for launch, new in zip(plan.launches, news):
+            if launch.end > launch.start:
+                self.launch(launch, outside.get(launch.first), lr, new)
+        for launch, new in zip(plan.launches, news):
+            for k, s in enumerate(self.scalar_states):
+                scalars[k, launch.first:launch.last + 1] = new[s]
+        # After one launch over every parameter they all still agree; after anything else the
+        # groups may have merged or split: count them again next step.
+        whole = len(plan.params) == len(self.slots) and len(plan.launches) == 1
+        self.snapshot = scalars.tobytes() if whole and self.groups is None else b""
+        self.settled = True
+        # torch's in-place ops bump the version counter; the kernels write behind its back.
+        _bump_versions(plan.params)
+
+    def launch(self, launch: _Launch, grad: torch.Tensor | None, lr: float,
+               scalars: dict[str, float]) -> None:
+        """One kernel launch; `grad` is the gradient when it lies outside the arena."""
+        launch.call(lr, scalars, grad)
+
+    def _place_gradients(self, state: dict, surveyed: tuple[int, ...]
+                         ) -> tuple[tuple[int, ...], dict[int, torch.Tensor]]:
+        """For the slots the survey found FRESH: copy a small gradient into the arena (ARENA),
+        or leave a large one where it lies (OUTSIDE, returned by slot index as a flat view),
+        and create the states of parameters that step the first time."""
+        where, outside = list(surveyed), {}
+        names = self.kernel.tensor_states + self.scalar_states
         base = self.grad.data_ptr()
-        values = list(zip(*self.scalars.tolist())) if self.scalar_states else None
-        for slot in self.slots:
+        into, fresh, moved = [], [], []
+        for slot, kind in zip(self.slots, surveyed):
+            if kind != FRESH:
+                continue
             p = slot.param
             g = p.grad
-            if g is None:
-                continue
-            outside = None
+            where[slot.index] = ARENA
             if not slot.holds(g, base):
                 _check_grad(p, g)
                 if self.settled and slot.numel >= DIRECT_MIN and g.stride() == slot.stride:
-                    outside = g.as_strided((slot.numel,), (1,), g.storage_offset())
+                    outside[slot.index] = g.as_strided((slot.numel,), (1,), g.storage_offset())
+                    where[slot.index] = OUTSIDE
                 else:
-                    slot.views["grad"].copy_(g)
-                    p.grad = slot.views["grad"]
+                    into.append(slot.grad_view)
+                    fresh.append(g)
+                    moved.append(slot)
             param_state = state[p]  # a defaultdict: {} the first time
-            created = False
-            for s in self.kernel.tensor_states + self.scalar_states:
-                if s not in param_state:
+            # The survey has checked that a non-empty state holds all of the arena's views.
+            if names and not param_state:
+                for s in names:
                     param_state[s] = slot.views[s].zero_()
-                    created = True
-            if values is None:
-                scalars = ()
-            else:
-                if created:
-                    values[slot.index] = tuple(float(slot.views[s]) for s in self.scalar_states)
-                scalars = values[slot.index]
+        if into:
+            torch._foreach_copy_(into, fresh)  # one dispatch for all: ~5 us a tensor otherwise
+            for slot in moved:
+                slot.param.grad = slot.grad_view
+        return tuple(where), outside
+
+    def _plan(self, where: tuple[int, ...], groups: tuple[int, ...] | None) -> _Plan:
+        launches: list[_Launch] = []
+        for slot, kind in zip(self.slots, where):
+            if kind == SKIP:
+                continue
+            group = 0 if groups is None else groups[slot.index]
             last = launches[-1] if launches else None
-            if (outside is None and last is not None and last.grad is None
-                    and last.slots[-1].index == slot.index - 1 and _same(last.scalars, scalars)):
+            if (kind == ARENA and last is not None and last.arena and last.group == group
+                    and last.last == slot.index - 1):
                 last.end = slot.offset + slot.numel  # the alignment gap between comes along
-                last.slots.append(slot)
+                last.last = slot.index
             else:
-                launches.append(_Launch(slot.offset, slot.offset + slot.numel, scalars, [slot],
-                                        outside))
-        self.settled = True
-        advanced: dict[tuple, dict[str, float]] = {}
+                launches.append(_Launch(slot.offset, slot.offset + slot.numel, slot.index,
+                                        slot.index, group, kind == ARENA))
         for launch in launches:
-            key = tuple(v.hex() for v in launch.scalars)
-            if key not in advanced:
-                advanced[key] = self.advance(dict(zip(self.scalar_states, launch.scalars)), lr)
-            new = advanced[key]
             if launch.end > launch.start:
-                self.launch(launch.start, launch.end, launch.grad, lr, new)
-            first, last = launch.slots[0].index, launch.slots[-1].index  # consecutive
-            for k, s in enumerate(self.scalar_states):
-                self.scalars[k, first:last + 1] = new[s]
-        # torch's in-place ops bump the version counter; the kernels write behind its back.
-        _bump_versions([slot.param for launch in launches for slot in launch.slots])
+                launch.call = self._call(launch.start, launch.end)
+        params = [self.slots[i].param for launch in launches
+                  for i in range(launch.first, launch.last + 1)]
+        return _Plan(launches, params)
+
+
+SKIP, ARENA, FRESH, OUTSIDE = 0, 1, 2, 3
+# Uniform-state steps worked out per memo miss (see _Arena.advance).
+CHAIN = 64
+# Launch plans kept per arena, one per gradient placement seen (usually one or two).
+MAX_PLANS = 16
 
 
 @dataclass
 class _Launch:
-    """One kernel launch: arena elements [start, end), their parameters' uniform states, and the
-    gradient when it is not the arena's (a large fresh one, updated where it lies)."""
+    """One kernel launch over arena elements [start, end): parameters first..last, which share
+    their uniform states; `arena` False means the one parameter's gradient lies outside."""
 
     start: int
     end: int
-    scalars: tuple[float, ...]
-    slots: list[_Slot]
-    grad: torch.Tensor | None = None
+    first: int
+    last: int
+    group: int
+    arena: bool
+    call: Callable[..., None] | None = None  # (lr, scalars, grad outside the arena or None)
+
+
+@dataclass
+class _Plan:
+    launches: list[_Launch]
+    params: list[torch.Tensor]  # those that step
 
 
 def _bump_versions(params: list[torch.Tensor]) -> None:
@@ -469,10 +567,6 @@ def _bump_versions(params: list[torch.Tensor]) -> None:
     except TypeError:
         for p in params:  # torch versions whose increment_version takes one tensor
             torch.autograd.graph.increment_version(p)
-
-
-def _same(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return all(x.hex() == y.hex() for x, y in zip(a, b))  # bitwise: NaN == NaN, -0 != 0
 
 
 def _check_grad(p: torch.Tensor, g: torch.Tensor) -> None:

@@ -37,9 +37,9 @@ def launches(monkeypatch):
     calls: list[int] = []
     original = _Arena.launch
 
-    def counting(self, start, end, *args):
-        calls.append(end - start)
-        return original(self, start, end, *args)
+    def counting(self, launch, *args):
+        calls.append(launch.end - launch.start)
+        return original(self, launch, *args)
 
     monkeypatch.setattr(_Arena, "launch", counting)
     return calls
@@ -160,6 +160,24 @@ def test_a_parameter_without_grad_is_skipped_as_torch_skips_it(launches):
     assert float(opt_ours.state[ours[0].weight]["sigma"]) == 10.0
     assert_close_models(ours, theirs)
     assert set(opt_ours.state_dict()["state"]) == set(opt_theirs.state_dict()["state"])
+
+
+def test_a_step_counter_written_in_place_is_honoured_at_the_next_step(launches):
+    """The arena remembers the uniform states it left and plans from that; a user who writes
+    one parameter's counter in place (as one may with torch Adam's `step`) must be noticed."""
+    ours, theirs = mlp(), mlp()
+    opt_ours = EvolvedOptimizer(ours.parameters(), zoo.adam(), backend="numba", lr=1e-2)
+    opt_theirs = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+    train(ours, opt_ours, range(3))
+    train(theirs, opt_theirs, range(3))
+    launches.clear()
+    opt_ours.state[ours[2].weight]["sigma"].fill_(40.0)
+    opt_theirs.state[theirs[2].weight]["step"].fill_(40.0)
+    train(ours, opt_ours, range(3, 6))
+    train(theirs, opt_theirs, range(3, 6))
+    assert len(launches) == 3 * 3  # counters 4 | 41 | 4, then on
+    assert float(opt_ours.state[ours[2].weight]["sigma"]) == 43.0
+    assert_close_models(ours, theirs)
 
 
 def test_a_user_assigned_grad_is_used_and_moved_into_the_arena():
@@ -478,16 +496,24 @@ def test_gpu_check_accepts_what_flush_to_zero_explains():
     "sigma: mul(0.5, sub(sigma, lr))\nweight: mul(sigma, grad)"), Program.parse(
     "alpha: -1.0\nbeta: sub(beta, pow(0.9, alpha))\nweight: mul(beta, grad)")])
 def test_the_host_advance_of_scalar_states_is_the_kernels(program):
-    from kernels.optimizer import _Arena
+    """The arena's memoised advance (bytes in, a chain worked out per miss) against the kernel's
+    own, step after step, at a steady lr and at one that changes every step."""
+    from kernels.optimizer import CHAIN, _Arena
     kernel = kernels.compile(program, "numba")
     arena = _Arena(kernel, kernel.scalar_states, [], [], {}, torch.zeros(0))
+    names = kernel.scalar_states
+
+    def as_bytes(values):
+        return np.array([values[s] for s in names], np.float32).tobytes()
+
     for old in (0.0, 1.0, 41.0, -3.5, float("nan"), float("inf")):
-        for lr in (1.0, 1e-3, 0.0):
-            values = {s: old for s in kernel.scalar_states}
-            want = kernel.advance_scalars(values, lr)
-            got = arena.advance(values, lr)
-            assert {k: float(v).hex() for k, v in got.items()} == \
-                   {k: float(v).hex() for k, v in want.items()}
+        for lrs in ([1.0] * (CHAIN + 5), [1e-3, 0.0, 1e-3, 2.0], [0.0] * 3):
+            want = got = {s: old for s in names}
+            for lr in lrs:
+                want = kernel.advance_scalars(want, lr)
+                got = arena.advance(as_bytes(got), lr)
+                assert {k: float(v).hex() for k, v in got.items()} == \
+                       {k: float(v).hex() for k, v in want.items()}
 
 
 def test_loading_torch_adams_state_is_refused_with_the_reason():

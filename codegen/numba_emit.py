@@ -1,4 +1,5 @@
-"""Numba backend: one `@njit(parallel=True)` prange loop over the flat float32 buffers.
+"""Numba backend: one `@njit(parallel=True)` prange loop over the flat float32 buffers, and the
+same loop without threads for one-thread processes (`kernel_fn` picks).
 
 `error_model='numpy'` so that division and sqrt give IEEE results instead of raising, and no
 `fastmath`: it assumes no NaN/inf, which would break divide-no-NaN and NaN propagation.
@@ -7,6 +8,8 @@ promote the whole expression to float64 and halve the throughput.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from codegen.ir import Const, Program, format_float
 from codegen.lower import Assign, KernelPlan, lower
@@ -78,17 +81,33 @@ def _render(step: Assign) -> str:
 
 def emit(program: Program | KernelPlan) -> str:
     """The source of a module defining `kernel(weight, grad, *tensor_states, lr, *scalar_states)`
-    over 1-D float32 numpy arrays, plus TENSOR_STATES / SCALAR_STATES."""
+    over 1-D float32 numpy arrays, `kernel_serial` (the same without threads), plus
+    TENSOR_STATES / SCALAR_STATES."""
     plan = program if isinstance(program, KernelPlan) else lower(program)
     buffers = ("weight", "grad") + plan.tensor_states
     params = [f"{b}_buf" for b in buffers] + ["lr", *plan.scalar_states]
     out = ["# " + line for line in plan.header("numba")]
     out += ["", PRELUDE, f"TENSOR_STATES = {plan.tensor_states!r}",
             f"SCALAR_STATES = {plan.scalar_states!r}", "", ""]
-    out.append('@numba.njit(parallel=True, error_model="numpy", cache=True)')
-    out.append(f"def kernel({', '.join(params)}):")
-    for scalar in ("lr", *plan.scalar_states):
-        out.append(f"    {scalar} = f32({scalar})")
-    out.append("    for i in numba.prange(weight_buf.shape[0]):")
-    out += plan.body("        ", "{name} = {name}_buf[i]", _render, "{name}_buf[i] = {name}")
-    return "\n".join(out) + "\n"
+    # Two copies of one loop: `kernel` splits it over Numba's threads; `kernel_serial` is for
+    # processes that run one thread (evaluation workers), where prange has nothing to share and
+    # the parallel version costs ~2.4x the compile time (Numba's parfors passes). The body is
+    # written out twice rather than shared through an inline helper, which costs ~35% more
+    # compile time in both.
+    for name, decorator, loop in (
+            ("kernel", "parallel=True, ", "numba.prange"), ("kernel_serial", "", "range")):
+        out.append(f'@numba.njit({decorator}error_model="numpy", cache=True)')
+        out.append(f"def {name}({', '.join(params)}):")
+        for scalar in ("lr", *plan.scalar_states):
+            out.append(f"    {scalar} = f32({scalar})")
+        out.append(f"    for i in {loop}(weight_buf.shape[0]):")
+        out += plan.body("        ", "{name} = {name}_buf[i]", _render, "{name}_buf[i] = {name}")
+        out += ["", ""]
+    return "\n".join(out[:-2]) + "\n"
+
+
+def kernel_fn(module: object) -> Callable[..., None]:
+    """The loop to call in this thread: the serial one when Numba runs one thread here."""
+    import numba
+
+    return module.kernel_serial if numba.get_num_threads() == 1 else module.kernel

@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 from codegen.cache import BACKENDS
 from codegen.ir import STATES, Program, evaluate
 from codegen.lower import lower
+from codegen.numba_emit import kernel_fn
 from kernels.runtime import UpdateKernel, resolve_backend, triton_usable_on
 from kernels.runtime import compile as compile_kernel
 
@@ -409,12 +410,12 @@ class _Arena:
         names = ("weight", "grad") + self.kernel.tensor_states
         views = [self.buffers[n][start:end] for n in names]
         if self.kernel.backend == "numba":
-            fn, order = self.kernel.module.kernel, self.scalar_states
+            module, order = self.kernel.module, self.scalar_states
             weight, grad, *states = [v.numpy() for v in views]
 
             def call(lr: float, scalars: dict[str, float], outside: torch.Tensor | None = None
                      ) -> None:
-                fn(weight, grad if outside is None else outside.detach().numpy(), *states, lr,
+                kernel_fn(module)(weight, grad if outside is None else outside.detach().numpy(), *states, lr,
                    *(scalars[s] for s in order))
             return call
         named = dict(zip(names[2:], views[2:]))

@@ -18,6 +18,7 @@ import torch
 from codegen import cache
 from codegen.ir import Program
 from codegen.lower import KernelPlan, lower
+from codegen.numba_emit import kernel_fn
 
 
 class BackendUnavailable(RuntimeError):
@@ -96,11 +97,12 @@ def compile(program: Program | str, backend: str = "auto") -> UpdateKernel:  # n
 @functools.lru_cache(maxsize=4096)
 def _compile_cached(plan: KernelPlan, backend: str) -> UpdateKernel:
     module = cache.load(plan, backend)
-    fn = module.kernel
     if backend == "numba":
         def launch(buffers, values):
-            fn(*(_as_numpy(b) for b in buffers), *values)
+            kernel_fn(module)(*(_as_numpy(b) for b in buffers), *values)
     else:
+        fn = module.kernel
+
         def launch(buffers, values):
             fn(*buffers, *values)
     return UpdateKernel(plan, backend, module, launch)

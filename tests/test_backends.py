@@ -110,6 +110,32 @@ def test_random_programs_cover_every_op_and_depth():
     assert sum(len(programs(c)) for c in range(CHUNKS)) >= 500
 
 
+def test_numba_serial_and_parallel_loops_agree_bit_for_bit():
+    """The generated module has a threaded loop and a serial one (what one-thread workers run);
+    the random programs above go through whichever this process picks, so the two are held to
+    each other here: same inputs, same bits, on random programs over edge-heavy inputs."""
+    rng = np.random.default_rng(7)
+    for chunk in range(0, CHUNKS, 4):
+        for program in programs(chunk)[:8]:  # 32 programs: each loop is a compile (~0.3-0.6 s)
+            kernel = kernels.compile(program, "numba")
+            n = 4096  # long enough for the vectorised loop and a scalar remainder
+            weight, grad = random_inputs(rng, n), random_inputs(rng, n)
+            states = [random_inputs(rng, n) for _ in kernel.tensor_states]
+            lr = float(rng.choice([1.0, 0.01, -0.5]))
+            scalars = [kernel.advance_scalars({}, lr)[s] for s in kernel.scalar_states]
+            results = []
+            for fn in (kernel.module.kernel, kernel.module.kernel_serial):
+                buffers = [a.copy() for a in (weight, grad, *states)]
+                fn(*buffers, lr, *scalars)
+                results.append([b.view(np.uint32) for b in buffers])
+            for a, b in zip(*results):
+                # Bit for bit, except that a NaN's sign bit may differ (x86's vector and
+                # scalar instructions make NaNs of either sign; no op reads that bit).
+                nan = np.isnan(a.view(np.float32)) & np.isnan(b.view(np.float32))
+                assert np.array_equal(a[~nan], b[~nan]), \
+                    f"serial and parallel loops differ for\n{program}"
+
+
 UNARY = ("neg", "square", "sqrt", "abs", "sign", "exp", "log")
 BINARY = ("add", "sub", "mul", "div", "pow", "min", "max")
 ULPS = {"exp": 4, "log": 4, "pow": 64}  # transcendental: implementations differ in the last bits

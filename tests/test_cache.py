@@ -31,7 +31,8 @@ CHILD = textwrap.dedent("""
     states = {s: torch.zeros(1000) for s in k.tensor_states}
     k(w, g, states, 0.01, k.advance_scalars({}, 0.01))
     t2 = time.perf_counter()
-    stats = k.module.kernel.stats
+    from codegen.numba_emit import kernel_fn
+    stats = kernel_fn(k.module).stats  # the serial loop: this child runs one Numba thread
     print(json.dumps({"seconds": t2 - t1, "hits": sum(stats.cache_hits.values()),
                       "misses": sum(stats.cache_misses.values()), "w": w[0].item()}))
 """)

@@ -176,13 +176,32 @@ def _check_timeout(timeout: float | None) -> None:
 
 
 def _one_thread_per_process() -> None:
-    """Make this worker use one core: env for what is imported later, setters for what was not."""
+    """Make this worker use one core: env for what is imported later, setters for what was.
+
+    Numba needs care. A spawned worker re-imports the parent's main module first, so Numba is
+    often imported already, its pool size read from the environment of the time (every core).
+    Numba re-reads NUMBA_NUM_THREADS before each compile and refuses a different value once its
+    threads are running ("Cannot set NUMBA_NUM_THREADS ... once the threads have been
+    launched": every candidate of `python -m engine.run` failed so). So the environment and
+    Numba's config change together, before its threads start; if they had started, the
+    environment is left as Numba read it and only the active thread count drops to 1."""
+    numba = sys.modules.get("numba")
+    launched = numba is not None and _numba_threads_launched()
     for name in _THREAD_VARIABLES:
-        os.environ[name] = "1"
+        if not (name == "NUMBA_NUM_THREADS" and launched):
+            os.environ[name] = "1"
     if (torch := sys.modules.get("torch")) is not None:
         torch.set_num_threads(1)
-    if (numba := sys.modules.get("numba")) is not None:
+    if numba is not None:
+        if not launched:
+            numba.config.NUMBA_NUM_THREADS = 1
         numba.set_num_threads(1)
+
+
+def _numba_threads_launched() -> bool:
+    from numba.np.ufunc import parallel
+
+    return bool(getattr(parallel, "_is_initialized", False))  # what numba.core.config checks
 
 
 def _initializer_failed(detail: str) -> ExecutorError:

@@ -86,6 +86,23 @@ def alr_run(tmp_path_factory, env):
 # -- a whole run, and what it leaves ----------------------------------------------------------------
 
 @pytest.mark.slow
+def test_a_run_on_the_local_pool_trains_its_candidates(env, tmp_path):
+    """The default executor, as `make run` uses it. Its workers are spawned, so each re-imports
+    engine.run (and with it Numba) before it is told to use one thread: Numba then refused
+    every compile, and every candidate failed with the floor fitness, while serial runs and the
+    executor tests (whose main module imports no Numba) passed."""
+    args = ["--mode", "alr", "--preset", "smoke", "--executor", "local", "--workers", "2",
+            "--generations", "1", "--population", "4", "--no-seed-zoo", "--out", tmp_path / "run",
+            "--store", tmp_path / "store.sqlite"]
+    engine_run(args, env, cwd=tmp_path)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    counts = summary["evaluations"]
+    raised = {k: v for k, v in counts["failures"].items() if k.startswith("raised")}
+    assert not raised, raised
+    assert summary["baseline"]["reason"] is None and summary["baseline"]["fitness"] > 0.1
+
+
+@pytest.mark.slow
 def test_alr_run_writes_every_output(alr_run):
     run_dir, result = alr_run
     assert "writing to" in result.stdout and "finished" in result.stdout

@@ -14,9 +14,11 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -543,3 +545,28 @@ def test_loading_torch_adams_state_is_refused_with_the_reason():
     ours = EvolvedOptimizer(mlp().parameters(), zoo.adam(), backend="numba", lr=1e-2)
     with pytest.raises(ValueError, match=r"holds \['exp_avg', 'exp_avg_sq', 'step'\].*another"):
         ours.load_state_dict(adam.state_dict())
+
+
+@pytest.mark.parametrize("bucket_view", [False, True])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_distributed_data_parallel_trains_like_torch_adam(tmp_path, bucket_view, set_to_none):
+    """DDP (one gloo process) all-reduces into its own buckets; with gradient_as_bucket_view the
+    gradients *are* bucket views, which the arena must treat as gradients it does not own (copy
+    or launch in place) without upsetting DDP's reducer. Warnings are errors here."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours = DDP(mlp(), gradient_as_bucket_view=bucket_view)
+            theirs = DDP(mlp(), gradient_as_bucket_view=bucket_view)
+            opt_ours = EvolvedOptimizer(ours.parameters(), zoo.adam(), backend="numba", lr=1e-2)
+            opt_theirs = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+            train(ours, opt_ours, range(20), set_to_none=set_to_none)
+            train(theirs, opt_theirs, range(20), set_to_none=set_to_none)
+        assert_close_models(ours.module, theirs.module)
+    finally:
+        dist.destroy_process_group()

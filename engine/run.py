@@ -51,9 +51,11 @@ VERSION = 1
 
 # Per preset and mode: the search (EvolutionConfig fields; p_cross and p_mut default to the
 # reference's 0.9 and 0.15) and the time limit per candidate (s). ALR needs max_depth 16 for the
-# Adam seed (every op costs two levels: expr -> fun -> expr). quick is sized by measurement for
-# minutes on a 2-core CPU with 2 local workers: most random and mutated ALR programs are
-# screened or diverge within an epoch, so a generation of 30 costs ~10-20 s there.
+# Adam seed (every op costs two levels: expr -> fun -> expr). quick is sized by measurement to
+# fit the issue's ~10 minutes on a 2-core CPU with 2 local workers, busy machine included: most
+# random and mutated ALR programs are screened, answered by the store or diverge within an epoch,
+# so a generation of 40 costs ~8-18 s; 40 x 30 took 330 s quiet (271 trainings), and its best
+# beat the seeds only in generation 29 (30 x 12, 142 s, never did).
 PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
     "smoke": {
         "alr": dict(population=6, generations=3, elitism=1, tournament=2, min_depth=4,
@@ -62,7 +64,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
                     max_depth=6, time_limit=120.0),
     },
     "quick": {
-        "alr": dict(population=30, generations=12, elitism=2, tournament=4, p_cross=0.3,
+        "alr": dict(population=40, generations=30, elitism=2, tournament=4, p_cross=0.3,
                     p_mut=0.05, min_depth=4, max_depth=17, time_limit=300.0),
         "dlr": dict(population=10, generations=6, elitism=1, tournament=3, min_depth=2,
                     max_depth=8, time_limit=300.0),

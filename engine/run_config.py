@@ -1,0 +1,293 @@
+"""The settings of an `engine.run` run: presets, the command line, and the run's config.json.
+
+`new_config` resolves a fresh run's flags against its preset into the dict saved as
+config.json; `resumed_config` reads that file back and applies what `--resume` may change
+(`RESUMABLE`). Every user error is a `UsageError` (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+from codegen.ir import ParseError, Program, Schedule
+from engine.cli import Parser, UsageError, positive_int
+from engine.evolve import EvolutionConfig
+from engine.grammar import ALR_GRAMMAR, DLR_GRAMMAR, Grammar, GrammarError, load_grammar
+from engine.seeds import DEFAULT_SEED_LR, SeedError, read_seed_file, snap_all, zoo_seeds
+from engine.store import versions
+from engine.tasks import PRESETS
+
+__all__ = ["PRESET_DEFAULTS", "RESUMABLE", "build_parser", "check_out_dir", "new_config",
+           "resumed_config"]
+
+FORMAT = "autolr-run"
+VERSION = 1
+
+# Per preset and mode: the search (EvolutionConfig fields; p_cross and p_mut default to the
+# reference's 0.9 and 0.15) and the time limit per candidate (s). ALR needs max_depth 16 for the
+# Adam seed (every op costs two levels: expr -> fun -> expr). quick is sized by measurement to
+# fit the issue's ~10 minutes on a 2-core CPU with 2 local workers, busy machine included: most
+# random and mutated ALR programs are screened, answered by the store or diverge within an epoch,
+# so a generation of 40 costs ~8-18 s; 40 x 30 took 330 s quiet (271 trainings), and its best
+# beat the seeds only in generation 29 (30 x 12, 142 s, never did).
+PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
+    "smoke": {
+        "alr": dict(population=6, generations=3, elitism=1, tournament=2, min_depth=4,
+                    max_depth=17, time_limit=120.0),
+        "dlr": dict(population=4, generations=2, elitism=1, tournament=2, min_depth=2,
+                    max_depth=6, time_limit=120.0),
+    },
+    "quick": {
+        "alr": dict(population=40, generations=30, elitism=2, tournament=4, p_cross=0.3,
+                    p_mut=0.05, min_depth=4, max_depth=17, time_limit=300.0),
+        "dlr": dict(population=10, generations=6, elitism=1, tournament=3, min_depth=2,
+                    max_depth=8, time_limit=300.0),
+    },
+    "paper": {  # REFERENCE.md's example config; run it on a GPU or a cluster (--executor ray)
+        "alr": dict(population=20, generations=250, elitism=1, tournament=5, min_depth=6,
+                    max_depth=17, time_limit=None),
+        "dlr": dict(population=20, generations=100, elitism=1, tournament=5, min_depth=2,
+                    max_depth=10, time_limit=None),
+    },
+}
+# What --resume may change: how the run is executed, and how far it goes.
+RESUMABLE = ("generations", "time_budget", "time_limit", "executor", "workers", "ray_address",
+             "store", "backend")
+
+
+def _duration(text: str) -> float:
+    """'600', '90s', '10m', '1h30m' -> seconds."""
+    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*",
+                         text)
+    if not text.strip() or not match or not any(match.groups()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 600, 90s, 10m, 1h30m)")
+    h, m, s = (float(g) if g else 0.0 for g in match.groups())
+    seconds = 3600 * h + 60 * m + s
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
+    return seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    rows = []
+    for name, d in PRESET_DEFAULTS.items():
+        a, b = d["alr"], d["dlr"]
+        limit = "none" if a["time_limit"] is None else f"{a['time_limit']:.0f} s"
+        rows.append(f"  {name:<7} ALR {a['population']}x{a['generations']}, DLR "
+                    f"{b['population']}x{b['generations']}, time limit {limit}")
+    presets = "/".join(PRESET_DEFAULTS)
+    p = Parser(
+        prog="python -m engine.run",
+        description="Evolve a neural-network optimizer (ALR) or learning-rate schedule (DLR)\n"
+                    "with grammatical evolution. With no flags: the quick ALR preset into a new\n"
+                    "directory under runs/, which the run prints.",
+        epilog="presets (population x generations, per-candidate time limit):\n"
+               + "\n".join(rows) + "\n\n"
+               "Ctrl-C saves and prints the command that resumes the run. Watch or inspect a run "
+               "with:\n  python -m engine.show RUN_DIR",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("alr", "dlr"), default=None,
+                   help="alr: a per-weight optimizer; dlr: an SGD learning-rate schedule "
+                        "(default: alr)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help=f"task and search size, {presets}; see below (default: quick)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the search and of the data split (default: 0)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run directory (default: runs/<mode>-<preset>-<time>-seed<N>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint; its settings come "
+                        f"from its config.json, and only {', '.join('--' + r.replace('_', '-') for r in RESUMABLE)} may change")
+    p.add_argument("--executor", choices=("serial", "local", "ray"), default=None,
+                   help="where candidates train: in this process, a local process pool, or Ray "
+                        "(default: local)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="parallel trainings (default: one per CPU core; 1 for serial)")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (with --executor ray); default: a private local Ray")
+    p.add_argument("--generations", type=positive_int, default=None,
+                   help="generations, the initial population included (default: the preset's)")
+    p.add_argument("--population", type=positive_int, default=None,
+                   help="population size (default: the preset's)")
+    p.add_argument("--grammar", type=Path, default=None,
+                   help=f"BNF grammar file (default: {ALR_GRAMMAR.name} or {DLR_GRAMMAR.name} "
+                        "in engine/grammars)")
+    p.add_argument("--seed-programs", type=Path, default=None, metavar="FILE",
+                   help="start from these programs: one per block, blocks separated by blank "
+                        "lines, an optional '# name' line first; lr and constants are snapped "
+                        "to the grammar")
+    p.add_argument("--seed-lr", type=float, default=None, metavar="LR",
+                   help=f"the constant lr becomes in --seed-programs (default: {DEFAULT_SEED_LR})")
+    p.add_argument("--seed-zoo", action=argparse.BooleanOptionalAction, default=None,
+                   help="seed the first population with snapped Adam, RMSprop and momentum "
+                        "(DLR: a constant and a step schedule) (default: on)")
+    p.add_argument("--time-budget", type=_duration, default=None, metavar="DURATION",
+                   help="stop cleanly after this much wall time (e.g. 600, 10m, 1h30m), with a "
+                        "checkpoint and every output; --resume continues (default: none)")
+    p.add_argument("--time-limit", type=_duration, default=None, metavar="DURATION",
+                   help="per-candidate training limit; past it a candidate gets the floor fitness "
+                        "(default: the preset's)")
+    p.add_argument("--store", type=Path, default=None,
+                   help="results store shared across runs (default: "
+                        "$AUTOLR_CACHE/results.sqlite, else ~/.cache/autolr/results.sqlite)")
+    p.add_argument("--backend", choices=("auto", "numba", "triton", "torch"), default=None,
+                   help="kernel backend for ALR candidates (default: auto: triton on CUDA, "
+                        "numba on the CPU)")
+    return p
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def _default_store() -> Path:
+    from codegen.cache import cache_root
+
+    return cache_root() / "results.sqlite"
+
+
+def _fresh_dir(mode: str, preset: str, seed: int) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{mode}-{preset}-{stamp}-seed{seed}"
+    out, k = base, 2
+    while out.exists():
+        out, k = base.with_name(f"{base.name}-{k}"), k + 1
+    return out
+
+
+def _load_grammar(path: Path, mode: str) -> Grammar:
+    try:
+        grammar = load_grammar(path)
+    except GrammarError as err:
+        raise UsageError(str(err)) from None
+    # A grammar for the other mode would make every candidate a parse error: say so now.
+    import random
+
+    from engine.sge import initialise
+
+    sample = initialise(grammar, random.Random(0), 1, max(grammar.shortest[grammar.start], 6))
+    try:
+        (Schedule if mode == "dlr" else Program).parse(sample.phenotype)
+    except (ParseError, ValueError) as err:
+        what = "schedules" if mode == "dlr" else "ALR programs"
+        raise UsageError(f"{path}: its phenotypes are not {what} (--mode {mode}), e.g. "
+                         f"{sample.phenotype[:60]!r}: {' '.join(str(err).split())}") from None
+    return grammar
+
+
+def new_config(args: argparse.Namespace, argv: list[str]) -> dict:
+    mode, preset = args.mode or "alr", args.preset or "quick"
+    seed = 0 if args.seed is None else args.seed
+    d = PRESET_DEFAULTS[preset][mode]
+    population = args.population or d["population"]
+    try:
+        evolution = EvolutionConfig(
+            population=population, generations=args.generations or d["generations"],
+            elitism=min(d["elitism"], population - 1), tournament=min(d["tournament"], population),
+            p_cross=d.get("p_cross", 0.9), p_mut=d.get("p_mut", 0.15),
+            min_depth=d["min_depth"], max_depth=d["max_depth"], seed=seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    grammar_path = args.grammar or (DLR_GRAMMAR if mode == "dlr" else ALR_GRAMMAR)
+    grammar = _load_grammar(grammar_path, mode)
+    seed_lr = DEFAULT_SEED_LR if args.seed_lr is None else args.seed_lr
+    programs = zoo_seeds(mode) if args.seed_zoo is not False else []
+    try:
+        if args.seed_programs is not None:
+            programs += read_seed_file(args.seed_programs, seed_lr)
+        seeds = snap_all(programs, grammar, mode, evolution.max_depth)
+    except SeedError as err:
+        raise UsageError(str(err)) from None
+    if len(seeds) > population:
+        raise UsageError(f"{len(seeds)} seed programs do not fit in a population of "
+                         f"{population}; raise --population or seed fewer")
+    out = args.out or _fresh_dir(mode, preset, seed)
+    reproduce = ["-m", "engine.run", "--mode", mode, "--preset", preset, "--seed", str(seed),
+                 "--population", str(evolution.population), "--generations",
+                 str(evolution.generations)]
+    if args.grammar:
+        reproduce += ["--grammar", str(args.grammar)]
+    if args.seed_programs:
+        reproduce += ["--seed-programs", str(args.seed_programs), "--seed-lr", repr(seed_lr)]
+    if args.seed_zoo is False:
+        reproduce.append("--no-seed-zoo")
+    return {
+        "format": FORMAT, "version": VERSION, "name": out.name, "out": str(out),
+        "mode": mode, "preset": preset, "seed": seed, "evolution": asdict(evolution),
+        "grammar": str(Path(grammar_path).resolve()), "grammar_text": grammar.text,
+        "seeds": seeds, "seed_zoo": args.seed_zoo is not False,
+        "seed_programs": None if args.seed_programs is None else str(args.seed_programs),
+        "seed_lr": seed_lr,
+        "time_limit": args.time_limit if args.time_limit is not None else d["time_limit"],
+        "time_budget": args.time_budget, "executor": args.executor or "local",
+        "workers": args.workers, "ray_address": args.ray_address,
+        "store": str((args.store or _default_store()).expanduser().resolve()),
+        "backend": args.backend or "auto",
+        "command": shlex.join(["python", "-m", "engine.run", *argv]),
+        "reproduce": shlex.join(["python", *reproduce]),
+        "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "versions": versions(),
+    }
+
+
+def resumed_config(args: argparse.Namespace, out: Path) -> dict:
+    path = out / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--resume: {out} holds no run to resume (no checkpoint and no "
+                         "config.json); start a run there without --resume") from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--resume: cannot read {path} ({err})") from None
+    if config.get("format") != FORMAT or config.get("version") != VERSION:
+        raise UsageError(f"--resume: {path} is not an AutoLR run config of version {VERSION}")
+    fixed = {"mode": config["mode"], "preset": config["preset"], "seed": config["seed"],
+             "population": config["evolution"]["population"],
+             "seed_zoo": config["seed_zoo"]}
+    for name, saved in fixed.items():
+        given = getattr(args, name)
+        if given is not None and given != saved:
+            raise UsageError(f"--resume: --{name.replace('_', '-')} {given} differs from the "
+                             f"run's {saved}; only {', '.join(RESUMABLE)} may change")
+    if args.grammar is not None or args.seed_programs is not None or args.seed_lr is not None:
+        raise UsageError("--resume: the run keeps the grammar and seed programs it started "
+                         f"with (saved in {out}/config.json); drop --grammar/--seed-programs")
+    config = dict(config)
+    if args.generations is not None:
+        try:
+            EvolutionConfig(**{**config["evolution"], "generations": args.generations})
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        config["evolution"] = {**config["evolution"], "generations": args.generations}
+    for name in RESUMABLE[1:]:
+        value = getattr(args, name)
+        if value is not None:
+            config[name] = str(value.expanduser().resolve()) if isinstance(value, Path) else value
+    return config
+
+
+def check_out_dir(out: Path, config: dict) -> None:
+    """A fresh run needs a new or empty directory: never mix two runs' files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    saved = out / "config.json"
+    if saved.exists():
+        try:
+            old = json.loads(saved.read_text(encoding="utf-8"))
+            same = all(old.get(k) == config[k] for k in ("mode", "preset", "seed", "evolution"))
+            what = "this run" if same else (f"a different run ({old.get('mode')}, preset "
+                                            f"{old.get('preset')}, seed {old.get('seed')})")
+        except (OSError, ValueError):
+            what = "a run"
+        raise UsageError(f"{out} already holds {what}; pass --resume to continue it, or choose "
+                         "another --out")
+    if any(out.iterdir()):
+        raise UsageError(f"{out} is not empty and holds no AutoLR run; choose a new or empty "
+                         "directory for --out")

@@ -34,15 +34,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture
 def launches(monkeypatch):
     """Counts kernel launches (the size of each)."""
-    from kernels.optimizer import _Arena
+    from kernels.arena import Arena
     calls: list[int] = []
-    original = _Arena.launch
+    original = Arena.launch
 
     def counting(self, launch, *args):
         calls.append(launch.end - launch.start)
         return original(self, launch, *args)
 
-    monkeypatch.setattr(_Arena, "launch", counting)
+    monkeypatch.setattr(Arena, "launch", counting)
     return calls
 
 
@@ -202,7 +202,7 @@ def wide(seed: int = 0) -> torch.nn.Module:
 def test_large_fresh_gradients_are_updated_where_they_lie(launches):
     """After torch's default zero_grad() the big weight's new gradient gets its own launch (no
     copy), the small ones are copied into the arena: three launches, and the same answer."""
-    from kernels.optimizer import DIRECT_MIN
+    from kernels.arena import DIRECT_MIN
     ours, theirs = wide(), wide()
     assert ours[2].weight.numel() >= DIRECT_MIN > ours[0].weight.numel()
     opt_ours = EvolvedOptimizer(ours.parameters(), zoo.adam(), backend="numba", lr=1e-2)
@@ -519,9 +519,9 @@ def test_gpu_check_accepts_what_flush_to_zero_explains():
 def test_the_host_advance_of_scalar_states_is_the_kernels(program):
     """The arena's memoised advance (bytes in, a chain worked out per miss) against the kernel's
     own, step after step, at a steady lr and at one that changes every step."""
-    from kernels.optimizer import CHAIN, _Arena
+    from kernels.arena import CHAIN, Arena
     kernel = kernels.compile(program, "numba")
-    arena = _Arena(kernel, kernel.scalar_states, [], [], {}, torch.zeros(0))
+    arena = Arena(kernel, kernel.scalar_states, [], [], {}, torch.zeros(0))
     names = kernel.scalar_states
 
     def as_bytes(values):

@@ -7,7 +7,9 @@ Per candidate, cheapest answer first:
         -> fingerprint (behaves identically on probe inputs to one already answered)
         -> training on the executor (the only expensive step) -> store.
 Any failure -- a parse error, an exception, NaN, a hang past the time limit, a dead worker -- gets
-the floor fitness and a recorded reason, and the run goes on.
+the floor fitness and a recorded reason, and the run goes on. Only the candidate's own failures
+(screened, diverged) are stored for later runs; an exception, a hang or a dead worker says more
+about the machine or AutoLR (`engine.store.not_reusable`) and is tried again next run.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Callable, Literal, Sequence
 from codegen.ir import ParseError, Program, Schedule
 from engine.executors import Executor
 from engine.screening import fingerprint, probe_updates, screen
-from engine.store import Record, Store
+from engine.store import Record, Store, not_reusable
 from engine.tasks import FLOOR_FITNESS, evaluate_alr, evaluate_dlr, get_task
 
 Mode = Literal["alr", "dlr"]
@@ -74,11 +76,6 @@ def train(job: Job) -> dict:
     return {"fitness": result.fitness, "reason": result.reason, "accuracies": result.accuracies,
             "seconds": result.seconds, "compile_seconds": compile_seconds,
             "curves": {"train_loss": result.train_loss, "val_acc": result.val_acc}}
-
-
-def _transient(reason: str | None) -> bool:
-    """Failures that say more about the machine than the candidate: not cached across runs."""
-    return reason is not None and reason.startswith(("timeout", "worker died"))
 
 
 class Evaluator:
@@ -169,7 +166,7 @@ class Evaluator:
                     value["curves"])
             else:
                 trained = Evaluation(str(program), h, FLOOR_FITNESS, "trained", outcome.reason)
-            if not _transient(trained.reason):
+            if not not_reusable(trained.reason):
                 self._put(trained, program, fp)
             first, *others = to_train[h]
             answer(first, Evaluation(texts[first], h, trained.fitness, "trained", trained.reason,
@@ -183,7 +180,7 @@ class Evaluator:
                     continue
                 evaluation = Evaluation(texts[i], twin.hash, trained.fitness, "fingerprint",
                                         trained.reason, trained.accuracies)
-                if not _transient(trained.reason):
+                if not not_reusable(trained.reason):
                     self._put(evaluation, twin, fp)
                 answer(i, evaluation)
         return [answers[i] for i in range(len(texts))]

@@ -14,6 +14,10 @@ Why SQLite, and how it is used:
 - The key is UNIQUE and `put` is INSERT OR IGNORE: putting the same key twice is harmless and the
   first answer stays, which is what a cache of deterministic results wants. (A caller that knows
   an answer was transient, such as a timeout on an overloaded machine, should not put it.)
+- Some failures say more about the machine or AutoLR's own code than about the candidate
+  (`not_reusable`: timeouts, dead workers, exceptions). Lookups never answer with such a row, and
+  `put` replaces one, so a store written while something was broken heals on the next training
+  instead of flooring those candidates forever.
 - `PRAGMA user_version` records the schema version, so a file from a newer AutoLR is refused with
   a clear message instead of being misread.
 
@@ -46,6 +50,7 @@ __all__ = [
     "Source",
     "Store",
     "StoreError",
+    "not_reusable",
     "versions",
 ]
 
@@ -90,6 +95,14 @@ _COLUMNS = (
     "seconds", "compile_seconds", "program", "versions", "created", "run",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM evaluations"
+# Failure reasons that are not the candidate's doing (see the module docstring). "raised" is an
+# exception in the worker: candidates cannot raise (a NaN is "diverged"), so it is a bug or the
+# environment, e.g. Numba refusing to compile after a thread-count change.
+NOT_REUSABLE = ("timeout", "worker died", "raised")
+_REUSABLE = "(reason IS NULL OR NOT (" + " OR ".join(
+    f"reason LIKE '{prefix}%'" for prefix in NOT_REUSABLE) + "))"
+_DROP_UNUSABLE = (f"DELETE FROM evaluations WHERE hash = ? AND task = ? AND protocol = ? "
+                  f"AND seed = ? AND NOT {_REUSABLE}")
 _INSERT = (
     f"INSERT OR IGNORE INTO evaluations ({', '.join(_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -229,7 +242,7 @@ class Store:
     def lookup(self, hash: str, task: str, protocol: str, seed: int) -> Record | None:
         """The stored answer for this program on this task, protocol and seed, if any."""
         return self._one(
-            f"{_SELECT} WHERE hash = ? AND task = ? AND protocol = ? AND seed = ?",
+            f"{_SELECT} WHERE hash = ? AND task = ? AND protocol = ? AND seed = ? AND {_REUSABLE}",
             (hash, task, protocol, int(seed)),
         )
 
@@ -238,7 +251,7 @@ class Store:
         """The first answer stored for any program that behaved identically (same fingerprint)."""
         return self._one(
             f"{_SELECT} WHERE fingerprint = ? AND task = ? AND protocol = ? AND seed = ? "
-            "ORDER BY id LIMIT 1",
+            f"AND {_REUSABLE} ORDER BY id LIMIT 1",
             (fingerprint, task, protocol, int(seed)),
         )
 
@@ -266,8 +279,11 @@ class Store:
     # -- writing ----------------------------------------------------------------------------
 
     def put(self, record: Record) -> bool:
-        """Store a record in one transaction; False (and nothing changed) if its key was there."""
+        """Store a record in one transaction; False (and nothing changed) if its key was there
+        with a reusable answer. A row that is not reusable (`not_reusable`) is replaced."""
         with self._errors(), self._transaction():
+            self._db.execute(_DROP_UNUSABLE, (record.hash, record.task, record.protocol,
+                                              int(record.seed)))
             cursor = self._db.execute(_INSERT, record._row())
         return cursor.rowcount == 1
 
@@ -330,3 +346,9 @@ class Store:
             f"(mv '{self.path}' '{self.path}.bad') and run again: a new, empty store is created "
             "in its place and results are recomputed as needed."
         )
+
+
+def not_reusable(reason: str | None) -> bool:
+    """Whether a failure says more about the machine or AutoLR than about the candidate: such
+    answers are not put in the store, and rows of them from earlier versions are not read."""
+    return reason is not None and reason.startswith(NOT_REUSABLE)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.store import SCHEMA_VERSION, SOURCES, Record, Store, StoreError, versions
+from engine.store import SCHEMA_VERSION, SOURCES, Record, Store, StoreError, not_reusable, \
+    versions
 
 PROGRAM = "alpha: mul(0.1, sub(alpha, grad))\nweight: mul(lr, alpha)"
 
@@ -53,9 +54,29 @@ def test_defaults_record_provenance(store):
 
 
 def test_failure_with_reason_round_trips(store):
-    failed = record(fitness=0.0, reason="timeout after 30.0 s", source="trained", accuracies=())
+    reason = "diverged: training loss nan at epoch 0, step 3"
+    failed = record(fitness=0.0, reason=reason, source="trained", accuracies=())
     store.put(failed)
-    assert store.lookup(failed.hash, "fmnist-cnn", "smoke", 7).reason == "timeout after 30.0 s"
+    assert store.lookup(failed.hash, "fmnist-cnn", "smoke", 7).reason == reason
+
+
+@pytest.mark.parametrize("reason", [
+    "raised: RuntimeError: Cannot set NUMBA_NUM_THREADS to a different value once the threads "
+    "have been launched", "timeout after 30.0 s", "worker died (exit code -11, SIGSEGV)"])
+def test_failures_that_are_not_the_candidates_are_never_answered_and_get_replaced(store, reason):
+    """A store written while something was broken (the Numba thread bug floored every candidate
+    of a run with "raised") must not floor those candidates in every later run."""
+    assert not_reusable(reason) and not not_reusable("diverged: loss nan") and \
+        not not_reusable(None)
+    store.put(record(1, fitness=0.0, reason=reason, fingerprint="fp"))
+    assert store.counts()["total"] == 1  # kept: it is what happened, and runs report it
+    assert store.lookup("h0001", "fmnist-cnn", "smoke", 7) is None
+    assert store.lookup_fingerprint("fp", "fmnist-cnn", "smoke", 7) is None
+    assert store.put(record(1, fitness=0.8, fingerprint="fp")) is True  # trained again: replaces
+    assert store.lookup("h0001", "fmnist-cnn", "smoke", 7).fitness == 0.8
+    assert store.lookup_fingerprint("fp", "fmnist-cnn", "smoke", 7).fitness == 0.8
+    assert store.counts()["total"] == 1
+    assert store.put(record(1, fitness=0.0, reason=reason)) is False  # a real answer stays
 
 
 def test_put_is_idempotent_and_keeps_the_first_answer(store):

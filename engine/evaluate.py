@@ -96,7 +96,8 @@ class Evaluator:
 
     @property
     def protocol(self) -> str:
-        return f"{self.mode}/{self.task}"
+        # The task's digest too: the store must not answer from a preset's older definition.
+        return f"{self.mode}/{self.task}@{get_task(self.task).digest}"
 
     def evaluate(self, texts: Sequence[str], on_result=None) -> list[Evaluation]:
         """Fitness of every text, in order. `on_result(evaluation)` is called as answers arrive."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 import types
 from collections.abc import Callable, Iterable, Mapping
@@ -127,6 +128,12 @@ def _positive(obj: object, *names: str) -> None:
             raise ValueError(f"{type(obj).__name__}.{name} must be >= 1, got {getattr(obj, name)}")
 
 
+# Bump when the training code changes what a fitness is for an unchanged Task (another op order,
+# initialisation or data path): fitnesses stored by older versions then stop answering
+# (see Task.digest).
+FITNESS_VERSION = 1
+
+
 @dataclass(frozen=True)
 class Task:
     """Everything that decides a fitness besides the candidate and the seed."""
@@ -140,6 +147,13 @@ class Task:
 
     def __post_init__(self) -> None:
         _positive(self, "eval_batch")
+
+    @property
+    def digest(self) -> str:
+        """A short digest of every field and FITNESS_VERSION: part of the results store's key,
+        so that a preset whose definition changed (data sizes, model, epochs) never answers
+        from fitnesses measured under its old definition."""
+        return hashlib.sha256(f"{FITNESS_VERSION}:{self!r}".encode()).hexdigest()[:12]
 
 
 # --- the split --------------------------------------------------------------------------------

@@ -120,6 +120,22 @@ def test_bad_protocols_and_seeds_are_refused(dataset):
         evaluate_alr(SMOKE, adam, seed=-1, dataset=dataset)
 
 
+def test_task_digest_changes_with_any_field_and_not_between_processes():
+    """The digest is part of the results store's key: a preset redefined (here one epoch more)
+    must not be answered from fitnesses measured under its old definition."""
+    import subprocess
+    import sys
+
+    quick = tasks.PRESETS["quick"]
+    longer = dataclasses.replace(quick, alr=dataclasses.replace(quick.alr, max_epochs=5))
+    assert quick.digest != longer.digest
+    assert len({t.digest for t in tasks.PRESETS.values()}) == len(tasks.PRESETS)
+    other = subprocess.run([sys.executable, "-c", "from engine.tasks import PRESETS; "
+                            "print(PRESETS['quick'].digest)"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert other == quick.digest
+
+
 def test_bad_data_specs_are_refused():
     with pytest.raises(ValueError, match="leaves no training chunk"):
         DataSpec(val=100, fitness=100, chunk=100, pool=250)

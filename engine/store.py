@@ -2,7 +2,8 @@
 
 Training a candidate costs seconds to minutes, so an answer once computed is never computed again:
 not in this run, not in the next one, not by another process of the same run. The store is keyed
-by what the answer depends on, (program hash, task, protocol, seed), and keeps with each answer
+by what the answer depends on, (program hash, task, protocol, seed) -- the evaluator's protocol
+names the mode, the task and a digest of the task's definition -- and keeps with each answer
 how it was obtained and with what software, so a result can be traced and a stale one recognised.
 
 Why SQLite, and how it is used:

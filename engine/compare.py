@@ -50,7 +50,7 @@ from codegen.ir import Call, ParseError, Program, Var, variables
 from engine import heldout
 from engine.cli import Parser, UsageError, positive_int
 from engine.heldout import CompareTask
-from engine.tasks import FLOOR_FITNESS
+from engine.tasks import FLOOR_FITNESS, derive_seed
 
 __all__ = ["BASELINES", "LR_RANGE", "Contender", "Settings", "UsageError", "baseline",
            "candidate", "main", "resolve_program", "run_compare", "step_factor_program"]
@@ -163,8 +163,9 @@ class Settings:
         return min(self.trials, max(3, self.trials // 3))
 
 
-def _derive(seed: int, purpose: int, k: int) -> int:
-    return int(np.random.SeedSequence([seed, purpose, k]).generate_state(1, np.uint64)[0] >> 33)
+def _seed(settings: Settings, purpose: int, k: int) -> int:
+    # 31 bits: what the comparison has always drawn (its published tables depend on them).
+    return derive_seed(settings.seed, purpose, k, bits=31)
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,7 @@ def tune(job: TuneJob) -> dict:
     for _ in range(s.trials):
         trial = study.ask()
         lr = trial.suggest_float("lr", *s.lr_range, log=True)
-        _, result = _train(s, job.contender.program, lr, _derive(s.seed, _TUNE, 0),
-                           _derive(s.seed, _TUNE, 1))
+        _, result = _train(s, job.contender.program, lr, _seed(s, _TUNE, 0), _seed(s, _TUNE, 1))
         value = FLOOR_FITNESS if result.reason else max(result.val_acc, default=FLOOR_FITNESS)
         study.tell(trial, value)
         trials.append({"lr": lr, "val_acc": value, "reason": result.reason})
@@ -226,8 +226,8 @@ def train_seed(job: SeedJob) -> dict:
 
     s = job.settings
     start = time.perf_counter()
-    model, result = _train(s, job.contender.program, job.lr, _derive(s.seed, _FINAL, 2 * job.index),
-                           _derive(s.seed, _FINAL, 2 * job.index + 1))
+    model, result = _train(s, job.contender.program, job.lr, _seed(s, _FINAL, 2 * job.index),
+                           _seed(s, _FINAL, 2 * job.index + 1))
     test_acc = FLOOR_FITNESS
     if result.reason is None:
         test_acc = evaluate(model, *heldout.load_test_split(s.task, s.seed),

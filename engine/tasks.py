@@ -42,6 +42,7 @@ __all__ = [
     "Split",
     "Task",
     "TrialResult",
+    "derive_seed",
     "evaluate_alr",
     "evaluate_dlr",
     "get_task",
@@ -58,10 +59,13 @@ Schedule = Callable[[int, float], float]  # (epoch, current lr) -> lr for this e
 _SPLIT, _INIT, _TRAIN = 0, 1, 2  # SeedSequence purposes
 
 
-def _derive(seed: int, purpose: int, trial: int = 0) -> int:
+def derive_seed(seed: int, purpose: int, trial: int = 0, bits: int = 63) -> int:
+    """A `bits`-bit seed for one random stream, from (seed, purpose, trial) by SeedSequence:
+    streams never overlap. 63 bits suit torch's generators; 31 those that want a C int."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(np.random.SeedSequence([seed, purpose, trial]).generate_state(1, np.uint64)[0] >> 1)
+    state = np.random.SeedSequence([seed, purpose, trial]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(64 - bits))
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,7 @@ def make_split(labels: np.ndarray, spec: DataSpec, seed: int) -> Split:
             f"the data set has {len(labels)} images; the task needs a pool of {pool} with at least "
             f"{need} (val {spec.val} + fitness {spec.fitness} + one chunk of {spec.chunk})"
         )
-    rng = np.random.default_rng(_derive(seed, _SPLIT))
+    rng = np.random.default_rng(derive_seed(seed, _SPLIT))
     order = _stratified_order(labels, rng)
     if pool < len(labels):  # a stratified subset, then stratified parts of it
         subset = order[:pool]
@@ -346,7 +350,7 @@ def _trial(
     **protocol: object,
 ) -> TrialResult:
     # The same start for every candidate and trial.
-    model = task.model.build(_derive(seed, _INIT), device=data.mean_image.device)
+    model = task.model.build(derive_seed(seed, _INIT), device=data.mean_image.device)
     optimizer = optimizer_for(model)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -357,7 +361,7 @@ def _trial(
         optimizer,
         train,
         data.val,
-        seed=_derive(seed, _TRAIN, chunk + 1),
+        seed=derive_seed(seed, _TRAIN, chunk + 1),
         deadline=deadline,
         eval_batch=task.eval_batch,
         **protocol,

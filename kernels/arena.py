@@ -105,7 +105,6 @@ class Arena:
     groups: tuple[int, ...] | None = None  # which parameters share uniform states (None: all)
     advanced: dict = field(default_factory=dict)  # (old states, lr) -> new states, see advance
     last_lr: str = ""  # the lr (hex) of the last memo miss
-    uniform: tuple | None = None  # (state, delta) of each scalar state, made on first use
 
     @property
     def grad(self) -> torch.Tensor:
@@ -115,6 +114,8 @@ class Arena:
         # numpy reads and writes a few floats in well under a microsecond; torch indexing costs
         # several. Shares memory with `scalars` and so with the 0-d tensors in `state[p]`.
         self.scalars_np: np.ndarray = self.scalars.numpy()
+        program = self.kernel.plan.program
+        self.uniform = tuple((s, getattr(program, s)) for s in self.scalar_states)  # (state, delta)
 
     @classmethod
     def build(cls, params: list[torch.Tensor], state: dict, kernel: UpdateKernel,
@@ -183,9 +184,6 @@ class Arena:
         if new is None:
             if len(self.advanced) > 64 * CHAIN:
                 self.advanced.clear()
-            if self.uniform is None:
-                program = self.kernel.plan.program
-                self.uniform = tuple((s, getattr(program, s)) for s in self.scalar_states)
             # A steady lr (the usual case) is worth a chain; one that changes every step (a
             # per-step scheduler) is not.
             chain = CHAIN if key[1] == self.last_lr else 1
@@ -218,8 +216,8 @@ class Arena:
 
             def call(lr: float, scalars: dict[str, float], outside: torch.Tensor | None = None
                      ) -> None:
-                kernel_fn(module)(weight, grad if outside is None else outside.detach().numpy(), *states, lr,
-                   *(scalars[s] for s in order))
+                g = grad if outside is None else outside.detach().numpy()
+                kernel_fn(module)(weight, g, *states, lr, *(scalars[s] for s in order))
             return call
         named = dict(zip(names[2:], views[2:]))
         return lambda lr, scalars, outside=None: self.kernel(
@@ -230,9 +228,10 @@ class Arena:
         return {i for i, slot in enumerate(self.slots) if slot.holds(slot.param.grad, base)}
 
     def step(self, state: dict, lr: float, where: tuple[int, ...]) -> None:
-        """Find where each gradient is (creating missing state), then run the launch plan for
-        that placement: one launch per run of neighbouring parameters that step together
-        (gradient in the arena, same uniform states), one per large gradient outside it.
+        """Given the survey's `where`, place fresh gradients (creating missing state), then run
+        the launch plan for that placement: one launch per run of neighbouring parameters that
+        step together (gradient in the arena, same uniform states), one per large gradient
+        outside it.
 
         Plans are cached by placement, so a step that looks like the last one (the common case,
         whichever zero_grad a loop uses) costs a few microseconds of Python per parameter on top
@@ -257,15 +256,11 @@ class Arena:
             if len(self.plans) >= MAX_PLANS:  # placements that keep changing: do not hoard
                 self.plans.clear()
             plan = self.plans[key] = self._plan(where, self.groups)
-        news = []
-        for launch in plan.launches:
+        for launch in plan.launches:  # each reads and writes only its own parameters' states
             new = self.advance(scalars[:, launch.first].tobytes(), lr) if self.scalar_states \
                 else {}
-            news.append(new)
-        for launch, new in zip(plan.launches, news):
             if launch.end > launch.start:
                 self.launch(launch, outside.get(launch.first), lr, new)
-        for launch, new in zip(plan.launches, news):
             for k, s in enumerate(self.scalar_states):
                 scalars[k, launch.first:launch.last + 1] = new[s]
         # After one launch over every parameter they all still agree; after anything else the

@@ -86,18 +86,16 @@ class Evaluator:
                  worker: Callable[[Job], dict] = train):
         """`worker` runs one Job in an executor's worker (module-level, so it pickles); tests
         substitute one that misbehaves on purpose."""
-        get_task(task)  # an unknown preset fails here, before any work
+        definition = get_task(task)  # an unknown preset fails here, before any work
         self.mode, self.task, self.seed = mode, task, seed
+        # The store's protocol key names the task's digest too: the store must not answer from
+        # a preset's older definition.
+        self.protocol = f"{mode}/{task}@{definition.digest}"
         self.store, self.executor = store, executor
         self.time_limit, self.backend, self.run = time_limit, backend, run
         self.worker = worker
         self.counts: collections.Counter[str] = collections.Counter()
         self.failures: collections.Counter[str] = collections.Counter()
-
-    @property
-    def protocol(self) -> str:
-        # The task's digest too: the store must not answer from a preset's older definition.
-        return f"{self.mode}/{self.task}@{get_task(self.task).digest}"
 
     def evaluate(self, texts: Sequence[str], on_result=None) -> list[Evaluation]:
         """Fitness of every text, in order. `on_result(evaluation)` is called as answers arrive."""

@@ -56,10 +56,15 @@ __all__ = ["BASELINES", "LR_RANGE", "Contender", "Settings", "UsageError", "base
            "candidate", "main", "resolve_program", "run_compare", "step_factor_program"]
 
 FORMAT, VERSION = "autolr-compare", 1
-BASELINES = ("adam", "rmsprop", "nesterov", "ades", "sign")
+# Lion by default, next to Adam. Adagrad and AdaBelief are one `--optimizers` away rather than in
+# every table: each row costs its own tuning budget (trials + seeds trainings), and neither adds a
+# new kind of update to the default set (AdaBelief is Adam with a centred second moment, Adagrad
+# RMSprop without forgetting).
+BASELINES = ("adam", "lion", "rmsprop", "nesterov", "ades", "sign")
 LR_RANGE = (1e-5, 10.0)  # log-uniform, the same for every optimizer
 NAMES = {"adam": "Adam", "rmsprop": "RMSprop", "nesterov": "Nesterov", "ades": "ADES",
-         "sign": "Sign", "sgd": "SGD", "momentum": "Momentum"}
+         "sign": "Sign", "sgd": "SGD", "momentum": "Momentum", "lion": "Lion",
+         "adagrad": "Adagrad", "adabelief": "AdaBelief"}
 _TUNE, _FINAL = 11, 12  # seed purposes
 
 
@@ -101,10 +106,11 @@ def baseline(key: str) -> Contender:
 
     if key not in zoo.ZOO:
         raise UsageError(f"unknown optimizer {key!r}; choose from: {', '.join(zoo.ZOO)}")
-    human = key in ("sgd", "momentum", "nesterov", "rmsprop", "adam")
+    human = key in ("sgd", "momentum", "nesterov", "rmsprop", "adam", "lion", "adagrad",
+                    "adabelief")
     return Contender(name=NAMES.get(key, key), program=str(zoo.ZOO[key]()), role="baseline",
                      tuned="learning rate" if human else "step factor",
-                     source=f"kernels.zoo.{key}() (torch's defaults for the other settings)"
+                     source=f"kernels.zoo.{key}() (its defaults for the other settings)"
                      if human else f"kernels.zoo.{key}() (its constants as evolved)")
 
 
@@ -491,8 +497,8 @@ def print_table(report: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m engine.compare",
-                description="Compare an evolved optimizer with tuned Adam, RMSprop, Nesterov, "
-                            "ADES and Sign: the same tuning budget for each (TPE over a "
+                description="Compare an evolved optimizer with tuned Adam, Lion, RMSprop, "
+                            "Nesterov, ADES and Sign: the same tuning budget for each (TPE over a "
                             "log-scale learning rate / step factor, on the validation split), "
                             "then N seeds each, test accuracy and a rank-sum test against the "
                             "best baseline.",
@@ -505,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=positive_int, default=5, help="training seeds per optimizer")
     p.add_argument("--trials", type=positive_int, default=15, help="tuning trials per optimizer")
     p.add_argument("--optimizers", default=",".join(BASELINES),
-                   help="comma-separated baselines from kernels.zoo")
+                   help="comma-separated baselines from kernels.zoo (also sgd, momentum, "
+                        "adagrad, adabelief: each row costs its own tuning budget)")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: runs/compare-<task>-<time>)")
     p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,

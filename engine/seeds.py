@@ -16,8 +16,11 @@ is not a phenotype it can produce. Snapping makes it one:
 The result is then derived in the grammar (``engine.sge.individual_from_text``); a program that
 uses an op or an input the grammar lacks is an error naming it. ``kernels.zoo.adam()`` is such a
 program (its float32-accurate bias correction uses ``exp``, ``log`` and ``max``), so the zoo seeds
-below write Adam in the paper's ops: bias corrections as ``1 - pow(b, sigma)`` over a step
-counter ``sigma`` (REFERENCE.md's own recipe). RMSprop and momentum come from the zoo as they are.
+below write Adam and AdaBelief in the paper's ops: bias corrections as ``1 - pow(b, sigma)`` over
+a step counter ``sigma`` (REFERENCE.md's own recipe). ``kernels.zoo.lion()`` needs ``sign``, which
+the paper's grammar lacks too; its seed writes ``sign(c)`` as ``div(c, sqrt(square(c)))``, the
+same value in float32 (with a correctly rounded sqrt) for every c whose square neither overflows
+nor underflows, and 0 at c = 0, as ``div`` by zero gives 0. RMSprop, momentum and Adagrad come from the zoo as they are.
 
 Seed files (``--seed-programs FILE``) hold one program per block; blocks are separated by blank
 lines, and a ``# name`` comment line at the top of a block names it (other ``#`` comments are
@@ -37,8 +40,10 @@ from engine.grammar import Grammar
 from engine.sge import individual_from_text
 
 __all__ = [
+    "ADABELIEF_PAPER_OPS",
     "ADAM_PAPER_OPS",
     "DEFAULT_SEED_LR",
+    "LION_PAPER_OPS",
     "SeedError",
     "SeedProgram",
     "baseline",
@@ -61,6 +66,26 @@ ADAM_PAPER_OPS = (
     "add(sqrt(div(beta, sub(1.0, pow(0.999, sigma)))), 1e-08))"
 )
 
+# kernels.zoo.adabelief() (betas=(0.9, 0.999), eps=1e-16) the same way: beta is the belief s, with
+# eps added as it is stored (s <- s - (0.001*(s - (g - m)^2) - eps)).
+ADABELIEF_PAPER_OPS = (
+    "alpha: mul(0.1, sub(alpha, grad))\n"
+    "beta: sub(mul(0.001, sub(beta, square(sub(grad, alpha)))), 1e-16)\n"
+    "sigma: -1.0\n"
+    "weight: div(mul(lr, div(alpha, sub(1.0, pow(0.9, sigma)))), "
+    "add(sqrt(div(beta, sub(1.0, pow(0.999, sigma)))), 1e-16))"
+)
+
+# kernels.zoo.lion() (betas=(0.9, 0.99)) in the paper's ops: alpha is the momentum m, updated first,
+# so Lion's c = 0.9*m_old + 0.1*g is written with the new m as (0.9/0.99)*m + (1 - 0.9/0.99)*g
+# (shorter than the zoo's exact recovery of m_old; a seed only needs to be close), and sign(c) as
+# div(c, sqrt(square(c))).
+_LION_C = "add(mul(0.90909094, alpha), mul(0.09090909, grad))"
+LION_PAPER_OPS = (
+    "alpha: mul(0.01, sub(alpha, grad))\n"
+    f"weight: mul(lr, div({_LION_C}, sqrt(square({_LION_C}))))"
+)
+
 
 class SeedError(ValueError):
     """A seed program that cannot enter the population; the message names it and says why."""
@@ -77,9 +102,12 @@ class SeedProgram:
 
 
 def zoo_seeds(mode: str) -> list[SeedProgram]:
-    """The default seeds: Adam, RMSprop and momentum (ALR); constant and step schedules (DLR).
+    """The default seeds: Adam, RMSprop, momentum, Adagrad, AdaBelief and Lion (ALR); constant and
+    step schedules (DLR).
 
-    Each ALR seed snaps ``lr`` to the step size it is usually run with.
+    Each ALR seed snaps ``lr`` to the step size it is usually run with (torch's default for
+    Adagrad; for Lion 3e-4, at the top of its paper's advice of a step 3-10x smaller than Adam's:
+    the short budgets of a search reward the larger step).
     """
     if mode == "dlr":
         return [SeedProgram("constant 0.01", "0.01", where="zoo"),
@@ -88,7 +116,11 @@ def zoo_seeds(mode: str) -> list[SeedProgram]:
 
     return [SeedProgram("adam", ADAM_PAPER_OPS, 0.001, "zoo (Adam in the paper's ops)"),
             SeedProgram("rmsprop", str(zoo.rmsprop()), 0.001, "kernels.zoo.rmsprop()"),
-            SeedProgram("momentum", str(zoo.momentum()), 0.01, "kernels.zoo.momentum()")]
+            SeedProgram("momentum", str(zoo.momentum()), 0.01, "kernels.zoo.momentum()"),
+            SeedProgram("adagrad", str(zoo.adagrad()), 0.01, "kernels.zoo.adagrad()"),
+            SeedProgram("adabelief", ADABELIEF_PAPER_OPS, 0.001,
+                        "zoo (AdaBelief in the paper's ops)"),
+            SeedProgram("lion", LION_PAPER_OPS, 0.0003, "zoo (Lion in the paper's ops)")]
 
 
 def baseline(mode: str) -> tuple[str, str]:

@@ -10,8 +10,9 @@ subtraction is exact (Sterbenz: the new value within a factor of two of the old)
 ulp otherwise. Torch's host-side double-precision bias corrections become float32 ``pow`` of a
 step counter (``sigma``, a uniform state advanced by ``sigma: -1.0``).
 
-The programs are built from text, so ``print(zoo.adam())`` reads like the update it computes, and
-they use only IR ops (the paper's set plus ``sign``).
+The programs are built from text, so ``print(zoo.adam())`` reads like the update it computes.
+Optimizers with no torch.optim counterpart (Lion, AdaBelief) follow their papers' algorithms,
+written out in plain torch in tests/test_zoo.py.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import numpy as np
 
 from codegen.ir import Program, format_float
 
-__all__ = ["ZOO", "ades", "adam", "bias_correction", "momentum", "nesterov", "rmsprop", "sgd",
-           "sign"]
+__all__ = ["ZOO", "adabelief", "adagrad", "ades", "adam", "bias_correction", "lion", "momentum",
+           "nesterov", "rmsprop", "sgd", "sign"]
 
 
 def _c(value: float) -> str:
@@ -121,6 +122,66 @@ def adam(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Progra
         f"weight: div(mul({step_size}, alpha), {denom})")
 
 
+def adagrad(eps: float = 1e-10) -> Program:
+    """torch.optim.Adagrad with its defaults (``lr_decay=0``, ``initial_accumulator_value=0``;
+    states start at zero): ``s <- s + g*g``, ``p <- p - lr*g / (sqrt(s) + eps)``. The sum of
+    squares lives in the alpha slot."""
+    _check("eps", eps, 0.0)
+    return Program.parse("alpha: neg(mul(grad, grad))\n"
+                         f"weight: div(mul(lr, grad), add(sqrt(alpha), {_c(eps)}))")
+
+
+def adabelief(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-16) -> Program:
+    """AdaBelief (Zhuang et al. 2020, Algorithm 2, with bias correction, no AMSGrad, no
+    rectification): alpha is m, beta the belief s, sigma the step count t::
+
+        m <- b1*m + (1-b1)*g
+        s <- b2*s + (1-b2)*(g - m)^2 + eps            (eps inside s, as Algorithm 2 writes it)
+        t <- t + 1
+        p <- p - lr * (m / (1 - b1^t)) / (sqrt(s / (1 - b2^t)) + eps)
+
+    This is the variant of the authors' own code (``exp_avg_var.add_(eps)`` before the square
+    root, ``eps`` again after it), and their default ``eps=1e-16``. The bias corrections are
+    written as Adam's are (:func:`bias_correction`)."""
+    beta1, beta2 = betas
+    _check("beta1", beta1, 0.0, 1.0)
+    _check("beta2", beta2, 0.0, 1.0)
+    _check("eps", eps, 0.0)
+    belief = f"add(add(mul({_c(beta2)}, beta), mul({_c(1 - beta2)}, square(sub(grad, alpha)))), " \
+             f"{_c(eps)})"
+    step_size = f"div(lr, {bias_correction(beta1)})"
+    denom = f"add(div(sqrt(beta), sqrt({bias_correction(beta2)})), {_c(eps)})"
+    return Program.parse(
+        f"alpha: {_ema('alpha', beta1, f'mul({_c(1 - beta1)}, grad)')}\n"
+        f"beta: sub(beta, {belief})\n"
+        "sigma: -1.0\n"
+        f"weight: div(mul({step_size}, alpha), {denom})")
+
+
+def lion(betas: tuple[float, float] = (0.9, 0.99)) -> Program:
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2)
+    without weight decay (``EvolvedOptimizer(weight_decay=...)`` adds the paper's decoupled
+    decay)::
+
+        c <- b1*m + (1-b1)*g
+        p <- p - lr * sign(c)
+        m <- b2*m + (1-b2)*g
+
+    The momentum m lives in the alpha slot. A program updates its states before the weight reads
+    them, so the weight sees the new m, not the m that c needs; it recovers that one as
+    ``(m_new - (1-b2)*g) / b2``, which is the old m bit for bit in most elements and an ulp away in
+    the rest. c, computed from it in the paper's order, so equals the paper's c in most elements
+    and can differ in sign only where c is within rounding of zero. That recovery divides by b2,
+    so b2 must be positive (b2 = 0 would make m the last gradient, and c unrecoverable)."""
+    beta1, beta2 = betas
+    _check("beta1", beta1, 0.0, 1.0)
+    _check("beta2", beta2, 0.0, 1.0, low_open=True)
+    old_m = f"div(sub(alpha, mul({_c(1 - beta2)}, grad)), {_c(beta2)})"
+    c = f"add(mul({_c(beta1)}, {old_m}), mul({_c(1 - beta1)}, grad))"
+    return Program.parse(f"alpha: {_ema('alpha', beta2, f'mul({_c(1 - beta2)}, grad)')}\n"
+                         f"weight: mul(lr, sign({c}))")
+
+
 def ades(beta1: float = 0.08922, beta2: float = 0.0891) -> Program:
     """ADES, as evolved (REFERENCE.md), one state y in the alpha slot::
 
@@ -144,4 +205,5 @@ def sign() -> Program:
 
 # name -> factory, for CLIs and tests that iterate over the zoo.
 ZOO = {"sgd": sgd, "momentum": momentum, "nesterov": nesterov, "rmsprop": rmsprop,
-       "adam": adam, "ades": ades, "sign": sign}
+       "adam": adam, "adagrad": adagrad, "adabelief": adabelief, "lion": lion, "ades": ades,
+       "sign": sign}

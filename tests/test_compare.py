@@ -58,6 +58,19 @@ def test_evolved_programs_get_a_step_factor_on_the_weight_update():
     assert baseline("ades").tuned == baseline("sign").tuned == "step factor"
 
 
+def test_lion_is_a_default_row_next_to_adam_and_adagrad_adabelief_are_on_request():
+    from engine.compare import BASELINES, build_parser, contenders_from
+
+    assert BASELINES.index("lion") == BASELINES.index("adam") + 1
+    assert "adagrad" not in BASELINES and "adabelief" not in BASELINES
+    args = build_parser().parse_args(["weight: mul(0.1, grad)",
+                                      "--optimizers", "lion,adagrad,adabelief"])
+    rows = contenders_from(args)[1:]
+    assert [r.name for r in rows] == ["Lion", "Adagrad", "AdaBelief"]
+    for row, key in zip(rows, ("lion", "adagrad", "adabelief")):
+        assert row.tuned == "learning rate" and row.program == str(zoo.ZOO[key]())
+
+
 def test_program_from_text_file_and_run_directory(tmp_path):
     text = "weight: mul(0.001, sign(grad))"
     assert compare.resolve_program(text)[0] == Program.parse(text)
@@ -217,7 +230,7 @@ def test_outputs_json_markdown_and_plot(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["weight: mul(0.1, grad)", "--task", "nope"], "unknown task 'nope'"),
-    (["weight: mul(0.1, grad)", "--optimizers", "adam,lion"], "unknown optimizer 'lion'"),
+    (["weight: mul(0.1, grad)", "--optimizers", "adam,lamb"], "unknown optimizer 'lamb'"),
     (["{rundir}"], "no summary.json there"),
     (["weight: mul(0.1, gard)"], "cannot parse the program"),
     (["no-such-file"], "neither a file, a run directory nor a program text"),

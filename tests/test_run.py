@@ -108,7 +108,7 @@ def test_alr_run_writes_every_output(alr_run):
     assert "writing to" in result.stdout and "finished" in result.stdout
     config = json.loads((run_dir / "config.json").read_text())
     assert config["mode"] == "alr" and config["preset"] == "smoke"
-    assert set(config["seeds"]) == {"adam", "rmsprop", "momentum"}
+    assert set(config["seeds"]) == {"adam", "rmsprop", "momentum", "adagrad", "adabelief", "lion"}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["generations_done"] == 3
     assert {"torch", "numba", "python"} <= set(summary["versions"])
@@ -335,6 +335,39 @@ def test_zoo_adam_is_not_derivable_but_its_paper_ops_form_is():
     texts = {s.name: snap(s, grammar, "alr", 17) for s in zoo_seeds("alr")}
     assert "pow(0.89294785, sigma)" in texts["adam"] and "lr" not in texts["adam"]
     assert texts["momentum"].endswith("weight: mul(0.010503844, alpha)")  # lr 0.01, snapped
+    # Lion needs sign, which the paper's grammar lacks: its seed spells it in the paper's ops.
+    with pytest.raises(SeedError, match="sign"):
+        snap(SeedProgram("zoo lion", str(zoo.lion())), grammar, "alr", 17)
+    assert "sign" not in texts["lion"] and "sqrt(square(add(mul(0.91078293, alpha)" in texts["lion"]
+    assert texts["lion"].splitlines()[-1].startswith("weight: mul(0.00027961473, div(")  # lr 3e-4
+    assert texts["adagrad"].startswith("alpha: neg(mul(grad, grad))")
+    assert "square(sub(grad, alpha))" in texts["adabelief"]
+
+
+def test_paper_ops_seeds_compute_what_the_zoo_computes():
+    """Before snapping, the Lion and AdaBelief seeds are the zoo's optimizers in other ops: Lion's
+    steps are the same (sign(c) as c / sqrt(c*c) is exact), AdaBelief's within the bias
+    corrections' float32 pow."""
+    from codegen.ir import Program, evaluate, reference_step
+    from engine.seeds import ADABELIEF_PAPER_OPS, LION_PAPER_OPS
+    from kernels import zoo
+
+    c = np.concatenate([np.geomspace(1e-18, 1e18, 2001), [0.0]]).astype(np.float32)
+    c = np.concatenate([c, -c, np.random.default_rng(0).standard_normal(10_000, np.float32)])
+    spelled = Program.parse("weight: div(grad, sqrt(square(grad)))").weight
+    np.testing.assert_array_equal(evaluate(spelled, {"grad": c}), np.sign(c))
+    rng = np.random.default_rng(1)
+    for seed, program, lr, tolerance in ((LION_PAPER_OPS, zoo.lion(), 1e-3, 0.0),
+                                         (ADABELIEF_PAPER_OPS, zoo.adabelief(), 1e-3, 1e-5)):
+        seed = Program.parse(seed)
+        start = w = v = rng.standard_normal(500).astype(np.float32)
+        state_w, state_v = {}, {}
+        for _ in range(50):
+            g = rng.standard_normal(500).astype(np.float32) * 0.1 + 0.01
+            w, state_w = reference_step(seed, w, g, state_w, lr=lr)
+            v, state_v = reference_step(program, v, g, state_v, lr=lr)
+        assert np.abs(v - start).max() > 1e-2  # the weights moved
+        assert np.abs(w - v).max() <= tolerance * np.abs(v).max(), program  # as tests/test_zoo.py
 
 
 def test_snapping_and_seed_files(tmp_path):

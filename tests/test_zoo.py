@@ -1,4 +1,5 @@
-"""The optimizer zoo against torch.optim and against REFERENCE.md's formulas.
+"""The optimizer zoo against torch.optim, against its papers' algorithms, and against REFERENCE.md's
+formulas.
 
 Parity: the same small CNN (1,819 parameters in 6 tensors, biases included), from the same initial
 weights, on the same generated batches (no data set needed), trained for 200 steps by
@@ -6,7 +7,9 @@ weights, on the same generated batches (no data set needed), trained for 200 ste
 The weights must agree to a relative difference under 1e-5 (per tensor: max |a - b| / max |b|).
 They cannot agree bit for bit: torch's CPU kernels use fused multiply-adds (`add_(alpha=)`,
 `lerp_`) and compute Adam's bias corrections in double on the host, while the programs round
-every op in float32. Triton runs in its CPU interpreter (TRITON_INTERPRET=1): the arena makes it
+every op in float32. Lion and AdaBelief have no torch.optim counterpart: their papers' algorithms
+are written out below in plain torch (`PaperLion`, `PaperAdaBelief`), and the zoo is held to those
+in the same way. Triton runs in its CPU interpreter (TRITON_INTERPRET=1): the arena makes it
 one launch per step, so it trains the same model for the same 200 steps in about 3 s.
 """
 
@@ -40,7 +43,61 @@ CASES = {
     "adam": (zoo.adam, lambda p, lr: torch.optim.Adam(p, lr=lr), 1e-3),
     "adam-0.8": (lambda: zoo.adam(betas=(0.8, 0.99), eps=1e-6),
                  lambda p, lr: torch.optim.Adam(p, lr=lr, betas=(0.8, 0.99), eps=1e-6), 3e-3),
+    # torch's Adagrad defaults: lr_decay=0 and initial_accumulator_value=0 (the only ones the zoo has)
+    "adagrad": (zoo.adagrad, lambda p, lr: torch.optim.Adagrad(p, lr=lr), 0.01),
+    "adagrad-1e-3": (lambda: zoo.adagrad(eps=1e-3),
+                     lambda p, lr: torch.optim.Adagrad(p, lr=lr, eps=1e-3), 0.03),
+    "lion": (zoo.lion, lambda p, lr: PaperLion(p, lr), 3e-4),
+    "lion-0.95": (lambda: zoo.lion(betas=(0.95, 0.98)),
+                  lambda p, lr: PaperLion(p, lr, betas=(0.95, 0.98)), 1e-3),
+    "adabelief": (zoo.adabelief, lambda p, lr: PaperAdaBelief(p, lr), 1e-3),
+    "adabelief-0.8": (lambda: zoo.adabelief(betas=(0.8, 0.99), eps=1e-6),
+                      lambda p, lr: PaperAdaBelief(p, lr, betas=(0.8, 0.99), eps=1e-6), 3e-3),
 }
+
+
+class PaperLion(torch.optim.Optimizer):
+    """Lion as Chen et al. 2023 write it (Algorithm 2, weight decay 0), in plain float32 torch:
+    c = b1*m + (1-b1)*g; p <- p - lr*sign(c); m <- b2*m + (1-b2)*g."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.99)):
+        super().__init__(params, dict(lr=lr, betas=betas))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (beta1, beta2), lr = group["betas"], group["lr"]
+            for p in group["params"]:
+                g, m = p.grad, self.state[p].setdefault("m", torch.zeros_like(p))
+                c = beta1 * m + (1 - beta1) * g
+                p.sub_(lr * torch.sign(c))
+                m.copy_(beta2 * m + (1 - beta2) * g)
+
+
+class PaperAdaBelief(torch.optim.Optimizer):
+    """AdaBelief as Zhuang et al. 2020 write it (Algorithm 2 with bias correction; no AMSGrad, no
+    rectification, no weight decay), in plain float32 torch. The variant: eps is added to s_t as
+    it is stored (Algorithm 2's s_t = b2*s + (1-b2)*(g-m)^2 + eps, the authors' code's
+    exp_avg_var.add_(eps)), s_hat = s_t / (1 - b2^t) with no second eps inside, and eps again
+    outside the square root."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-16):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+            for p in group["params"]:
+                state, g = self.state[p], p.grad
+                if not state:
+                    state.update(t=0, m=torch.zeros_like(p), s=torch.zeros_like(p))
+                state["t"] += 1
+                t, m, s = state["t"], state["m"], state["s"]
+                m.copy_(beta1 * m + (1 - beta1) * g)
+                s.copy_(beta2 * s + (1 - beta2) * (g - m) ** 2 + eps)
+                m_hat, s_hat = m / (1 - beta1 ** t), s / (1 - beta2 ** t)
+                p.sub_(lr * m_hat / (torch.sqrt(s_hat) + eps))
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -154,6 +211,9 @@ def test_zoo_state_layout():
     assert zoo.ades().tensor_states() == zoo.momentum().tensor_states() == ("alpha",)
     assert zoo.adam().tensor_states() == ("alpha", "beta")
     assert zoo.adam().uniform_states() == ("sigma",)  # the step counter: a host scalar
+    assert zoo.lion().tensor_states() == zoo.adagrad().tensor_states() == ("alpha",)
+    assert zoo.adabelief().tensor_states() == ("alpha", "beta")
+    assert zoo.adabelief().uniform_states() == ("sigma",)
 
 
 @pytest.mark.parametrize("beta", [0.9, 0.999, 0.99, 0.9999, 0.5, 1e-3])
@@ -183,6 +243,11 @@ def test_bias_correction_of_zero_beta_is_one():
     (lambda: zoo.rmsprop(alpha=-1.0), "alpha"),
     (lambda: zoo.rmsprop(eps=float("nan")), "eps"),
     (lambda: zoo.ades(beta1=math.inf), "beta1"),
+    (lambda: zoo.lion(betas=(0.9, 0.0)), "beta2"),  # m_{t-1} is recovered by dividing by beta2
+    (lambda: zoo.lion(betas=(1.0, 0.99)), "beta1"),
+    (lambda: zoo.adagrad(eps=-1.0), "eps"),
+    (lambda: zoo.adabelief(betas=(0.9, 1.0)), "beta2"),
+    (lambda: zoo.adabelief(eps=-1e-16), "eps"),
 ])
 def test_bad_hyperparameters_name_the_value(call, bad):
     with pytest.raises(ValueError, match=bad):

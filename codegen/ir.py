@@ -460,13 +460,22 @@ class Schedule:
 # Parser: a small recursive descent over a regex tokenizer, with positions for every error.
 # --------------------------------------------------------------------------------------------
 
+# The deepest expression a text may nest: every pass over a tree (simplify, hash, ==, str, pickle,
+# lowering, the reference evaluator) recurses, up to ~7 Python frames per level (deepcopy), so 64
+# levels stay under Python's default limit of 1000 with room for the caller's own stack. Evolved
+# programs are at most the grammar's max_depth (17) deep; tests/test_ir.py checks the headroom.
+MAX_DEPTH = 64
+
+# ASCII digits only ([0-9], not \d): float() would read any Unicode digit ('١' is 1).
 _TOKEN = re.compile(r"""
     (?P<space>[ \t]+)
-  | (?P<number>[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|inf|nan)(?![A-Za-z_0-9]))
+  | (?P<number>[-+]?(?:[0-9]+\.?[0-9]*(?:[eE][-+]?[0-9]+)?|\.[0-9]+(?:[eE][-+]?[0-9]+)?|inf|nan)
+               (?![A-Za-z_0-9]))
   | (?P<name>[A-Za-z_][A-Za-z_0-9]*)
   | (?P<cmp><=|>=|<|>)
   | (?P<punct>[(),:])
 """, re.VERBOSE)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -475,29 +484,36 @@ class _Tokens:
     line: int
     tokens: list[tuple[str, str, int]]  # (kind, text, column)
     pos: int = 0
+    end: str = "end of line"  # what ends this text: the end of the line, or a ';'
+    end_column: int = 0  # where it ends (a comment or the next statement may follow)
 
     @classmethod
-    def of(cls, text: str, line: int, shown: str | None = None) -> "_Tokens":
+    def of(cls, text: str, line: int, shown: str | None = None,
+           end: str = "end of line") -> "_Tokens":
         """Tokenize `text`; `shown` is the line as the user wrote it, for error messages."""
         shown = text if shown is None else shown
         tokens, i = [], 0
         while i < len(text):
             m = _TOKEN.match(text, i)
             if not m:
-                raise ParseError(f"unexpected character {text[i]!r}", line, i + 1, shown)
+                char = text[i]
+                if char.isdigit():
+                    raise ParseError(f"non-ASCII digit {char!r} (U+{ord(char):04X}): write numbers "
+                                     "with the digits 0-9", line, i + 1, shown)
+                raise ParseError(f"unexpected character {char!r}", line, i + 1, shown)
             if m.lastgroup != "space":
                 tokens.append((m.lastgroup, m.group(), i + 1))
             i = m.end()
-        return cls(shown, line, tokens)
+        return cls(shown, line, tokens, end=end, end_column=len(text) + 1)
 
     def peek(self) -> tuple[str, str, int]:
         if self.pos < len(self.tokens):
             return self.tokens[self.pos]
-        return ("end", "end of line", len(self.text) + 1)
+        return ("end", self.end, self.end_column)
 
     def error(self, expected: str) -> ParseError:
         kind, text, col = self.peek()
-        found = "end of line" if kind == "end" else repr(text)
+        found = self.end if kind == "end" else repr(text)
         return ParseError(f"expected {expected}, found {found}", self.line, col, self.text)
 
     def expect(self, text: str) -> None:
@@ -506,11 +522,29 @@ class _Tokens:
         self.pos += 1
 
 
-def _parse_expr(toks: _Tokens, visible: frozenset[str], ops: frozenset[str], who: str) -> Node:
+def _constant(text: str, toks: _Tokens, col: int) -> Const:
+    value = float(text)
+    if text.lstrip("+-") not in ("inf", "nan") and abs(value) > _FLOAT32_MAX:
+        with np.errstate(over="ignore"):
+            overflows = math.isinf(np.float32(value))  # just above the largest, it rounds down
+        if overflows:
+            shown = text if len(text) <= 24 else text[:12] + "..." + text[-8:]
+            raise ParseError(f"constant {shown} does not fit a float32 (the largest is "
+                             f"{format_float(_FLOAT32_MAX)}; write inf for infinity)",
+                             toks.line, col, toks.text)
+    return Const(value)
+
+
+def _parse_expr(toks: _Tokens, visible: frozenset[str], ops: frozenset[str], who: str,
+                level: int = 1) -> Node:
+    """The expression at `toks`, whose node sits `level` deep in its tree (the root is 1)."""
     kind, text, col = toks.peek()
+    if level > MAX_DEPTH:
+        raise ParseError(f"expression deeper than {MAX_DEPTH} levels (the limit)",
+                         toks.line, col, toks.text)
     if kind == "number":
         toks.pos += 1
-        return Const(float(text))
+        return _constant(text, toks, col)
     if kind != "name":
         raise toks.error("a number, an input or an op")
     toks.pos += 1
@@ -529,19 +563,20 @@ def _parse_expr(toks: _Tokens, visible: frozenset[str], ops: frozenset[str], who
     toks.expect("(")
     args: list[Node] = []
     if text == "if":
-        left = _parse_expr(toks, visible, ops, who)
+        # The comparison is a node of its own, one level below the if: its operands two below.
+        left = _parse_expr(toks, visible, ops, who, level + 2)
         kind, sym, _ = toks.peek()
         if kind != "cmp":
             raise toks.error("a comparison (<, <=, >, >=) in the condition of if")
         toks.pos += 1
-        right = _parse_expr(toks, visible, ops, who)
+        right = _parse_expr(toks, visible, ops, who, level + 2)
         args.append(Call(SYMBOL_COMPARISONS[sym], (left, right)))
     for i in range(len(args), ARITY[text]):
         if i:
             if toks.peek()[1] == ")":
                 raise toks.error(f"',' ({text} takes {ARITY[text]} arguments)")
             toks.expect(",")
-        args.append(_parse_expr(toks, visible, ops, who))
+        args.append(_parse_expr(toks, visible, ops, who, level + 1))
     if toks.peek()[1] == ",":
         raise toks.error(f"')' ({text} takes {ARITY[text]} argument{'s' * (ARITY[text] > 1)})")
     toks.expect(")")
@@ -552,33 +587,45 @@ def _strip_comment(raw: str) -> str:
     return raw.split("#", 1)[0].rstrip()
 
 
+def _statements(line: str) -> Iterator[tuple[int, str, bool]]:
+    """(offset, text, ends at a ';') of each `;`-separated statement of a line: the one-line
+    form `alpha: ...; weight: ...` that reports print is the same program as one per line."""
+    offset = 0
+    for part in line.split(";"):
+        yield offset, part, offset + len(part) < len(line)
+        offset += len(part) + 1
+
+
 def _parse_program(text: str) -> Program:
     if not isinstance(text, str):
         raise TypeError(f"program text must be a str, not {type(text).__name__}")
     deltas: dict[str, Node] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = _strip_comment(raw)
-        if not line.strip():
-            continue
-        m = re.match(r"\s*([A-Za-z_][A-Za-z_0-9]*)\s*:", line)
-        if not m:
-            raise ParseError("expected 'alpha:', 'beta:', 'sigma:' or 'weight:' at the start "
-                             "of the line", number, len(line) - len(line.lstrip()) + 1, raw)
-        target = m.group(1)
-        if target not in TARGETS:
-            raise ParseError(f"unknown update {target!r} (expected one of {', '.join(TARGETS)})",
-                             number, m.start(1) + 1, raw)
-        if target in deltas:
-            raise ParseError(f"{target} is defined twice", number, m.start(1) + 1, raw)
-        # Parse the expression in place (padding keeps columns true to the original line).
-        expr_text = " " * m.end() + line[m.end():]
-        toks = _Tokens.of(expr_text, number, shown=raw)
-        if not toks.tokens:
-            raise ParseError(f"expected an expression after '{target}:'", number, m.end() + 1, raw)
-        expr = _parse_expr(toks, VISIBLE[target], ARITHMETIC_OPS, f"the {target} update")
-        if toks.peek()[0] != "end":
-            raise toks.error("end of line")
-        deltas[target] = expr
+        for offset, part, before_semicolon in _statements(_strip_comment(raw)):
+            if not part.strip():
+                continue
+            m = re.match(r"\s*([A-Za-z_][A-Za-z_0-9]*)\s*:", part)
+            if not m:
+                where = "the start of the line" if offset == 0 else "the start of a statement"
+                raise ParseError(f"expected 'alpha:', 'beta:', 'sigma:' or 'weight:' at {where}",
+                                 number, offset + len(part) - len(part.lstrip()) + 1, raw)
+            target, column = m.group(1), offset + m.start(1) + 1
+            if target not in TARGETS:
+                raise ParseError(f"unknown update {target!r} (expected one of "
+                                 f"{', '.join(TARGETS)})", number, column, raw)
+            if target in deltas:
+                raise ParseError(f"{target} is defined twice", number, column, raw)
+            # Parse the expression in place (padding keeps columns true to the original line).
+            expr_text = " " * (offset + m.end()) + part[m.end():]
+            toks = _Tokens.of(expr_text, number, shown=raw,
+                              end="';'" if before_semicolon else "end of line")
+            if not toks.tokens:
+                raise ParseError(f"expected an expression after '{target}:'", number,
+                                 offset + m.end() + 1, raw)
+            expr = _parse_expr(toks, VISIBLE[target], ARITHMETIC_OPS, f"the {target} update")
+            if toks.peek()[0] != "end":
+                raise toks.error("end of line or ';'")
+            deltas[target] = expr
     if not deltas:
         raise ParseError("empty program: expected lines like 'weight: mul(lr, grad)'", 1, 1,
                          text.splitlines()[0] if text.splitlines() else "")

@@ -187,6 +187,35 @@ def test_show_prints_generated_source_and_rejects_bad_text(tmp_path):
     assert "line 1, column 9: unknown op 'foo'" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("arg, words", [
+    ("", "the program is empty"),
+    ("   ", "the program is empty"),
+    ("{tmp}", "{tmp} is a directory"),
+    ("{tmp}/missing.txt", "no such program file: {tmp}/missing.txt"),
+    ("{tmp}/binary.txt", "not UTF-8 text"),
+    ("weight: " + "sqrt(" * 500 + "grad" + ")" * 500, "column 329: expression deeper than 64 levels"),
+    ("weight: mul(grad, 1e400)", "column 19: constant 1e400 does not fit a float32"),
+    ("weight: mul(\u0661, grad)", "column 13: non-ASCII digit"),
+    ("alpha: grad; weight: foo(alpha)", "column 22: unknown op 'foo'"),
+])
+def test_show_refuses_bad_arguments_in_one_line(arg, words, tmp_path, capsys):
+    from codegen.__main__ import main
+
+    (tmp_path / "binary.txt").write_bytes(b"weight: \xff\xfe")
+    arg, words = arg.replace("{tmp}", str(tmp_path)), words.replace("{tmp}", str(tmp_path))
+    assert main(["show", arg]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: "), err
+    assert words in err
+
+
+def test_show_takes_the_one_line_form(capsys):
+    from codegen.__main__ import main
+
+    assert main(["show", "; ".join(PROGRAM.splitlines()), "--backend", "torch"]) == 0
+    assert capsys.readouterr().out == cache.source(Program.parse(PROGRAM), "torch")
+
+
 def test_kernels_touch_only_live_data():
     """A dead state is never loaded or stored; a step counter is a scalar, not a tensor."""
     src = cache.source(Program.parse(PROGRAM + "\n"), "numba")

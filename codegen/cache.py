@@ -14,9 +14,9 @@ back from disk, and no `.pyc` of it is written or read.
 
 What it does not protect against: someone who can write to the cache directory. Numba's own cache
 (`cache=True`) keeps compiled machine code and a pickled index in `__pycache__/` next to these
-files and loads them when their stamps match the source file, so such a person can still run code
-there; so can anyone who edits a file between our check and Numba or Triton reading the same path.
-Keep `$AUTOLR_CACHE` writable only by the users who run AutoLR.
+files, and loads them whenever their stamp matches the source file's size and mtime, so such a
+person can still run code through it. Keep `$AUTOLR_CACHE` writable only by the users who run
+AutoLR.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ _STAMP = re.compile(r"# autolr-kernel v([0-9a-f-]+) sha256=([0-9a-f]{64})\n")
 
 
 class CacheWarning(UserWarning):
-    """A cache file was unreadable or corrupt and has been regenerated."""
+    """A cache file was unreadable or not what the generator makes, and has been regenerated."""
 
 
 def cache_root() -> Path:

@@ -323,6 +323,8 @@ class Program:
 
     @classmethod
     def parse(cls, text: str) -> "Program":
+        """`target: expr` per line, or several on one line separated by `;` (the form reports
+        print); `#` starts a comment. Bad text raises a ParseError naming line and column."""
         return _parse_program(text)
 
     # ---- analysis ---------------------------------------------------------------------------

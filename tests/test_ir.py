@@ -9,7 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
-from codegen.ir import MAX_DEPTH, ParseError, Program, Schedule, reference_step
+from codegen.ir import ParseError, Program, Schedule, reference_step
+from codegen.parse import MAX_DEPTH
 from randprog import random_inputs, random_program
 
 ADAMISH = """alpha: mul(0.1, sub(alpha, grad))

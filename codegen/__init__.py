@@ -1,4 +1,5 @@
-"""Code generation for AutoLR: the optimizer IR, one emitter per backend, the kernel cache.
+"""Code generation for AutoLR: the optimizer IR and its text form, one emitter per backend, the
+kernel cache.
 
 `codegen` imports nothing else of ours; `kernels` and `engine` build on it.
 """

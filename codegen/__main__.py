@@ -1,7 +1,8 @@
 """`python -m codegen show PROGRAM_OR_FILE --backend numba|triton|torch`: print a generated kernel.
 
-PROGRAM_OR_FILE is program text (lines `alpha: ...`, `weight: ...`; `\\n` or `;` may separate them
-on a command line) or the path of a file holding it. Exit code 2 on bad text, with the parse error.
+PROGRAM_OR_FILE is program text (lines `alpha: ...`, `weight: ...`, or the one-line form with `;`
+between them) or the path of a file holding it. Bad text or a path that cannot be read: one line
+on stderr saying why, exit code 2.
 """
 
 from __future__ import annotations
@@ -13,15 +14,34 @@ from pathlib import Path
 from codegen.cache import BACKENDS, source
 from codegen.ir import ParseError, Program
 
+EXAMPLE = "'weight: mul(0.01, grad)'"
+
+
+class ArgumentError(ValueError):
+    """The argument is neither program text nor a readable program file."""
+
 
 def read_program_arg(arg: str) -> str:
-    """Program text from a file path, or the argument itself (`;` and `\\n` separate lines)."""
+    """Program text from a file path, or the argument itself (program text always has a ':')."""
+    if not arg.strip():
+        raise ArgumentError(f"the program is empty: give its text (like {EXAMPLE}) or a file "
+                            "holding it")
+    if "\n" in arg or ":" in arg.split("/")[0]:
+        return arg
     path = Path(arg)
-    if "\n" not in arg and ":" not in arg.split("/")[0] and path.exists():
-        return path.read_text()
-    if path.suffix in (".txt", ".alr", ".prog") and not path.exists():
-        raise FileNotFoundError(f"no such program file: {arg}")
-    return arg.replace("\\n", "\n").replace(";", "\n")
+    try:
+        if path.is_dir():
+            raise ArgumentError(f"{arg} is a directory: give a program file or program text "
+                                f"(like {EXAMPLE})")
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArgumentError(f"no such program file: {arg} (program text has a ':', like "
+                            f"{EXAMPLE})") from None
+    except UnicodeDecodeError as exc:
+        raise ArgumentError(f"{arg} is not a program file: not UTF-8 text (byte "
+                            f"{exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise ArgumentError(f"cannot read the program file {arg}: {exc.strerror or exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         program = Program.parse(read_program_arg(args.program))
-    except (ParseError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ParseError, ArgumentError) as exc:
+        # One line: a ParseError's own message names line and column; its echo of the text and
+        # the caret under it would repeat a long program whole.
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     sys.stdout.write(source(program, args.backend))
     return 0

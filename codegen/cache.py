@@ -2,15 +2,27 @@
 
 Files are written atomically (temp file + rename), so a concurrent reader sees the old file or the
 new one, never half of one. The first line of every file carries the cache version and a digest of
-the rest; a file whose digest does not match (truncated, edited, corrupted) is regenerated and never
-imported. The stamp's version is VERSION plus a digest of the code generator's own source, so
-any change to the IR or an emitter invalidates every old entry without anyone remembering to bump.
+the rest, as a label: the stamp's version is VERSION plus a digest of the code generator's own
+source, so any change to the IR or an emitter invalidates every old entry without anyone
+remembering to bump, and such a file is replaced silently.
+
+What it protects against: executing a byte it did not generate. On every load the module is
+generated afresh for the program (cheap: no compiler runs) and compared byte for byte with the
+file; a file that differs in any way (truncated, corrupted, edited, however it was re-stamped) is
+regenerated with a CacheWarning. The module is then executed from that generated text, never read
+back from disk, and no `.pyc` of it is written or read.
+
+What it does not protect against: someone who can write to the cache directory. Numba's own cache
+(`cache=True`) keeps compiled machine code and a pickled index in `__pycache__/` next to these
+files, and loads them whenever their stamp matches the source file's size and mtime, so such a
+person can still run code through it. Keep `$AUTOLR_CACHE` writable only by the users who run
+AutoLR.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import linecache
 import os
 import re
 import sys
@@ -45,7 +57,7 @@ _STAMP = re.compile(r"# autolr-kernel v([0-9a-f-]+) sha256=([0-9a-f]{64})\n")
 
 
 class CacheWarning(UserWarning):
-    """A cache file was unreadable or corrupt and has been regenerated."""
+    """A cache file was unreadable or not what the generator makes, and has been regenerated."""
 
 
 def cache_root() -> Path:
@@ -71,21 +83,32 @@ def kernel_path(program_hash: str, backend: str, root: Path | None = None) -> Pa
 
 
 def load(program: Program | KernelPlan, backend: str, root: Path | None = None) -> ModuleType:
-    """Import the generated module for `program`, generating (or regenerating) its file first
-    when it is missing, stale or corrupt."""
+    """Import the generated module for `program`, writing (or rewriting) its file first when it
+    is missing or differs from what the generator makes for the program now."""
     plan = program if isinstance(program, KernelPlan) else lower(program)
     path = kernel_path(plan.hash, backend, root)
-    if not _is_valid(path, plan.hash):
-        _write_atomically(path, source(plan, backend))
+    text = source(plan, backend)
+    if not _holds(path, text):
+        _write_atomically(path, text)
     name = f"autolr_kernels.{backend}_{plan.hash}"
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+    return _execute(name, path, text)
+
+
+def _execute(name: str, path: Path, text: str) -> ModuleType:
+    # The code run is `text`, the source just generated, not the file's bytes read again (which
+    # could change in between) nor a `.pyc` beside it (which an import would prefer). The file's
+    # path is the module's, because Numba's cache and Triton's source lookup go by it; Triton
+    # reads source through linecache, primed here with the same text (mtime None: never re-read).
+    module = ModuleType(name)
+    module.__file__ = str(path)
+    linecache.cache[str(path)] = (len(text), None, text.splitlines(keepends=True), str(path))
+    code = compile(text, str(path), "exec", dont_inherit=True)
     # Registered before exec: numba's cache=True and triton's source lookup find it by name.
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        exec(code, module.__dict__)  # noqa: S102 - the text this module generated, checked above
     except BaseException:
         del sys.modules[name]
         raise
@@ -96,32 +119,33 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _is_valid(path: Path, program_hash: str) -> bool:
+def _holds(path: Path, text: str) -> bool:
+    """Whether the file at `path` is `text`, byte for byte; warns about a file that is not."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         return False
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         warnings.warn(f"kernel cache file {path} is unreadable ({exc}); regenerating it",
                       CacheWarning, stacklevel=3)
         return False
-    stamp = _STAMP.match(text)
+    if data == text.encode():
+        return True
+    stamp = _STAMP.match(data[:200].decode("ascii", "replace"))
     if stamp and stamp.group(1) != STAMP_VERSION:
         return False  # another version of the generator wrote it: silently replaced
-    body = text[stamp.end():] if stamp else ""
-    if not stamp or stamp.group(2) != _sha256(body) or f"program hash: {program_hash}\n" not in body:
-        warnings.warn(f"kernel cache file {path} does not match its digest (truncated or edited); "
-                      "regenerating it", CacheWarning, stacklevel=3)
-        return False
-    return True
+    warnings.warn(f"kernel cache file {path} differs from the kernel generated for its program "
+                  "(truncated, corrupted or edited); regenerating it, not importing it",
+                  CacheWarning, stacklevel=3)
+    return False
 
 
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

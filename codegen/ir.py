@@ -1,4 +1,5 @@
-"""The optimizer IR: typed expression trees, their text form, reference semantics and canonical hash.
+"""The optimizer IR: typed expression trees, their text form (read by codegen.parse), reference
+semantics and canonical hash.
 
 Everything AutoLR evolves is a tree of the nodes below.  The numpy evaluator in this module is the
 *definition* of what every op means; each backend (codegen/*_emit.py) is tested against it.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterator, Mapping, Union
@@ -323,7 +323,11 @@ class Program:
 
     @classmethod
     def parse(cls, text: str) -> "Program":
-        return _parse_program(text)
+        """The program `text` spells (the form: codegen/parse.py); bad text raises a ParseError
+        naming the line and column."""
+        from codegen.parse import parse_program  # here: codegen.parse imports this module
+
+        return parse_program(text)
 
     # ---- analysis ---------------------------------------------------------------------------
     def live_states(self) -> tuple[str, ...]:
@@ -443,7 +447,9 @@ class Schedule:
 
     @classmethod
     def parse(cls, text: str) -> "Schedule":
-        return _parse_schedule(text)
+        from codegen.parse import parse_schedule  # here: codegen.parse imports this module
+
+        return parse_schedule(text)
 
     def __call__(self, epoch: int, lr: float) -> float:
         return float(evaluate(self.expr, {"epoch": float(epoch), "lr": lr}, np.float64))
@@ -454,151 +460,3 @@ class Schedule:
     @cached_property
     def hash(self) -> str:
         return _digest("schedule\n" + str(self.canonical()))
-
-
-# --------------------------------------------------------------------------------------------
-# Parser: a small recursive descent over a regex tokenizer, with positions for every error.
-# --------------------------------------------------------------------------------------------
-
-_TOKEN = re.compile(r"""
-    (?P<space>[ \t]+)
-  | (?P<number>[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|inf|nan)(?![A-Za-z_0-9]))
-  | (?P<name>[A-Za-z_][A-Za-z_0-9]*)
-  | (?P<cmp><=|>=|<|>)
-  | (?P<punct>[(),:])
-""", re.VERBOSE)
-
-
-@dataclass
-class _Tokens:
-    text: str
-    line: int
-    tokens: list[tuple[str, str, int]]  # (kind, text, column)
-    pos: int = 0
-
-    @classmethod
-    def of(cls, text: str, line: int, shown: str | None = None) -> "_Tokens":
-        """Tokenize `text`; `shown` is the line as the user wrote it, for error messages."""
-        shown = text if shown is None else shown
-        tokens, i = [], 0
-        while i < len(text):
-            m = _TOKEN.match(text, i)
-            if not m:
-                raise ParseError(f"unexpected character {text[i]!r}", line, i + 1, shown)
-            if m.lastgroup != "space":
-                tokens.append((m.lastgroup, m.group(), i + 1))
-            i = m.end()
-        return cls(shown, line, tokens)
-
-    def peek(self) -> tuple[str, str, int]:
-        if self.pos < len(self.tokens):
-            return self.tokens[self.pos]
-        return ("end", "end of line", len(self.text) + 1)
-
-    def error(self, expected: str) -> ParseError:
-        kind, text, col = self.peek()
-        found = "end of line" if kind == "end" else repr(text)
-        return ParseError(f"expected {expected}, found {found}", self.line, col, self.text)
-
-    def expect(self, text: str) -> None:
-        if self.peek()[1] != text:
-            raise self.error(repr(text))
-        self.pos += 1
-
-
-def _parse_expr(toks: _Tokens, visible: frozenset[str], ops: frozenset[str], who: str) -> Node:
-    kind, text, col = toks.peek()
-    if kind == "number":
-        toks.pos += 1
-        return Const(float(text))
-    if kind != "name":
-        raise toks.error("a number, an input or an op")
-    toks.pos += 1
-    if toks.peek()[1] != "(":
-        if text in visible:
-            return Var(text)
-        if text in ARITY:
-            raise toks.error(f"'(' after {text}")
-        raise ParseError(f"{text!r} is not an input {who} can read "
-                         f"(it may read {', '.join(sorted(visible))})", toks.line, col, toks.text)
-    if text not in ARITY or text in COMPARISON_SYMBOLS:
-        raise ParseError(f"unknown op {text!r} (known: {', '.join(sorted(ops))})",
-                         toks.line, col, toks.text)
-    if text not in ops:
-        raise ParseError(f"op {text!r} is not allowed in {who}", toks.line, col, toks.text)
-    toks.expect("(")
-    args: list[Node] = []
-    if text == "if":
-        left = _parse_expr(toks, visible, ops, who)
-        kind, sym, _ = toks.peek()
-        if kind != "cmp":
-            raise toks.error("a comparison (<, <=, >, >=) in the condition of if")
-        toks.pos += 1
-        right = _parse_expr(toks, visible, ops, who)
-        args.append(Call(SYMBOL_COMPARISONS[sym], (left, right)))
-    for i in range(len(args), ARITY[text]):
-        if i:
-            if toks.peek()[1] == ")":
-                raise toks.error(f"',' ({text} takes {ARITY[text]} arguments)")
-            toks.expect(",")
-        args.append(_parse_expr(toks, visible, ops, who))
-    if toks.peek()[1] == ",":
-        raise toks.error(f"')' ({text} takes {ARITY[text]} argument{'s' * (ARITY[text] > 1)})")
-    toks.expect(")")
-    return Call(text, tuple(args))
-
-
-def _strip_comment(raw: str) -> str:
-    return raw.split("#", 1)[0].rstrip()
-
-
-def _parse_program(text: str) -> Program:
-    if not isinstance(text, str):
-        raise TypeError(f"program text must be a str, not {type(text).__name__}")
-    deltas: dict[str, Node] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = _strip_comment(raw)
-        if not line.strip():
-            continue
-        m = re.match(r"\s*([A-Za-z_][A-Za-z_0-9]*)\s*:", line)
-        if not m:
-            raise ParseError("expected 'alpha:', 'beta:', 'sigma:' or 'weight:' at the start "
-                             "of the line", number, len(line) - len(line.lstrip()) + 1, raw)
-        target = m.group(1)
-        if target not in TARGETS:
-            raise ParseError(f"unknown update {target!r} (expected one of {', '.join(TARGETS)})",
-                             number, m.start(1) + 1, raw)
-        if target in deltas:
-            raise ParseError(f"{target} is defined twice", number, m.start(1) + 1, raw)
-        # Parse the expression in place (padding keeps columns true to the original line).
-        expr_text = " " * m.end() + line[m.end():]
-        toks = _Tokens.of(expr_text, number, shown=raw)
-        if not toks.tokens:
-            raise ParseError(f"expected an expression after '{target}:'", number, m.end() + 1, raw)
-        expr = _parse_expr(toks, VISIBLE[target], ARITHMETIC_OPS, f"the {target} update")
-        if toks.peek()[0] != "end":
-            raise toks.error("end of line")
-        deltas[target] = expr
-    if not deltas:
-        raise ParseError("empty program: expected lines like 'weight: mul(lr, grad)'", 1, 1,
-                         text.splitlines()[0] if text.splitlines() else "")
-    return Program(**deltas)
-
-
-def _parse_schedule(text: str) -> Schedule:
-    if not isinstance(text, str):
-        raise TypeError(f"schedule text must be a str, not {type(text).__name__}")
-    lines = [(n, _strip_comment(raw), raw) for n, raw in enumerate(text.splitlines(), 1)]
-    lines = [x for x in lines if x[1].strip()]
-    if not lines:
-        raise ParseError("empty schedule: expected an expression like 'if(epoch < 10, 0.1, 0.01)'",
-                         1, 1, "")
-    if len(lines) > 1:
-        number, _, raw = lines[1]
-        raise ParseError("a schedule is one expression on one line", number, 1, raw)
-    number, line, raw = lines[0]
-    toks = _Tokens.of(line, number, shown=raw)
-    expr = _parse_expr(toks, SCHEDULE_INPUTS, ARITHMETIC_OPS | {"if"}, "a schedule")
-    if toks.peek()[0] != "end":
-        raise toks.error("end of line")
-    return Schedule(expr)

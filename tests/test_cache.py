@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
+import marshal
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -66,7 +70,7 @@ def test_corrupt_cache_file_is_regenerated_never_imported(tmp_path):
     good = path.read_text()
     # A file that would raise on import if it were ever executed.
     path.write_text(good.replace("import torch", "raise SystemExit('imported a corrupt kernel')", 1))
-    with pytest.warns(cache.CacheWarning, match="does not match its digest"):
+    with pytest.warns(cache.CacheWarning, match="differs from the kernel generated"):
         module = cache.load(program, "torch", tmp_path)
     assert path.read_text() == good
     assert module.TENSOR_STATES == ("alpha", "beta")
@@ -74,6 +78,57 @@ def test_corrupt_cache_file_is_regenerated_never_imported(tmp_path):
     with pytest.warns(cache.CacheWarning):
         cache.load(program, "torch", tmp_path)
     assert path.read_text() == good
+
+
+def restamp(path: Path, body: str) -> None:
+    """Write `body` under a stamp recomputed for it, as someone who edits a cached kernel can."""
+    version = path.read_text().split(" sha256=", 1)[0]
+    path.write_text(f"{version} sha256={hashlib.sha256(body.encode()).hexdigest()}\n{body}")
+
+
+def compile_in_child(program: str, backend: str, root: Path) -> subprocess.CompletedProcess:
+    """kernels.compile in a fresh interpreter, as an engine worker calls it."""
+    code = f"import kernels; kernels.compile({program!r}, {backend!r})"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, AUTOLR_CACHE=str(root), NUMBA_NUM_THREADS="1"))
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch", "triton"])
+def test_an_edited_and_restamped_kernel_is_never_executed(tmp_path, backend):
+    program = Program.parse(PROGRAM)
+    path = cache.kernel_path(program.hash, backend, tmp_path)
+    cache.load(program, backend, tmp_path)
+    good = path.read_text()
+    marker = tmp_path / "marker"
+    restamp(path, f"open({str(marker)!r}, 'w').write('executed')\n" + good.split("\n", 1)[1])
+    child = compile_in_child(PROGRAM, backend, tmp_path)
+    assert not marker.exists()
+    assert child.returncode == 0, child.stderr
+    assert "differs from the kernel generated for its program" in child.stderr
+    assert path.read_text() == good
+    # And in this process, where the module is already loaded: the file is still checked.
+    restamp(path, good.split("\n", 1)[1] + f"open({str(marker)!r}, 'w').write('executed')\n")
+    with pytest.warns(cache.CacheWarning, match="differs from the kernel generated"):
+        cache.load(program, backend, tmp_path)
+    assert not marker.exists() and path.read_text() == good
+
+
+def test_a_planted_pyc_beside_a_kernel_is_never_executed(tmp_path):
+    """An import would run a `.pyc` whose header matches the source's mtime and size instead
+    of the source: the cache runs the text it generated."""
+    program = Program.parse(PROGRAM)
+    path = cache.kernel_path(program.hash, "torch", tmp_path)
+    cache.load(program, "torch", tmp_path)
+    marker = tmp_path / "marker"
+    code = compile(f"open({str(marker)!r}, 'w').write('executed')", str(path), "exec")
+    stat = path.stat()
+    pyc = Path(importlib.util.cache_from_source(str(path)))
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(importlib.util.MAGIC_NUMBER + struct.pack("<III", 0, int(stat.st_mtime),
+                                                              stat.st_size) + marshal.dumps(code))
+    child = compile_in_child(PROGRAM, "torch", tmp_path)
+    assert not marker.exists()
+    assert child.returncode == 0, child.stderr
 
 
 def test_a_file_from_another_generator_version_is_replaced_silently(tmp_path, recwarn):
@@ -130,6 +185,35 @@ def test_show_prints_generated_source_and_rejects_bad_text(tmp_path):
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2
     assert "line 1, column 9: unknown op 'foo'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("arg, words", [
+    ("", "the program is empty"),
+    ("   ", "the program is empty"),
+    ("{tmp}", "{tmp} is a directory"),
+    ("{tmp}/missing.txt", "no such program file: {tmp}/missing.txt"),
+    ("{tmp}/binary.txt", "not UTF-8 text"),
+    ("weight: " + "sqrt(" * 500 + "grad" + ")" * 500, "column 329: expression deeper than 64 levels"),
+    ("weight: mul(grad, 1e400)", "column 19: constant 1e400 does not fit a float32"),
+    ("weight: mul(\u0661, grad)", "column 13: non-ASCII digit"),
+    ("alpha: grad; weight: foo(alpha)", "column 22: unknown op 'foo'"),
+])
+def test_show_refuses_bad_arguments_in_one_line(arg, words, tmp_path, capsys):
+    from codegen.__main__ import main
+
+    (tmp_path / "binary.txt").write_bytes(b"weight: \xff\xfe")
+    arg, words = arg.replace("{tmp}", str(tmp_path)), words.replace("{tmp}", str(tmp_path))
+    assert main(["show", arg]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: "), err
+    assert words in err
+
+
+def test_show_takes_the_one_line_form(capsys):
+    from codegen.__main__ import main
+
+    assert main(["show", "; ".join(PROGRAM.splitlines()), "--backend", "torch"]) == 0
+    assert capsys.readouterr().out == cache.source(Program.parse(PROGRAM), "torch")
 
 
 def test_kernels_touch_only_live_data():

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+import sys
+import warnings
 
 import numpy as np
 import pytest
 
 from codegen.ir import ParseError, Program, Schedule, reference_step
+from codegen.parse import MAX_DEPTH
 from randprog import random_inputs, random_program
 
 ADAMISH = """alpha: mul(0.1, sub(alpha, grad))
@@ -157,3 +160,144 @@ def test_uniform_states_are_scalars():
 def test_grad_reaching_weight():
     assert Program.parse(ADAMISH).reads_grad_in_weight()
     assert not Program.parse("alpha: grad\nweight: mul(lr, 0.5)").reads_grad_in_weight()
+
+
+# -- the one-line form, constants, depth: text that must parse, or fail with a ParseError ----------
+
+def one_line(program: Program) -> str:
+    """The form reports print: the lines joined by '; '."""
+    return "; ".join(str(program).splitlines())
+
+
+def test_the_one_line_form_is_the_same_program():
+    rng = random.Random(15)
+    for _ in range(300):
+        p = random_program(rng)
+        assert Program.parse(one_line(p)) == Program.parse(str(p)) == p
+    assert Program.parse("alpha: mul(0.1, sub(alpha, grad)); weight: mul(lr, alpha);  # a; b\n"
+                         "beta: grad;;") == Program.parse("alpha: mul(0.1, sub(alpha, grad))\n"
+                                                          "beta: grad\nweight: mul(lr, alpha)")
+
+
+@pytest.mark.parametrize("text, column, words", [
+    ("alpha: grad; gamma: grad", 14, "unknown update 'gamma'"),
+    ("alpha: grad; weight: grad; alpha: grad", 28, "alpha is defined twice"),
+    ("alpha: grad;  3", 15, "at the start of a statement"),
+    ("alpha: grad; weight:; beta: grad", 21, "expected an expression after 'weight:'"),
+    ("alpha: grad; weight: mul(grad; beta: grad)", 30, "expected ',', found ';'"),
+    ("alpha: grad grad; weight: alpha", 13, "expected end of line or ';', found 'grad'"),
+    ("alpha: grad; weight: mul(lr, beta2)", 30, "'beta2' is not an input"),
+])
+def test_errors_in_the_one_line_form_name_the_column(text, column, words):
+    with pytest.raises(ParseError) as info:
+        Program.parse(text)
+    assert (info.value.line, info.value.column) == (1, column), str(info.value)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("text, column", [
+    ("weight: 1e400", 9),
+    ("weight: mul(grad, -1e400)", 19),
+    ("weight: mul(grad, 3.5e38)", 19),  # finite in float64, inf in float32
+    ("alpha: grad; weight: " + "7" * 5000, 22),
+])
+def test_a_constant_that_does_not_fit_float32_is_a_parse_error(text, column):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow RuntimeWarning must not escape either
+        with pytest.raises(ParseError, match="does not fit a float32") as info:
+            Program.parse(text)
+    assert (info.value.line, info.value.column) == (1, column)
+    with pytest.raises(ParseError, match="does not fit a float32"):
+        Schedule.parse(text.rpartition(" ")[2].rstrip(")"))
+
+
+def test_inf_nan_and_the_largest_float32_stay_constants():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Program.parse("weight: inf").weight.value == np.inf
+        assert Program.parse("weight: -inf").weight.value == -np.inf
+        assert np.isnan(Program.parse("weight: nan").weight.value)
+        # Just above the largest float32, a value still rounds down to it.
+        largest = float(np.finfo(np.float32).max)
+        assert Program.parse("weight: 3.40282350e38").weight.value == largest
+        assert Program.parse("weight: -3.4028235e38").weight.value == -largest
+
+
+@pytest.mark.parametrize("text, column", [
+    ("weight: mul(\u0661, grad)", 13),        # ARABIC-INDIC DIGIT ONE, which float() reads as 1
+    ("weight: mul(1\u0660, grad)", 14),       # an ASCII digit, then an Arabic-Indic zero
+    ("weight: mul(\uff12.5, grad)", 13),      # FULLWIDTH DIGIT TWO
+])
+def test_non_ascii_digits_are_a_parse_error(text, column):
+    with pytest.raises(ParseError, match="non-ASCII digit") as info:
+        Program.parse(text)
+    assert (info.value.line, info.value.column) == (1, column)
+    with pytest.raises(ParseError, match="non-ASCII digit"):
+        Schedule.parse("if(epoch < \u0665, 0.1, 0.01)")
+
+
+def nested(levels: int, leaf: str = "grad") -> str:
+    return "sqrt(" * levels + leaf + ")" * levels
+
+
+def test_text_nested_beyond_the_limit_is_a_parse_error_not_a_recursion_error():
+    for levels in (MAX_DEPTH, 500, 5000):
+        with pytest.raises(ParseError, match=f"deeper than {MAX_DEPTH} levels") as info:
+            Program.parse("weight: " + nested(levels))
+        # The first token past the limit: the leaf, at 1 + levels * 5 + len("weight: ").
+        assert info.value.column == 9 + MAX_DEPTH * 5
+        with pytest.raises(ParseError, match=f"deeper than {MAX_DEPTH} levels"):
+            Schedule.parse(nested(levels, "lr"))
+    deep_if = "lr"
+    for _ in range(500):
+        deep_if = f"if(epoch < 3, {deep_if}, 0.1)"
+    with pytest.raises(ParseError, match=f"deeper than {MAX_DEPTH} levels"):
+        Schedule.parse(deep_if)
+
+
+def _frames() -> int:
+    frame, n = sys._getframe(), 0
+    while frame is not None:
+        frame, n = frame.f_back, n + 1
+    return n
+
+
+# Every pass over a tree at the depth limit must fit in this many frames, leaving the rest of
+# Python's default limit (1000) to its caller: a Ray worker, pytest, the engine.
+HEADROOM = 600
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Program.parse("alpha: " + nested(MAX_DEPTH - 1) + "; weight: " + nested(MAX_DEPTH - 1)),
+    lambda: Program.parse("weight: " + "add(1.5, " * (MAX_DEPTH - 1) + "grad" + ")" * (MAX_DEPTH - 1)),
+    lambda: Schedule.parse("if(epoch < 3, " * (MAX_DEPTH - 2) + "lr" + ", 0.5)" * (MAX_DEPTH - 2)),
+    # Nested through the comparison, each if is two levels (the if, then its comparison).
+    lambda: Schedule.parse("if(" * ((MAX_DEPTH - 1) // 2) + "lr" + " < 3, lr, 0.5)"
+                           * ((MAX_DEPTH - 1) // 2)),
+], ids=["sqrt", "add", "if", "if-condition"])
+def test_every_pass_over_text_at_the_depth_limit_has_room_to_spare(make):
+    import copy
+    import pickle
+
+    from codegen import cache
+    from codegen.ir import depth
+
+    program = make()
+    expr = program.expr if isinstance(program, Schedule) else program.weight
+    assert depth(expr) in (MAX_DEPTH, MAX_DEPTH - 1)
+    passes = [lambda: type(program).parse(str(program)) == program, lambda: hash(expr),
+              lambda: program.canonical(), lambda: program.hash, lambda: repr(program),
+              lambda: pickle.loads(pickle.dumps(program)), lambda: copy.deepcopy(program)]
+    if isinstance(program, Schedule):
+        passes.append(lambda: program(3, 0.1))
+    else:
+        passes += [lambda: reference_step(program, np.ones(2, np.float32), np.ones(2, np.float32)),
+                   lambda: program.reads_grad_in_weight(), lambda: program.tensor_states()]
+        passes += [lambda b=b: cache.source(program, b) for b in cache.BACKENDS]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(_frames() + HEADROOM)
+    try:
+        for run in passes:
+            run()
+    finally:
+        sys.setrecursionlimit(limit)

@@ -206,6 +206,13 @@ def test_a_directory_is_not_a_store_and_is_not_to_be_moved(tmp_path):
     assert "'" + str(directory / "results.sqlite") + "'" in message  # a file path to pass instead
 
 
+def test_a_store_under_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="cannot make its directory.*pass a file path"):
+        Store(tmp_path / "notes.txt" / "results.sqlite")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_another_programs_database_is_left_untouched(tmp_path):
     path = tmp_path / "contacts.db"
     with sqlite3.connect(path) as db:

@@ -31,6 +31,24 @@ def write_best_optimizer(path: str | Path, mode: str, text: str, *, about: str) 
     return path
 
 
+def _string_literal(text: str, *, continued: bool = False) -> str:
+    """A triple-quoted Python literal whose value is exactly `text`, for text that a reader of the
+    generated file sees (docstrings, the program). Text is never pasted between quotes: a run
+    directory named `run\\Nx` made a `\\N` escape and a file that did not import. `repr()`
+    would do for the value but writes the lines as one; so backslashes, quote runs and characters
+    that are not printable are escaped, and everything else stays as written. `continued` starts
+    the text on the next line (a backslash-newline adds nothing to the value)."""
+    out = []
+    for i, char in enumerate(text):
+        if char == "\\" or char == '"' and text[i + 1:i + 2] in ('"', ""):
+            out.append("\\" + char)  # a quote before a quote or the end: no run of three
+        elif char == "\n" or char.isprintable():
+            out.append(char)
+        else:  # \r would become \n when Python reads the file; a U+2028 would split the line
+            out.append(repr(char)[1:-1])
+    return '"""' + ("\\\n" if continued else "") + "".join(out) + '"""'
+
+
 # -- ALR: an optimizer class -------------------------------------------------------------------
 
 
@@ -70,8 +88,8 @@ def render_alr(program: Program, about: str) -> str:
     advance = _advance_function(canonical, scalars)
     params = ", ".join(["weight", "grad", *tensors, "lr", *scalars])
     return TEMPLATE_ALR.format(
-        doc=doc.replace('"""', "'''"),
-        program=str(canonical),
+        doc=_string_literal(doc),
+        program=_string_literal(f"{canonical}\n", continued=True),
         tensors=repr(tensors),
         scalars=repr(scalars),
         torch_kernel=torch_kernel,
@@ -133,7 +151,7 @@ def _torch_expr(node: Node) -> str:
 
 
 TEMPLATE_ALR = '''\
-"""{doc}"""
+{doc}
 
 from __future__ import annotations
 
@@ -141,9 +159,7 @@ import torch
 
 __all__ = ["BestOptimizer", "PROGRAM"]
 
-PROGRAM = """\\
-{program}
-"""
+PROGRAM = {program}
 TENSOR_STATES = {tensors}
 SCALAR_STATES = {scalars}
 
@@ -270,7 +286,7 @@ def render_dlr(schedule: Schedule, about: str) -> str:
            "    for epoch in range(epochs):\n"
            "        train_one_epoch(model, optimizer)\n"
            "        scheduler.step()                    # the lr for the next epoch\n")
-    return TEMPLATE_DLR.format(doc=doc.replace('"""', "'''"), text=str(schedule),
+    return TEMPLATE_DLR.format(doc=_string_literal(doc), text=repr(str(schedule)),
                                expr=_python_expr(schedule.expr))
 
 
@@ -291,7 +307,7 @@ def _python_expr(node: Node) -> str:
 
 
 TEMPLATE_DLR = '''\
-"""{doc}"""
+{doc}
 
 from __future__ import annotations
 
@@ -301,7 +317,7 @@ import torch
 
 __all__ = ["INITIAL_LR", "SCHEDULE", "BestSchedule", "schedule"]
 
-SCHEDULE = "{text}"
+SCHEDULE = {text}
 INITIAL_LR = 0.01  # the DLR protocol's plain SGD starts here
 
 

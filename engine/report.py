@@ -332,7 +332,7 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: str) -
         lines += ["", f"The best evolved program {verdict} the baseline "
                       f"({delta:+.4f}). Fitness is the protocol's accuracy on a held-out fitness "
                       "set (ALR: the minimum over trials)."]
-    lines += ["", "## The best program", "", "```", best["canonical"], "```", "",
+    lines += ["", "## The best program", "", *_fenced(best["canonical"]), "",
               "`best_optimizer.py` is a standalone copy of it for your own project "
               "(needs only torch):", "", "```python",
               *(["from best_optimizer import BestOptimizer",
@@ -371,8 +371,16 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: str) -
         lines += ["| failure | count |", "|---|---|"]
         lines += [f"| {kind} | {n} |" for kind, n in counts["failures"].items()]
         lines.append("")
-    lines += ["## Reproduce", "", "```", data["reproduce"], "```", ""]
+    lines += ["## Reproduce", "", *_fenced(data["reproduce"]), ""]
     return "\n".join(lines)
+
+
+def _fenced(text: str) -> list[str]:
+    """A Markdown code block holding `text` verbatim: its fence is longer than any run of
+    backticks in it (a path in the command line may hold some), which would otherwise end it."""
+    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence, text, fence]
 
 
 def _duration(seconds: float | None) -> str:

@@ -39,6 +39,7 @@ from engine.evolve import CheckpointError, EvolutionConfig, GenerationRecord, ev
 from engine.grammar import Grammar
 from engine.run_config import build_parser, check_out_dir, new_config, resumed_config
 from engine.seeds import baseline
+from engine.store import StoreError
 
 __all__ = ["main"]
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         return _main(argv)
-    except UsageError as err:
+    except (UsageError, StoreError) as err:  # StoreError: the store damaged at some lookup
         print(f"engine.run: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     finally:
@@ -111,7 +112,16 @@ def _main(argv: list[str]) -> int:
         raise UsageError("--executor serial runs one candidate at a time; drop --workers")
     if not config.get("ray_address"):
         _check_data()
+    _check_store(config["store"])
     return Session(out, config, resumed=args.resume).run()
+
+
+def _check_store(path: str) -> None:
+    """Open the store once before the run directory is made: a damaged or foreign file must
+    not leave a half-made run behind that a retry then refuses."""
+    from engine.store import Store
+
+    Store(path).close()  # a StoreError is main's one line
 
 
 def _check_data() -> None:
@@ -285,6 +295,8 @@ class Session:
             return 130
         except CheckpointError as err:
             raise UsageError(str(err)) from None
+        except StoreError as err:  # damaged mid-run: every finished generation is checkpointed
+            raise UsageError(f"{err} Then continue the run: {self.resume_command()}") from None
         from engine.show import print_summary
 
         print_summary(summary, out)

@@ -74,6 +74,23 @@ def _duration(text: str) -> float:
     return seconds
 
 
+MAX_SEED = 2**63 - 1  # the store keeps seeds as SQLite INTEGERs (64-bit, signed)
+
+
+def _seed(text: str) -> int:
+    """A run's seed: checked here, before anything is written, because a seed the store cannot
+    hold (>= 2**63) failed only at its first lookup, leaving a run directory that neither a
+    retry nor --resume would take; a negative one made every training raise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: a seed is an integer from 0 "
+                                         f"to {MAX_SEED} (2**63 - 1)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     rows = []
     for name, d in PRESET_DEFAULTS.items():
@@ -97,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: alr)")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help=f"task and search size, {presets}; see below (default: quick)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of the search and of the data split (default: 0)")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="seed of the search and of the data split, 0 to 2**63 - 1 (default: 0)")
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/<mode>-<preset>-<time>-seed<N>)")
     p.add_argument("--resume", action="store_true",

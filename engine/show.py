@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import shlex
 import sys
 import time
 from collections import Counter
@@ -17,9 +17,11 @@ from pathlib import Path
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, \
     TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from engine.evolve import GenerationRecord
 from engine.report import evaluation_counts, hall_of_fame, one_line, program_size, wall_seconds
@@ -64,11 +66,12 @@ class Display:
         self.gen_task = None
         self.live: Live | None = None
         where = (f"{config['executor']} executor, {workers} worker{'s' * (workers != 1)}")
-        self.message(f"AutoLR {self.mode.upper()} run [bold]{config['name']}[/] "
+        self.message(f"AutoLR {self.mode.upper()} run [bold]{escape(config['name'])}[/] "
                      f"(preset {config['preset']}, seed {config['seed']}, population "
                      f"{config['evolution']['population']}, {self.generations} generations, "
-                     f"{where})\nwriting to {config['out']}"
-                     + (f"\nresuming after generation {len(history) - 1}" if history else ""))
+                     f"{where})\nwriting to {escape(config['out'])}"
+                     + (f"\nresuming after generation {len(history) - 1}" if history else ""),
+                     markup=True)
 
     def __enter__(self) -> Display:
         if self.live_mode:
@@ -82,11 +85,13 @@ class Display:
             self.live.__exit__(None, None, None)
             self.live = None
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, markup: bool = False) -> None:
+        """Print a line above the live display. `text` is plain unless `markup` says it is rich
+        markup: paths and commands hold brackets that rich would read as (broken) tags."""
         if self.live_mode:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, markup=markup)
         else:  # a log: plain lines, never wrapped at an imagined width
-            print(re.sub(r"\[/?bold\]|\[/\]", "", text), flush=True)
+            print(Text.from_markup(text).plain if markup else text, flush=True)
 
     def _note(self, h: str | None, text: str, fitness: float) -> None:
         if h is None:
@@ -158,8 +163,8 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
     """The end-of-run (or `engine.show`) summary: best against the baseline, the work done."""
     console = console or Console()
     best, base, counts = summary["best"], summary.get("baseline") or {}, summary["evaluations"]
-    table = Table(title=f"AutoLR run {summary['run']}: {summary['status']}", show_header=False,
-                  title_justify="left")
+    table = Table(title=escape(f"AutoLR run {summary['run']}: {summary['status']}"),
+                  show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     table.add_row("mode / preset / seed", f"{summary['mode']} / {summary['preset']} / "
@@ -171,7 +176,7 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
     if "fitness" in base:
         table.add_row("baseline", f"{base['fitness']:.4f} {base['name']} "
                                   f"({summary['best_minus_baseline']:+.4f} for the best)")
-    table.add_row("best program", best["canonical"])
+    table.add_row("best program", escape(best["canonical"]))
     failures = ", ".join(f"{k} {v}" for k, v in counts["failures"].items()) or "none"
     table.add_row("evaluations", f"{counts['requested']} answered: {counts['trained']} trained, "
                                  f"{counts['store']} store, {counts['screened']} screened, "
@@ -181,8 +186,9 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
     wall = summary.get("wall_seconds")
     table.add_row("wall time", "?" if wall is None else
                   f"{wall:.0f} s over {summary.get('sessions', 1)} session(s)")
-    table.add_row("outputs", f"{out}/report.md, best_optimizer.py, summary.json, history.csv"
-                  + (", kernels/" if summary["mode"] == "alr" else ""))
+    table.add_row("outputs", escape(f"{out}/report.md, best_optimizer.py, summary.json, "
+                                    "history.csv" + (", kernels/" if summary["mode"] == "alr"
+                                                     else "")))
     console.print(table)
 
 
@@ -191,56 +197,155 @@ def _fame_table(fame: list[dict], width: int) -> Table:
     for column in ("#", "fitness", "size", "gen", "hash", "program"):
         table.add_column(column, overflow="fold" if column == "program" else "ellipsis")
     for e in fame:
-        table.add_row(str(e["rank"]), f"{e['fitness']:.4f}", str(e["size"]),
-                      str(e["generation"]), e["hash"][:10], one_line(e["canonical"]))
+        cells = (str(e["rank"]), f"{e['fitness']:.4f}", str(e["size"]), str(e["generation"]),
+                 e["hash"][:10], one_line(e["canonical"]))
+        table.add_row(*map(escape, cells))  # the file's text is shown as text, never markup
     return table
 
 
-def show(run_dir: Path, console: Console | None = None) -> int:
-    from engine.evolve import CheckpointError, load_checkpoint
+# A damaged file (a disk filled up, a copy cut short, an editor) costs only what it holds:
+# engine.show is for looking at a run, and the one who asks wants its results, most of which
+# the other files still hold (summary.json and hall_of_fame.json are rebuilt from the checkpoint,
+# which has its own checksum). So each damaged file is one warning line on stderr, naming it and
+# what to do, and the rest is shown (exit 0); only when nothing is left to show is it an error.
 
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError)  # complete JSON, wrong contents
+
+
+class _Files:
+    """Reads a run's files, noting each damaged one instead of failing on it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.resume = shlex.join(["python", "-m", "engine.run", "--resume", "--out",
+                                  str(run_dir)])
+        self.warnings: list[str] = []
+
+    def warn(self, path: Path, problem: str, instead: str) -> None:
+        self.warnings.append(f"engine.show: warning: {path} is damaged "
+                             f"({' '.join(problem.split())}); {instead}")
+
+    def json(self, name: str, instead: str) -> object:
+        """The file's JSON; None when it is missing, or damaged (noted)."""
+        path = self.run_dir / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data is None:  # None means missing or damaged to the callers
+                raise ValueError("it holds only null")
+            return data
+        except FileNotFoundError:
+            return None
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            self.warn(path, str(err), instead)
+            return None
+
+    def config(self) -> dict | None:
+        instead = "--resume cannot continue the run without it: restore it from a copy of the run"
+        config = self.json("config.json", instead)
+        if config is None or (_has(config, "name", "mode", "preset", "seed", "evolution")
+                              and _has(config["evolution"], "generations")
+                              and config["mode"] in ("alr", "dlr")):
+            return config
+        self.warn(self.run_dir / "config.json", "not an AutoLR run config", instead)
+        return None
+
+    def history(self) -> list[GenerationRecord]:
+        """The newest checkpoint's history, as a resume would continue from it."""
+        from engine.evolve import CheckpointError, load_checkpoint
+
+        first_error = None
+        for path in sorted((self.run_dir / "checkpoints").glob("gen-*.json"), reverse=True):
+            try:
+                body = load_checkpoint(path)
+            except CheckpointError as err:
+                first_error = first_error or str(err)
+                continue
+            return [GenerationRecord.from_json(r) for r in body["history"]]
+        if first_error:
+            self.warn(self.run_dir / "checkpoints", first_error,
+                      "no generation can be shown from them")
+        return []
+
+    def events(self) -> list[dict]:
+        path = self.run_dir / "events.jsonl"
+        if not path.is_file():
+            return []
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        events, bad = [], []
+        for number, line in enumerate(lines, 1):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if _is_event(event):
+                events.append(event)
+            else:
+                bad.append(number)
+        if bad and bad != [len(lines)]:  # a kill cuts the last line short: that one is expected
+            self.warn(path, f"{len(bad)} of {len(lines)} lines are not events, the first line "
+                            f"{bad[0]}", "they are skipped: the counts and times may fall short")
+        return events
+
+
+def _has(data: object, *keys: str) -> bool:
+    return isinstance(data, dict) and all(key in data for key in keys)
+
+
+def _is_event(event: object) -> bool:
+    """Whether a parsed line is an event that the counts and times can read."""
+    if not (_has(event, "event", "time") and isinstance(event["time"], (int, float))):
+        return False
+    return event["event"] != "evaluation" or (
+        isinstance(event.get("source"), str) and isinstance(event.get("reason"), (str, type(None)))
+        and isinstance(event.get("seconds", 0.0), (int, float)))
+
+
+def show(run_dir: Path, console: Console | None = None) -> int:
     console = console or Console()
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
+    if not (run_dir / "config.json").is_file():
         print(f"engine.show: error: {run_dir} is not an AutoLR run directory (no config.json)",
               file=sys.stderr)
         return 2
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    body = None
-    for path in sorted((run_dir / "checkpoints").glob("gen-*.json"), reverse=True):
+    files = _Files(run_dir)
+    shown = _show(files, console)
+    if not shown:
+        print(f"engine.show: error: nothing to show: {run_dir}/config.json is damaged and the "
+              "run has no usable summary.json; restore config.json from a copy of the run",
+              file=sys.stderr)
+        return 2
+    for line in files.warnings:
+        print(line, file=sys.stderr)
+    return 0
+
+
+def _show(files: _Files, console: Console) -> bool:
+    """Print what the files hold; False when config.json and summary.json are both unusable."""
+    config, history = files.config(), files.history()
+    rebuild = f"showing the checkpoint instead ({files.resume} rewrites it)"
+    summary = files.json("summary.json", rebuild)
+    if summary is not None and not (_has(summary, "generations_done")
+                                    and isinstance(summary["generations_done"], int)):
+        files.warn(files.run_dir / "summary.json", "not an AutoLR run summary", rebuild)
+    elif summary is not None and summary["generations_done"] >= len(history):
         try:
-            body = load_checkpoint(path)
-            break
-        except CheckpointError:
-            continue
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    done = 0 if body is None else len(body["history"])
-    if summary is not None and summary["generations_done"] >= done:
-        print_summary(summary, run_dir, console)
-        fame_path = run_dir / "hall_of_fame.json"
-        if fame_path.is_file():
-            console.print(_fame_table(json.loads(fame_path.read_text()), console.width))
-        return 0
-    events = []
-    events_path = run_dir / "events.jsonl"
-    if events_path.is_file():
-        for line in events_path.read_text(encoding="utf-8").splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                pass
-    generations = config["evolution"]["generations"]
-    last = events[-1]["time"] if events and "time" in events[-1] else None
-    ago = "" if last is None else f", last activity {time.time() - last:.0f} s ago"
-    console.print(f"AutoLR run [bold]{config['name']}[/] ({config['mode']}, preset "
-                  f"{config['preset']}, seed {config['seed']}): {done} of {generations} "
-                  f"generations checkpointed{ago}; no summary yet (running or stopped: "
-                  f"`python -m engine.run --resume --out {run_dir}` continues it)",
+            print_summary(summary, files.run_dir, console)
+        except _MALFORMED as err:
+            files.warn(files.run_dir / "summary.json", f"{type(err).__name__}: {err}", rebuild)
+        else:
+            _show_fame(files, summary.get("mode"), history, console)
+            return True
+    if config is None:
+        return False
+    events = files.events()
+    ago = "" if not events else f", last activity {time.time() - events[-1]['time']:.0f} s ago"
+    name, preset, seed, generations = (escape(str(v)) for v in (
+        config["name"], config["preset"], config["seed"], config["evolution"]["generations"]))
+    console.print(f"AutoLR run [bold]{name}[/] ({config['mode']}, preset {preset}, seed {seed}): "
+                  f"{len(history)} of {generations} generations checkpointed{ago}; no summary "
+                  f"yet (running or stopped: `{escape(files.resume)}` continues it)",
                   highlight=False)
-    if body is None:
-        return 0
-    history = [GenerationRecord.from_json(r) for r in body["history"]]
+    if not history:
+        return True
     table = Table(title="generations", title_justify="left")
     for column in ("gen", "best", "median", "worst", "new"):
         table.add_column(column)
@@ -255,7 +360,27 @@ def show(run_dir: Path, console: Console | None = None) -> int:
                   f"{counts['fingerprint']} twins; wall {wall:.0f} s over {sessions} session(s)",
                   highlight=False)
     console.print(_fame_table(hall_of_fame(config["mode"], history), console.width))
-    return 0
+    return True
+
+
+def _show_fame(files: _Files, mode: object, history: list[GenerationRecord],
+               console: Console) -> None:
+    """The hall of fame from its file, else recomputed from the checkpoint (noted)."""
+    path = files.run_dir / "hall_of_fame.json"
+    can_rebuild = bool(history) and mode in ("alr", "dlr")
+    instead = (f"recomputed from the checkpoint ({files.resume} rewrites it)" if can_rebuild
+               else "no checkpoint to recompute it from")
+    fame = files.json(path.name, instead)
+    if fame is not None:
+        try:
+            console.print(_fame_table(fame, console.width))
+            return
+        except _MALFORMED as err:
+            files.warn(path, f"{type(err).__name__}: {err}", instead)
+    elif not path.is_file():
+        return
+    if can_rebuild:
+        console.print(_fame_table(hall_of_fame(mode, history), console.width))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,9 +22,12 @@ Why SQLite, and how it is used:
 - `PRAGMA user_version` records the schema version, so a file from a newer AutoLR is refused with
   a clear message instead of being misread.
 
-A file that is not a readable store (garbage bytes, a damaged page) raises `StoreError` naming the
-file and the fix (move it aside; a new store is created in its place). A `Store` holds one
-connection and belongs to one thread; another process opens its own (a `Store` pickles as its path).
+Opening checks what the file is, and every failure is a `StoreError` naming the file and the fix:
+a directory, garbage bytes or another program's SQLite database is left untouched (pass another
+file path); an AutoLR store with a damaged page (found by a quick check of every page on opening,
+or by a later read) is to be moved aside, its -wal file with it, and a new store is made in its
+place. A `Store` holds one connection and belongs to one thread; another process opens its own (a
+`Store` pickles as its path).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shlex
 import sqlite3
 import sys
 import time
@@ -196,7 +200,16 @@ class Store:
     def __init__(self, path: str | PathLike[str], *, timeout: float = 60.0) -> None:
         self.path = Path(path)
         self._timeout = timeout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._ours = False  # known to be an AutoLR store: only then is moving it aside advised
+        if self.path.is_dir():
+            inside = shlex.quote(str(self.path / "results.sqlite"))
+            raise StoreError(f"{self.path} is a directory; the results store is one file: pass a "
+                             f"file path (e.g. --store {inside})")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"{self.path}: cannot make its directory ({error}); pass a file path "
+                             "in a directory that exists or can be made") from None
         with self._errors():
             self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
         try:
@@ -208,6 +221,14 @@ class Store:
 
     def _set_up(self) -> None:
         db = self._db
+        # Before anything is written: switching to WAL would change someone else's database.
+        version, tables = self._schema_version(), self._tables()
+        self._ours = "evaluations" in tables
+        if not self._ours and (version != 0 or tables):
+            raise StoreError(
+                f"{self.path} is an SQLite database but not an AutoLR results store (tables: "
+                f"{', '.join(sorted(tables)) or 'none'}); it was left as it is: pass the path of "
+                "an AutoLR store or of a new file (--store FILE)")
         # Switching to WAL takes an exclusive lock; when processes open a new file at once, the
         # loser may get SQLITE_BUSY without the busy handler being consulted, so retry here.
         deadline = time.monotonic() + self._timeout
@@ -220,6 +241,12 @@ class Store:
                     raise
                 time.sleep(0.01)
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash may lose, never corrupt
+        if self._ours:
+            # A damaged page otherwise surfaces at some lookup hours into a run. The check reads
+            # the whole file once (~0.2 s for 70 MB) and does not block other processes' writes.
+            found = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if found != "ok":
+                raise self._unusable(sqlite3.DatabaseError(found.splitlines()[-1]))
         if self._schema_version() == SCHEMA_VERSION:
             return  # the usual case: open without taking the write lock
         with self._transaction():
@@ -228,6 +255,11 @@ class Store:
                 for statement in _SCHEMA:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._ours = True
+
+    def _tables(self) -> set[str]:
+        rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {name for (name,) in rows}
 
     def _schema_version(self) -> int:
         found = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -342,10 +374,24 @@ class Store:
             raise self._unusable(error) from None  # its text is in ours; its traceback is noise
 
     def _unusable(self, error: sqlite3.Error) -> StoreError:
+        detail = " ".join(str(error).split())
+        if getattr(self, "_db", None) is not None:
+            # Done with it: closing lets SQLite fold in and delete the -wal and -shm files, so
+            # the advice below names only the files that stay.
+            self._db.close()
+        if not self._ours:  # garbage, or not ours at all: never advise moving a user's file
+            return StoreError(
+                f"{self.path} is not an AutoLR results store ({detail}); it was left as it is: "
+                "pass the path of an AutoLR store or of a new file (--store FILE)")
+        # Its -wal file goes with it: SQLite would replay it into the new store made in its place.
+        aside = [f"mv {shlex.quote(str(self.path))} {shlex.quote(str(self.path) + '.damaged')}"]
+        aside += [f"mv {shlex.quote(str(self.path) + tail)} "
+                  f"{shlex.quote(str(self.path) + '.damaged' + tail)}"
+                  for tail in ("-wal", "-shm") if Path(f"{self.path}{tail}").exists()]
         return StoreError(
-            f"{self.path}: not a usable AutoLR results store ({error}). Move it aside "
-            f"(mv '{self.path}' '{self.path}.bad') and run again: a new, empty store is created "
-            "in its place and results are recomputed as needed."
+            f"{self.path}: the AutoLR results store is damaged ({detail}). Move it aside "
+            f"({'; '.join(aside)}) and run again: a new, empty store is made in its place and "
+            "results are recomputed as needed; or keep it and pass another file (--store FILE)."
         )
 
 

@@ -192,3 +192,34 @@ def test_exported_schedule_is_the_evolved_schedule(tmp_path):
             sgd.step()
             scheduler.step()
         assert seen == expected, text
+
+
+# -- text from the user in generated files ----------------------------------------------------
+
+ODD_NAME = 'run\\Nx "it\'s" \\u00e9-ü ```'  # a backslash escape, quotes, unicode, a fence
+
+
+@pytest.mark.parametrize("mode", ["alr", "dlr"])
+def test_outputs_of_a_run_with_an_odd_name_import_and_quote_it_verbatim(tmp_path, mode):
+    """A run directory named `run\\Nx` once made a best_optimizer.py that did not import
+    (SyntaxError: unicode error): its name was pasted between quotes."""
+    from engine.report import Outcome, write_all
+
+    text = zoo_seeds(mode)[0]
+    text = snap(text, load_grammar(ALR_GRAMMAR if mode == "alr" else DLR_GRAMMAR), mode, 17)
+    run_dir = tmp_path / ODD_NAME
+    run_dir.mkdir()
+    reproduce = f"python -m engine.run --grammar '{tmp_path}/g ```x.bnf'"
+    config = {"name": run_dir.name, "mode": mode, "preset": "smoke", "seed": 3,
+              "command": reproduce, "reproduce": reproduce,
+              "evolution": {"generations": 1, "population": 1, "elitism": 0}}
+    history = [record(0, [(text, 0.5)])]
+    write_all(Outcome(run_dir=run_dir, config=config, history=history, events=[],
+                      status="finished"))
+    module = load_module(run_dir / "best_optimizer.py", f"odd_{mode}")
+    assert f"Run {ODD_NAME} (mode {mode}" in module.__doc__
+    parsed = (Program if mode == "alr" else Schedule).parse(
+        module.PROGRAM if mode == "alr" else module.SCHEDULE)
+    assert parsed.hash == (Program if mode == "alr" else Schedule).parse(text).hash
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert f"````\n{reproduce}\n````" in report  # the fence outlasts the ``` in the path

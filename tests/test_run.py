@@ -485,6 +485,53 @@ def test_errors_end_to_end_have_no_traceback(env, tmp_path):
     assert "Fashion-MNIST" in result.stderr or "AUTOLR_DATA" in result.stderr
 
 
+@pytest.mark.parametrize("seed", [2**63, -1])
+def test_a_seed_out_of_range_is_refused_before_anything_is_written(env, tmp_path, seed):
+    """2**63 overflowed SQLite at the first store lookup, after the run directory was made (so
+    neither a retry nor --resume worked); -1 made every training raise in a "finished" run."""
+    result = engine_run(["--seed", seed, *smoke("alr", tmp_path / "run", tmp_path / "s.sqlite")],
+                        env, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{seed} is out of range" in result.stderr
+    assert "0 to 9223372036854775807" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory, no store
+
+
+def test_a_store_that_is_a_directory_or_damaged_is_one_line_and_no_run_is_made(env, tmp_path):
+    """A damaged store was a StoreError traceback (exit 1) at some lookup; `--store DIR` advised
+    moving the user's directory. Both stop before the run directory is made."""
+    import random
+
+    from engine.store import Record, Store
+
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    damaged = tmp_path / "damaged.sqlite"
+    with Store(damaged) as store:
+        for n in range(300):
+            store.put(Record(hash=f"h{n:04d}", task="t", protocol="p", seed=0, fitness=0.5,
+                             source="trained", program="weight: grad\n" * 40))
+    data = bytearray(damaged.read_bytes())
+    data[4096:8192] = random.Random(1).randbytes(4096)
+    damaged.write_bytes(bytes(data))
+    for store, says in ((stores, "is a directory"), (damaged, "store is damaged")):
+        result = engine_run(smoke("alr", tmp_path / "run", store), env, cwd=tmp_path,
+                            check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert says in result.stderr and "--store " in result.stderr, result.stderr
+        assert ("mv " in result.stderr) == (store == damaged), result.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_the_largest_seed_is_accepted_and_fits_the_store(tmp_path):
+    from engine.run_config import MAX_SEED
+    from engine.store import Store
+
+    assert run_module.build_parser().parse_args(["--seed", str(MAX_SEED)]).seed == MAX_SEED
+    with Store(tmp_path / "s.sqlite") as store:
+        assert store.lookup("h", "smoke", "alr", MAX_SEED) is None
+
+
 def test_help_explains_the_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_module.main(["--help"])

@@ -11,6 +11,7 @@ import multiprocessing
 import pickle
 import random
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -179,27 +180,90 @@ def test_concurrent_writers_from_several_processes(tmp_path):
         assert all(r.accuracies == (int(r.hash[1:]) / keys,) for r in rows)  # no torn rows
 
 
-def test_garbage_file_gets_a_clear_error(tmp_path):
-    path = tmp_path / "results.sqlite"
-    path.write_bytes(b"this is not a database, it is a shopping list\n" * 100)
-    with pytest.raises(StoreError) as caught:
+def not_ours_is_left_alone(path: Path, match: str) -> str:
+    """Opening `path` fails with `match` and no advice to move it, and changes nothing in it."""
+    before = {p: p.read_bytes() for p in path.parent.rglob("*") if p.is_file()}
+    with pytest.raises(StoreError, match=match) as caught:
         Store(path)
     message = str(caught.value)
-    assert str(path) in message and "Move it aside" in message and "mv " in message
+    assert str(path) in message and "--store" in message and "mv " not in message, message
+    assert {p: p.read_bytes() for p in path.parent.rglob("*") if p.is_file()} == before
+    return message
 
 
-def test_damaged_pages_get_a_clear_error(tmp_path):
+def test_garbage_file_is_left_alone_with_a_clear_error(tmp_path):
     path = tmp_path / "results.sqlite"
+    path.write_bytes(b"this is not a database, it is a shopping list\n" * 100)
+    not_ours_is_left_alone(path, "not an AutoLR results store")
+
+
+def test_a_directory_is_not_a_store_and_is_not_to_be_moved(tmp_path):
+    """`--store DIR` once advised `mv DIR DIR.bad`: moving the user's whole directory."""
+    directory = tmp_path / "my results"
+    directory.mkdir()
+    (directory / "notes.txt").write_text("mine")
+    message = not_ours_is_left_alone(directory, "is a directory")
+    assert "'" + str(directory / "results.sqlite") + "'" in message  # a file path to pass instead
+
+
+def test_a_store_under_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="cannot make its directory.*pass a file path"):
+        Store(tmp_path / "notes.txt" / "results.sqlite")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_another_programs_database_is_left_untouched(tmp_path):
+    path = tmp_path / "contacts.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE contacts (name TEXT)")
+        db.execute("INSERT INTO contacts VALUES ('Ada')")
+    db.close()
+    not_ours_is_left_alone(path, "SQLite database but not an AutoLR results store.*contacts")
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # not switched to WAL
+    db.close()
+
+
+def test_a_store_with_one_page_overwritten_is_refused_on_opening_with_a_way_out(tmp_path):
+    """A damaged page once surfaced at some later lookup as "database disk image is
+    malformed"; the advice must name only the store's own files, quoted for the shell."""
+    path = tmp_path / "it's mine" / "results.sqlite"
     with Store(path) as store:
         for n in range(300):
             store.put(record(n, program=PROGRAM * 20))
     data = bytearray(path.read_bytes())
-    assert len(data) > 16384
-    data[8192:] = random.Random(0).randbytes(len(data) - 8192)  # keep the header, ruin the rest
+    data[4096:8192] = random.Random(1).randbytes(4096)  # page 2: the table's root
     path.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="Move it aside"):
-        with Store(path) as store:
+    with pytest.raises(StoreError, match="the AutoLR results store is damaged") as caught:
+        Store(path)
+    message = str(caught.value)
+    command = message.split("Move it aside (", 1)[1].split(") and run again", 1)[0]
+    assert command.startswith("mv ") and "--store FILE" in message
+    subprocess.run(["bash", "-c", command], check=True)  # the advice works as written
+    assert (path.parent / "results.sqlite.damaged").read_bytes() == bytes(data)
+    with Store(path) as store:  # a new store in its place
+        assert store.records() == []
+
+
+def test_damage_found_after_opening_gets_the_same_advice(tmp_path):
+    path = tmp_path / "results.sqlite"
+    with Store(path) as store:
+        for n in range(300):
+            store.put(record(n, program=PROGRAM * 20))
+    with Store(path) as store:
+        data = bytearray(path.read_bytes())
+        assert len(data) > 16384
+        data[8192:] = random.Random(0).randbytes(len(data) - 8192)  # ruin all but the header
+        path.write_bytes(bytes(data))
+        # Another process's write (of the intact first page) makes this one read the file
+        # again instead of answering from the pages it read on opening.
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        other.close()
+        with pytest.raises(StoreError, match="damaged.*Move it aside") as caught:
             store.records()
+        assert f"mv {path} {path}.damaged" in str(caught.value)
 
 
 def test_newer_schema_is_refused(tmp_path):

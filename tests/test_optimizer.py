@@ -411,7 +411,8 @@ def test_the_optimizer_pickles_with_its_program():
     assert [p for g in clone.param_groups for p in g["params"]] == list(clone_model.parameters())
     # State: every tensor and step counter, per parameter, bit for bit.
     pairs = list(zip(model.parameters(), clone_model.parameters(), strict=True))
-    assert all(opt.state[p] and opt.state[p].keys() == clone.state.get(q, {}).keys() for p, q in pairs)
+    assert all(opt.state[p] and opt.state[p].keys() == clone.state.get(q, {}).keys()
+               for p, q in pairs)
     for p, q in pairs:
         for key, value in opt.state[p].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(clone.state[q][key])), key

@@ -134,7 +134,9 @@ def _significant(values: np.ndarray, digits: int) -> tuple[np.ndarray, np.ndarra
     kind = np.select([values == 0, finite, values == np.inf, values == -np.inf], [0, 1, 2, 3], 4)
     safe = np.where(finite, values, 1.0)
     exponent = np.floor(np.log10(np.abs(safe)))
-    mantissa = np.round(safe * 10.0 ** (digits - 1 - exponent))
+    # The scale in two factors: 10**330 for a subnormal (or 10**-300 for 1e300) is out of range.
+    shift = digits - 1 - exponent
+    mantissa = np.round(safe * 10.0 ** np.floor(shift / 2) * 10.0 ** np.ceil(shift / 2))
     # 9.9999996 rounds to 10.00000: write it as 10.0000 is written, one digit up.
     carry = np.abs(mantissa) >= 10.0**digits
     mantissa, exponent = np.where(carry, np.round(mantissa / 10), mantissa), exponent + carry

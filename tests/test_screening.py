@@ -2,11 +2,13 @@
 
 import random
 import time
+import warnings
 
 import numpy as np
 
 from codegen.ir import Program
-from engine.screening import FINGERPRINT_VERSION, fingerprint, probe_updates, screen
+from engine.screening import (FINGERPRINT_VERSION, _significant, fingerprint, probe_updates,
+                              screen)
 
 ADES = ("alpha: mul(0.91078, add(alpha, mul(add(alpha, 0.0891), add(alpha, grad))))\n"
         "weight: neg(alpha)")
@@ -108,3 +110,16 @@ def test_fingerprint_names_its_version():
     """Stores keep fingerprints: one of an earlier scheme must never match one of this scheme."""
     (found,) = fingerprints("weight: mul(0.01, grad)")
     assert found.startswith(f"v{FINGERPRINT_VERSION}-") and FINGERPRINT_VERSION >= 2
+
+
+def test_rounding_gives_one_representation_per_value_across_the_float64_range():
+    """Integers (kind, mantissa, exponent), not floats: 9.9999996 rounds to the digits of 10.0,
+    and a subnormal or a 1e308 is rounded without overflowing the scale (no warning)."""
+    values = np.array([9.9999996, 10.0, -0.0, 0.0, 5e-324, 1.2345678e-310, 1.7976931348623157e308,
+                       np.inf, -np.inf, np.nan, 123456.49])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kind, mantissa, exponent = _significant(values, 6)
+    assert list(zip(kind.tolist(), mantissa.tolist(), exponent.tolist())) == [
+        (1, 100000, 1), (1, 100000, 1), (0, 0, 0), (0, 0, 0), (1, 494066, -324),
+        (1, 123457, -310), (1, 179769, 308), (2, 0, 0), (3, 0, 0), (4, 0, 0), (1, 123456, 5)]

@@ -62,9 +62,10 @@ def fingerprint(program: Program) -> str:
     """A behavioural key: equal for programs that compute the same weight updates on the probes.
 
     Hashed: every probe step's weight delta (the weight line's value) computed in float64 with
-    each constant read as the decimal it is written as, quantised to FINGERPRINT_DIGITS
-    significant digits, plus where float32 arithmetic departs from that by more than
-    FLOAT32_DRIFT of the value (cancellation, underflow: the kernels run in float32).
+    each constant read as the decimal the program prints for it (the shortest that reads back as
+    its float32), quantised to FINGERPRINT_DIGITS significant digits, plus where float32
+    arithmetic departs from that by more than FLOAT32_DRIFT of the value (cancellation,
+    underflow: the kernels run in float32).
 
     What is guaranteed:
     - programs whose deltas differ by more than one part in 10**(FINGERPRINT_DIGITS - 1) at
@@ -74,7 +75,9 @@ def fingerprint(program: Program) -> str:
     - programs that are the same formula of the same written constants up to reordering or
       re-association (`mul(0.1, mul(0.1, grad))` and `mul(0.01, grad)`, 3.7e-9 apart in
       float32) differ by ~1e-16 relative in float64, so they collide unless one of the 1,280
-      deltas lies within that distance of a rounding boundary (odds ~1e-7 per pair).
+      deltas lies within that distance of a rounding boundary (odds ~1e-7 per pair), or
+      float32 loses close to FLOAT32_DRIFT of some delta in one of them (ill-conditioned
+      formulas only: a well-conditioned one loses ~1e-7).
     What is not: a float32 noise floor in the constants themselves. `mul(0.1, 0.1)` folded by
     hand into `0.010000001` is another decimal and gets its own fingerprint; the cost of such a
     miss is one more training, never a wrong fitness.

@@ -136,7 +136,7 @@ class Evaluator:
                     self._put(evaluation, program, None)
                     answer(i, evaluation)
                     continue
-                fp = fingerprint(updates)
+                fp = fingerprint(program)
                 twin = self.store.lookup_fingerprint(fp, self.task, self.protocol, self.seed)
                 if twin is not None:
                     evaluation = self._from_record(text, twin, "fingerprint", h)

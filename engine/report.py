@@ -75,7 +75,8 @@ def reason_kind(reason: str) -> str:
     head, _, rest = reason.partition(":")
     if head == "screened":
         return "screened: " + re.split(r" (?:at step|on probe)", rest.strip())[0]
-    return re.sub(r"\s*\(.*", "", head).strip()
+    # "worker died (exit code 3)", and the executor's "timeout after 30.0 s" is a timeout too.
+    return re.sub(r"\s*(\(.*| after .*)", "", head).strip()
 
 
 def one_line(text: str) -> str:

@@ -6,11 +6,14 @@ import hashlib
 import json
 import math
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
 
-from engine.evolve import CheckpointError, EvolutionConfig, evolve, load_checkpoint
+from codegen.ir import Program, Schedule, reference_step
+from engine.evolve import (CheckpointError, EvolutionConfig, Scored, _tournament, evolve,
+                           load_checkpoint)
 from engine.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
 
 ALR = load_grammar(ALR_GRAMMAR)
@@ -258,13 +261,12 @@ def test_bad_configs_are_refused(change, message):
 
 def test_toy_schedule_search_improves():
     """Fit a step schedule by its values, evaluated with the IR's own interpreter."""
-    ir = pytest.importorskip("codegen.ir")
-    target = ir.Schedule.parse("if(epoch < 30, 0.05045455, if(epoch < 60, 0.010190909, 1e-04))")
+    target = Schedule.parse("if(epoch < 30, 0.05045455, if(epoch < 60, 0.010190909, 1e-04))")
     epochs = range(0, 100, 5)
     want = [target(e, 0.01) for e in epochs]
 
     def fitness(texts):
-        schedules = [ir.Schedule.parse(t) for t in texts]
+        schedules = [Schedule.parse(t) for t in texts]
         return [-sum(abs(s(e, 0.01) - w) for e, w in zip(epochs, want)) / len(want)
                 for s in schedules]
 
@@ -278,7 +280,6 @@ def test_toy_schedule_search_improves():
 
 def test_toy_optimizer_search_improves():
     """Match the weights a target optimizer reaches in three steps (IR reference semantics)."""
-    ir = pytest.importorskip("codegen.ir")
     rng = np.random.default_rng(0)
     grads = rng.standard_normal((3, 16)).astype(np.float32)
     start = rng.standard_normal(16).astype(np.float32)
@@ -286,13 +287,13 @@ def test_toy_optimizer_search_improves():
     def trajectory(program):
         weight, state = start, {}
         for grad in grads:
-            weight, state = ir.reference_step(program, weight, grad, state)
+            weight, state = reference_step(program, weight, grad, state)
         return weight
 
-    want = trajectory(ir.Program.parse("weight: mul(0.10705215, grad)"))
+    want = trajectory(Program.parse("weight: mul(0.10705215, grad)"))
 
     def fitness(texts):
-        errors = [float(np.mean(np.abs(trajectory(ir.Program.parse(t)) - want))) for t in texts]
+        errors = [float(np.mean(np.abs(trajectory(Program.parse(t)) - want))) for t in texts]
         return [-e if math.isfinite(e) else -1e6 for e in errors]  # a floor for NaN/inf
 
     for seed in range(3):
@@ -300,3 +301,30 @@ def test_toy_optimizer_search_improves():
                                  max_depth=8, seed=seed)
         history = evolve(ALR, config, fitness).history
         assert history[-1].best > history[0].best
+
+
+# -- tournament selection ----------------------------------------------------------------------
+
+def scored(*fitness: float) -> list[Scored]:
+    """A population in which only fitness and position matter (the individual is a label)."""
+    return [Scored(f"member {i}", f) for i, f in enumerate(fitness)]
+
+
+def test_a_tournament_of_the_whole_population_picks_the_fittest_and_the_earlier_of_a_tie():
+    population = scored(0.3, 0.9, 0.1, 0.9, 0.5)
+    for seed in range(200):
+        assert _tournament(population, len(population), random.Random(seed)) is population[1]
+    assert _tournament(scored(0.2, 0.2), 2, random.Random(0)).individual == "member 0"
+
+
+def test_a_tournament_draws_distinct_entrants_and_the_best_of_them_wins():
+    """Size 3 of 6: the two least fit can never win (two entrants beat them), the fittest wins
+    when drawn, C(5, 2) / C(6, 3) = 1/2 of the time; size 1 is a uniform draw."""
+    population = scored(0.1, 0.6, 0.2, 0.5, 0.4, 0.3)
+    rng = random.Random(5)
+    wins = Counter(_tournament(population, 3, rng).individual for _ in range(2000))
+    assert set(wins) == {"member 1", "member 3", "member 4", "member 5"}
+    assert 0.45 < wins["member 1"] / 2000 < 0.55
+    wins = Counter(_tournament(population, 1, rng).individual for _ in range(2000))
+    assert len(wins) == 6 and min(wins.values()) > 2000 / 6 * 0.8
+

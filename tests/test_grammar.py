@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import engine.grammar
 from engine.grammar import (ALR_GRAMMAR, DLR_GRAMMAR, DerivationError, GrammarError, derive,
                             load_grammar, parse_grammar)
 
@@ -136,9 +140,30 @@ def test_bad_grammar_is_refused_with_its_own_message(tmp_path, kind, text, line,
     assert message in str(err)
 
 
-def test_every_kind_has_a_distinct_message():
-    kinds = {b[0] for b in BAD}
-    assert len(kinds) >= 10
+def test_every_kind_has_a_distinct_message(tmp_path):
+    """Every kind of error the loader raises is exercised above, and the message a user reads
+    tells it from every other kind: no case's text holds another kind's expected words."""
+    cases = list(BAD) + [("missing", None, None, "no such grammar file"),
+                         ("not-text", b"\x89PNG\r\n\x1a\n\xff\xfe", None,
+                          "is not a UTF-8 text file")]
+    raised = set(re.findall(r'GrammarError\([^,]+, [^,]+, "([a-z-]+)"',
+                            Path(engine.grammar.__file__).read_text()))
+    assert raised and raised == {case[0] for case in cases}
+    texts = []
+    for n, (kind, text, _, _) in enumerate(cases):
+        path = tmp_path / f"g{n}.bnf"
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        elif text is not None:
+            path.write_text(text)
+        with pytest.raises(GrammarError) as caught:
+            load_grammar(path)
+        assert caught.value.kind == kind
+        texts.append((kind, str(caught.value)))
+    for kind, message in texts:
+        for other, _, _, words in cases:
+            if other != kind:
+                assert words not in message, (kind, other, message)
 
 
 def test_binary_and_missing_files(tmp_path):

@@ -403,8 +403,23 @@ def test_the_optimizer_pickles_with_its_program():
     model = mlp()
     opt = EvolvedOptimizer(model.parameters(), zoo.adam(), backend="numba", lr=1e-2)
     train(model, opt, range(2))
-    clone = pickle.loads(pickle.dumps(opt))
+    clone_model, clone = pickle.loads(pickle.dumps((model, opt)))
     assert clone.program == opt.program and clone.backend == "numba"
+    # Param groups: the same hyperparameters, over the clone's own parameters.
+    assert [{k: v for k, v in g.items() if k != "params"} for g in clone.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    assert [p for g in clone.param_groups for p in g["params"]] == list(clone_model.parameters())
+    # State: every tensor and step counter, per parameter, bit for bit.
+    pairs = list(zip(model.parameters(), clone_model.parameters(), strict=True))
+    assert all(opt.state[p] and opt.state[p].keys() == clone.state.get(q, {}).keys()
+               for p, q in pairs)
+    for p, q in pairs:
+        for key, value in opt.state[p].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(clone.state[q][key])), key
+    # And it goes on as the original does.
+    train(model, opt, range(2, 5))
+    train(clone_model, clone, range(2, 5))
+    assert_equal_models(model, clone_model)
 
 
 # ---- errors ----------------------------------------------------------------------------------

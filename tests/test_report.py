@@ -59,12 +59,35 @@ def test_hall_of_fame_is_distinct_by_hash_sorted_and_skips_the_floor():
     assert hall_of_fame("alr", history, k=1)[0]["size"] == 3
 
 
+# Every reason text AutoLR writes (one of each shape), and the kind it is counted under: the
+# particulars (a step, an epoch, a limit, an exit code, an exception's message) go.
+REASON_KINDS = {
+    "screened: the weight update does not depend on grad":
+        "screened: the weight update does not depend on grad",
+    "screened: NaN or inf weight update on probe inputs at step 3":
+        "screened: NaN or inf weight update",
+    "screened: the weight never changes on probe inputs": "screened: the weight never changes",
+    "diverged: training loss nan at epoch 0, step 3 (trial 0)": "diverged",
+    "diverged: schedule gave lr=inf at epoch 2": "diverged",
+    "timeout: deadline passed at epoch 1, step 7 (trial 1)": "timeout",
+    "timeout: deadline passed after epoch 2": "timeout",
+    "timeout after 30.0 s": "timeout",  # the executor's kill: the same kind as the deadline's
+    "timeout after 4.5 s": "timeout",
+    "worker died (exit code -9 / signal SIGKILL)": "worker died",
+    "worker died (exit code 3)": "worker died",
+    "worker died (exit code unknown)": "worker died",
+    "raised: RuntimeError: Cannot set NUMBA_NUM_THREADS": "raised",
+    "raised: MemoryError": "raised",
+    "parse error: line 1, column 9: expected an expression": "parse error",
+}
+
+
+@pytest.mark.parametrize("reason, kind", REASON_KINDS.items())
+def test_each_reason_is_counted_under_its_kind(reason, kind):
+    assert reason_kind(reason) == kind
+
+
 def test_failure_reasons_are_counted_by_kind():
-    assert reason_kind("screened: NaN or inf weight update on probe inputs at step 3") == \
-        "screened: NaN or inf weight update"
-    assert reason_kind("timeout after 30.0 s") == "timeout after 30.0 s".split(":")[0]
-    assert reason_kind("diverged: training loss nan at epoch 0, step 3 (trial 0)") == "diverged"
-    assert reason_kind("worker died (exit code -9 / signal SIGKILL)") == "worker died"
     events = [{"event": "session", "time": 0.0},
               {"event": "evaluation", "source": "trained", "reason": None, "seconds": 2, "time": 5},
               {"event": "evaluation", "source": "screened", "reason": "screened: x", "time": 6},

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from codegen.ir import Program, Schedule
 from engine.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar, parse_grammar
 from engine.sge import (crossover, individual_from_text, initialise, map_genotype, mutate,
                         mutate_genotype)
@@ -44,8 +45,7 @@ def summary(values) -> str:
 
 @pytest.mark.parametrize("mode", ["alr", "dlr"])
 def test_10000_random_individuals_parse_and_respect_depth(mode):
-    ir = pytest.importorskip("codegen.ir")
-    parse = ir.Program.parse if mode == "alr" else ir.Schedule.parse
+    parse = Program.parse if mode == "alr" else Schedule.parse
     grammar, lo, hi = SETTINGS[mode]
     rng = random.Random(2024)
     population = [initialise(grammar, rng, lo, hi) for _ in range(10_000)]
@@ -176,8 +176,7 @@ def test_constant_mutations_mostly_step_to_a_neighbouring_constant():
 
 @pytest.mark.parametrize("mode", ["alr", "dlr"])
 def test_variation_yields_valid_individuals_within_the_depth_limit(mode):
-    ir = pytest.importorskip("codegen.ir")
-    parse = ir.Program.parse if mode == "alr" else ir.Schedule.parse
+    parse = Program.parse if mode == "alr" else Schedule.parse
     grammar, lo, hi = SETTINGS[mode]
     rng = random.Random(99)
     population = [initialise(grammar, rng, lo, hi) for _ in range(50)]

@@ -296,3 +296,48 @@ def test_schema_file_is_wal(tmp_path):
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert Path(path).stat().st_size > 0
+
+
+# -- the task's definition is part of the key ---------------------------------------------------
+
+def _fitness_by_definition(job) -> dict:
+    """A training stand-in whose answer depends on the task's current definition (its epochs),
+    so a stale answer shows as a wrong number. What is under test is the key, not training."""
+    from engine.tasks import get_task
+
+    epochs = get_task(job.task).alr.max_epochs
+    return {"fitness": epochs / 10, "reason": None, "accuracies": (epochs / 10,), "seconds": 0.0,
+            "compile_seconds": 0.0, "curves": {}}
+
+
+@pytest.mark.parametrize("lookup", ["hash", "fingerprint"])
+def test_a_redefined_task_is_not_answered_from_its_old_definition(tmp_path, monkeypatch, lookup):
+    """A preset given one more epoch is another task: neither the program's own row nor a
+    behavioural twin's row measured under the old definition may answer for it."""
+    import dataclasses
+    import types
+
+    from engine import tasks
+    from engine.evaluate import Evaluator
+    from engine.executors import make_executor
+
+    trained = "weight: mul(0.05, grad)"
+    asked = trained if lookup == "hash" else "weight: mul(0.025, add(grad, grad))"  # a twin
+
+    def evaluate(text):
+        with Store(tmp_path / "store.sqlite") as store, make_executor("serial") as executor:
+            evaluator = Evaluator("alr", "smoke", 0, store, executor,
+                                  worker=_fitness_by_definition)
+            (answer,) = evaluator.evaluate([text])
+            return answer
+
+    old = tasks.get_task("smoke")
+    assert evaluate(trained).fitness == old.alr.max_epochs / 10
+    # The same definition answers from the store: the test can tell an answer from a training.
+    assert evaluate(asked).source == {"hash": "store", "fingerprint": "fingerprint"}[lookup]
+    longer = dataclasses.replace(old, alr=dataclasses.replace(old.alr,
+                                                               max_epochs=old.alr.max_epochs + 1))
+    monkeypatch.setattr(tasks, "PRESETS", types.MappingProxyType({**tasks.PRESETS,
+                                                                  "smoke": longer}))
+    answer = evaluate(asked)
+    assert (answer.source, answer.fitness) == ("trained", longer.alr.max_epochs / 10)

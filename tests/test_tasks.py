@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import math
+import os
 import resource
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -185,7 +187,7 @@ def test_fast_cnn_computes_the_reference_math():
     """Pool-before-relu, channels_last and fused dropout change speed, not the function."""
     spec = ModelSpec(conv1=8, conv2=16, dense=32)
     model = spec.build(seed=0)
-    x = torch.randn(64, 1, 28, 28)
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(4))
     ours = model(x, dropout=torch.Generator().manual_seed(5))
     # Recover the masks the fused op drew by replaying the generator, then run the plain network.
     gen = torch.Generator().manual_seed(5)
@@ -202,23 +204,41 @@ def test_fast_cnn_computes_the_reference_math():
     assert torch.allclose(model(x), plain_forward(model, x), atol=1e-5)  # no dropout when evaluating
 
 
-def page_faults_of_a_fresh_200mb_tensor() -> int:
-    torch.empty(50_000_000).fill_(1.0)  # allocate and free once, so a kept heap has the pages
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(50_000_000).fill_(1.0)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+BUFFER = 200 * 2**20  # bytes: one big activation's worth
 
 
-@pytest.mark.skipif(training._libc() is None, reason="no glibc mallopt here")
-def test_retain_heap_stops_the_page_faults():
-    """What configure_process is for: a big buffer freed and taken again costs no page faults."""
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def kept_after_free() -> tuple[int, int]:
+    """(bytes the process still holds after a filled BUFFER is freed, bytes the allocation
+    added to the resident set): in memory terms, not page-fault counts, which depend on the
+    kernel's page size (transparent huge pages fault 512 times less)."""
+    before = resident_bytes()
+    buffer = torch.empty(BUFFER // 4).fill_(1.0)
+    grown = resident_bytes() - before
+    peak = resident_bytes()
+    del buffer
+    return BUFFER - (peak - resident_bytes()), grown
+
+
+@pytest.mark.skipif(training._libc() is None or not os.path.exists("/proc/self/statm"),
+                    reason="no glibc mallopt or /proc here")
+def test_retain_heap_keeps_freed_memory_for_the_next_step():
+    """What configure_process is for: a big buffer freed stays in the process, and the next one
+    of the same size is served from it instead of being mapped (and page-faulted) in afresh."""
     try:
         assert training.retain_heap(False)
-        assert min(page_faults_of_a_fresh_200mb_tensor() for _ in range(3)) > 20_000  # ~49k pages
+        kept, grown = kept_after_free()
+        assert kept < BUFFER / 10 and grown > BUFFER * 0.9  # glibc's default: unmapped on free
         assert training.retain_heap(True)
+        rounds = [kept_after_free() for _ in range(8)]
+        assert all(kept > BUFFER * 0.9 for kept, _ in rounds)
         # The kept heap needs a few rounds of fragmentation before a freed block fits the next
         # request (torch allocates 64-byte aligned), then it is reused for good.
-        assert max([page_faults_of_a_fresh_200mb_tensor() for _ in range(8)][-3:]) < 1_000
+        assert all(grown < BUFFER / 10 for _, grown in rounds[-3:]), rounds
     finally:
         training.retain_heap(True)
 
@@ -228,10 +248,11 @@ def test_retain_heap_stops_the_page_faults():
 def test_fused_pool_kernel_is_bit_identical_to_torch(train):
     """The Numba max-pool+ReLU+dropout against torch's ops: same outputs and gradients, bit for bit,
     with ties (first maximum wins) and NaN (it wins) in the windows."""
-    x = torch.randint(-3, 4, (6, 8, 10, 12)).float()  # small integers: many ties
+    inputs = torch.Generator().manual_seed(2)  # one fixed case: a failure can be replayed
+    x = torch.randint(-3, 4, (6, 8, 10, 12), generator=inputs).float()  # small integers: ties
     x[0, 0, 0, 0] = float("nan")
     x = x.contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(6, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(6, 8, 5, 6, generator=inputs).contiguous(memory_format=torch.channels_last)
     results = []
     for fused in (True, False):
         leaf = x.clone().requires_grad_()
@@ -365,10 +386,23 @@ def test_nan_candidate_gets_the_floor_with_a_reason(dataset):
 
 
 def test_deadline_stops_training_with_a_timeout(dataset):
+    """The mechanism, not a wall time: each step of this optimizer outlasts the whole limit, so
+    the deadline is found passed after the first step, and the protocol stops there (no more
+    steps, epochs or trials)."""
+    steps = []
+
+    class SlowAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            time.sleep(0.05)
+            steps.append(1)
+            return super().step(closure)
+
     prepare(SMOKE, 0, dataset)  # so the limit is spent on training
-    result = evaluate_alr(SMOKE, adam, seed=0, time_limit=0.02, dataset=dataset)
-    assert result.fitness == FLOOR_FITNESS and result.reason.startswith("timeout")
-    assert result.seconds < 2
+    result = evaluate_alr(SMOKE, lambda p: SlowAdam(p, lr=1e-3), seed=0, time_limit=0.02,
+                          dataset=dataset)
+    assert result.fitness == FLOOR_FITNESS
+    assert result.reason == "timeout: deadline passed at epoch 0, step 0 (trial 0)"
+    assert len(steps) == 1 and len(result.trials) == 1
     with pytest.raises(ValueError, match="time_limit must be > 0"):
         evaluate_alr(SMOKE, adam, seed=0, time_limit=0, dataset=dataset)
 

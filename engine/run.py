@@ -8,7 +8,7 @@ otherwise) that holds everything needed to watch, resume, reproduce and use it:
   checkpoints/       the evolve loop's checkpoint after every generation (two newest kept)
   events.jsonl       one line per answered candidate, generation and session, as they happen
   summary.json, history.csv, hall_of_fame.{json,md}, report.md, plots/, kernels/,
-  best_optimizer.py  written at the end (engine.report, engine.export)
+  best_program.txt, best_optimizer.py  written at the end (engine.report, engine.export)
 
 Why it is safe to stop at any moment: the evolve loop checkpoints every generation and the
 results store keeps every candidate already trained, so ``--resume`` after Ctrl-C, a SIGKILL or

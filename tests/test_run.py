@@ -11,6 +11,7 @@ import csv
 import gzip
 import json
 import os
+import re
 import shlex
 import signal
 import struct
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine import outcomes
 from engine import run as run_module
 from engine import show as show_module
 from engine.data import DataNotFoundError, find_data_dir
@@ -97,7 +99,7 @@ def test_a_run_on_the_local_pool_trains_its_candidates(env, tmp_path):
     engine_run(args, env, cwd=tmp_path)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     counts = summary["evaluations"]
-    raised = {k: v for k, v in counts["failures"].items() if k.startswith("raised")}
+    raised = {k: v for k, v in counts["reasons"].items() if k.startswith("raised")}
     assert not raised, raised
     assert summary["baseline"]["reason"] is None and summary["baseline"]["fitness"] > 0.1
 
@@ -116,10 +118,9 @@ def test_alr_run_writes_every_output(alr_run):
     assert best["fitness"] == max(g["best"] for g in summary["per_generation"])
     assert base["name"] == "Adam (lr=1e-3)" and 0.1 < base["fitness"] <= 1
     assert summary["best_minus_baseline"] == pytest.approx(best["fitness"] - base["fitness"])
-    assert counts["requested"] == sum(counts[k] for k in
-                                      ("trained", "store", "screened", "fingerprint", "failed"))
+    assert counts["requested"] == sum(counts["outcomes"].values())
     assert counts["requested"] == sum(g["evaluated"] for g in summary["per_generation"])
-    assert counts["trained"] >= 3 and summary["wall_seconds"] > 0
+    assert counts["trainings"] >= 3 and summary["wall_seconds"] > 0
     for g in summary["per_generation"]:
         assert g["worst"] <= g["median"] <= g["best"]
 
@@ -144,6 +145,61 @@ def test_alr_run_writes_every_output(alr_run):
         assert f"program hash: {best['hash']}" in source
     assert len(list((run_dir / "kernels").glob("*.py"))) == 2 * len(fame)
     assert (run_dir / "best_optimizer.py").is_file()
+    # The text every reader of programs accepts (README: open(".../best_program.txt").read()).
+    from codegen.ir import Program
+
+    text = (run_dir / "best_program.txt").read_text()
+    assert Program.parse(text).hash == best["hash"]
+    import torch
+
+    import kernels
+
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.full((3,), 0.5)
+    kernels.EvolvedOptimizer([w], text, backend="torch").step()
+
+
+# Passes screening (finite on the five probe steps: alpha = 0, 1, 5, 41, 1763...) and then
+# overflows within a few training steps: a divergence in every smoke run that seeds it.
+DIVERGES = "alpha: neg(square(add(alpha, 1.0)))\nweight: mul(alpha, grad)\n"
+
+
+@pytest.fixture(scope="module")
+def diverging_run(tmp_path_factory, env):
+    """A smoke ALR run seeded with a program that diverges."""
+    base = tmp_path_factory.mktemp("diverging")
+    (base / "seeds.txt").write_text(DIVERGES)
+    result = engine_run(smoke("alr", base / "run", base / "store.sqlite", "--seed-programs",
+                              base / "seeds.txt"), env, cwd=base)
+    return base / "run", result
+
+
+KIND_COUNT = re.compile(r"\b(" + "|".join(k.name for k in outcomes.KINDS) + r") (\d+)\b")
+
+
+@pytest.mark.slow
+def test_display_summary_report_and_show_count_outcomes_alike(diverging_run, capsys,
+                                                               monkeypatch):
+    run_dir, result = diverging_run
+    shown: dict[str, int] = dict.fromkeys(outcomes.NAMES, 0)
+    generation_lines = [line for line in result.stdout.splitlines() if line.startswith("gen ")]
+    assert len(generation_lines) == 3
+    for line in generation_lines:
+        for kind, n in KIND_COUNT.findall(line[line.index("("):]):
+            shown[kind] += int(n)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    counted = summary["evaluations"]["outcomes"]
+    assert counted["diverged"] >= 1 and counted == shown
+    assert sum(counted.values()) == summary["evaluations"]["requested"]
+    report = (run_dir / "report.md").read_text()
+    table = dict(re.findall(r"^\| (\w+) \| (\d+) \| ", report, re.M))
+    assert {k: int(table[k]) for k in outcomes.NAMES} == counted
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line: nothing wrapped
+    assert show_module.main([str(run_dir)]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "answered:" in line]
+    in_show = dict.fromkeys(outcomes.NAMES, 0)
+    in_show.update({k: int(n) for k, n in KIND_COUNT.findall(line)})
+    assert in_show == counted
 
 
 BEST_OPTIMIZER_CHECK = r"""
@@ -220,6 +276,9 @@ def test_dlr_run_writes_a_schedule(tmp_path, env):
         want.append(lr)
     assert out["lrs"] == want
     assert schedule.hash == summary["best"]["hash"]
+    text = (run_dir / "best_program.txt").read_text()
+    assert isinstance(Schedule.parse(text), Schedule)
+    assert Schedule.parse(text).hash == summary["best"]["hash"]
 
 
 # -- stopping and resuming --------------------------------------------------------------------------

@@ -166,12 +166,12 @@ DIVERGES = "alpha: neg(square(add(alpha, 1.0)))\nweight: mul(alpha, grad)\n"
 
 @pytest.fixture(scope="module")
 def diverging_run(tmp_path_factory, env):
-    """A smoke ALR run seeded with a program that diverges."""
+    """A smoke ALR run seeded with a program that diverges, logging to TensorBoard."""
     base = tmp_path_factory.mktemp("diverging")
     (base / "seeds.txt").write_text(DIVERGES)
     result = engine_run(smoke("alr", base / "run", base / "store.sqlite", "--seed-programs",
-                              base / "seeds.txt"), env, cwd=base)
-    return base / "run", result
+                              base / "seeds.txt", "--tensorboard", base / "tb"), env, cwd=base)
+    return base / "run", base / "tb", result
 
 
 KIND_COUNT = re.compile(r"\b(" + "|".join(k.name for k in outcomes.KINDS) + r") (\d+)\b")
@@ -180,7 +180,7 @@ KIND_COUNT = re.compile(r"\b(" + "|".join(k.name for k in outcomes.KINDS) + r") 
 @pytest.mark.slow
 def test_display_summary_report_and_show_count_outcomes_alike(diverging_run, capsys,
                                                                monkeypatch):
-    run_dir, result = diverging_run
+    run_dir, _, result = diverging_run
     shown: dict[str, int] = dict.fromkeys(outcomes.NAMES, 0)
     generation_lines = [line for line in result.stdout.splitlines() if line.startswith("gen ")]
     assert len(generation_lines) == 3
@@ -200,6 +200,57 @@ def test_display_summary_report_and_show_count_outcomes_alike(diverging_run, cap
     in_show = dict.fromkeys(outcomes.NAMES, 0)
     in_show.update({k: int(n) for k, n in KIND_COUNT.findall(line)})
     assert in_show == counted
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_each_generation(diverging_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, tb, _ = diverging_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    events = EventAccumulator(str(tb))
+    events.Reload()
+
+    def values(tag):
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    per_generation = summary["per_generation"]
+    assert values("fitness/best") == [(g["generation"], pytest.approx(g["best"]))
+                                      for g in per_generation]
+    assert values("fitness/median") == [(g["generation"], pytest.approx(g["median"]))
+                                        for g in per_generation]
+    for kind, n in summary["evaluations"]["outcomes"].items():
+        assert sum(v for _, v in values(f"outcomes/{kind}")) == n, kind
+    assert [s for s, _ in values("time/generation_s")] == [0, 1, 2]
+    [*_, last] = events.Tensors("best_program/text_summary")
+    text = last.tensor_proto.string_val[0].decode()
+    assert summary["best"]["program"].splitlines()[0] in text
+    assert f"fitness {summary['best']['fitness']:.4f}" in text
+
+
+def test_tensorboard_missing_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):
+    # A None entry in sys.modules is how Python marks a module as not importable.
+    for name in ("tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)
+    out = tmp_path / "run"
+    code = run_module.main(["--preset", "smoke", "--out", str(out), "--store",
+                            str(tmp_path / "s.sqlite"), "--tensorboard", str(tmp_path / "tb")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--tensorboard needs the tensorboard package" in err and "pip install" in err
+    assert not out.exists() and not (tmp_path / "tb").exists()  # nothing blocks a retry
+
+
+def test_tensorboard_directory_that_cannot_be_made_is_one_line_and_exit_2(capsys, tmp_path):
+    pytest.importorskip("tensorboard")  # the `test` extra installs it; without it see above
+    (tmp_path / "file").write_text("")
+    code = run_module.main(["--preset", "smoke", "--out", str(tmp_path / "run"), "--store",
+                            str(tmp_path / "s.sqlite"), "--tensorboard",
+                            str(tmp_path / "file" / "tb")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--tensorboard" in err and "cannot write there" in err
+    assert not (tmp_path / "run").exists()
 
 
 BEST_OPTIMIZER_CHECK = r"""

@@ -10,7 +10,8 @@ actually done, which honestly include the work repeated after the kill.
 Files written into the run directory:
   summary.json       the run in numbers (schema in ``summary``)
   history.csv        one row per individual per generation
-  hall_of_fame.json  the top programs, distinct by hash; hall_of_fame.md the same as a table
+  best_program.txt   the best program's text, as Program.parse / Schedule.parse read it
+  hall_of_fame.json  the top programs, distinct by hash and by behaviour; hall_of_fame.md too
   report.md          the story, with plots/fitness.png, plots/curves.png, plots/size.png
   kernels/           ALR: generated Numba and Triton sources of the hall of fame
   best_optimizer.py  the best program as a standalone torch optimizer (engine.export)
@@ -21,16 +22,18 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from codegen.ir import Program, Schedule, size as node_size
+from engine import outcomes
 from engine.evolve import GenerationRecord
 from engine.export import write_best_optimizer
+from engine.outcomes import detail as reason_kind
 from engine.tasks import FLOOR_FITNESS
 
 __all__ = ["HALL_OF_FAME", "Outcome", "hall_of_fame", "program_size", "reason_kind", "write_all"]
@@ -70,23 +73,38 @@ def program_size(mode: str, text: str) -> int:
     return sum(node_size(e) for e in canonical.deltas().values() if e is not None)
 
 
-def reason_kind(reason: str) -> str:
-    """A failure reason without its particulars, for counting ('timeout', 'diverged'...)."""
-    head, _, rest = reason.partition(":")
-    if head == "screened":
-        return "screened: " + re.split(r" (?:at step|on probe)", rest.strip())[0]
-    # "worker died (exit code 3)", and the executor's "timeout after 30.0 s" is a timeout too.
-    return re.sub(r"\s*(\(.*| after .*)", "", head).strip()
-
-
 def one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def hall_of_fame(mode: str, history: Sequence[GenerationRecord], k: int = HALL_OF_FAME) -> list[dict]:
-    """The ``k`` fittest distinct programs (by hash) ever in the population, earliest first on
-    ties, each with its canonical text, size and the generation it first appeared in. Programs
-    at the floor fitness (broken, diverged, timed out) are not famous."""
+def behaviour(mode: str, program: Program | Schedule, preset: str | None = None) -> str:
+    """What a program does, as a key: two programs with the same key are one optimizer to a
+    reader even when their texts differ (``square(grad)`` and ``mul(grad, grad)``). ALR: the
+    screening fingerprint (weight updates on fixed probe inputs); DLR: the learning rates the
+    schedule gives over the protocol's epochs."""
+    if mode != "dlr":
+        from engine.screening import fingerprint
+
+        return fingerprint(program)
+    from engine.tasks import DlrProtocol, get_task
+
+    protocol = get_task(preset).dlr if preset is not None else DlrProtocol()
+    lr, lrs = protocol.initial_lr, []
+    for epoch in range(protocol.max_epochs):
+        lr = program(epoch, lr)
+        lrs.append(repr(lr))
+        if not math.isfinite(lr):
+            break  # training stops at a non-finite lr: nothing after it is behaviour
+    return ",".join(lrs)
+
+
+def hall_of_fame(mode: str, history: Sequence[GenerationRecord], k: int = HALL_OF_FAME,
+                 preset: str | None = None) -> list[dict]:
+    """The ``k`` fittest distinct programs ever in the population, earliest first on ties, each
+    with its canonical text, size and the generation it first appeared in. Distinct means a
+    different canonical hash *and* a different behaviour (`behaviour`): of programs that behave
+    alike only the fittest (earliest on ties) is listed, the others' hashes in its ``twins``.
+    Programs at the floor fitness (broken, diverged, timed out) are not famous."""
     seen: dict[str, dict] = {}
     for record in history:
         for text, fitness in zip(record.phenotypes, record.fitness):
@@ -96,10 +114,21 @@ def hall_of_fame(mode: str, history: Sequence[GenerationRecord], k: int = HALL_O
                 seen[program.hash] = {"hash": program.hash, "fitness": fitness, "program": text,
                                       "canonical": str(program.canonical()),
                                       "size": program_size(mode, text),
-                                      "generation": record.generation}
+                                      "generation": record.generation, "twins": []}
     ranked = sorted((e for e in seen.values() if e["fitness"] > FLOOR_FITNESS),
                     key=lambda e: -e["fitness"])  # stable: earliest on ties
-    return [{"rank": i + 1, **e} for i, e in enumerate(ranked[:k])]
+    fame: list[dict] = []
+    by_behaviour: dict[str, dict] = {}
+    for entry in ranked:
+        key = behaviour(mode, parse(mode, entry["program"]), preset)
+        if key in by_behaviour:
+            by_behaviour[key]["twins"].append(entry["hash"])
+            continue
+        if len(fame) == k:
+            continue  # still read the rest: a listed program's twins are named
+        by_behaviour[key] = entry
+        fame.append(entry)
+    return [{"rank": i + 1, **e} for i, e in enumerate(fame)]
 
 
 def _answers(events: Iterable[dict]) -> dict[tuple[int, str], dict]:
@@ -108,15 +137,14 @@ def _answers(events: Iterable[dict]) -> dict[tuple[int, str], dict]:
 
 
 def evaluation_counts(events: Sequence[dict]) -> dict:
-    """The work done over every session: answers by source, failures by kind, training time."""
+    """The work done over every session: answers per outcome kind (engine.outcomes), failure
+    reasons within the kinds, how many trainings ran (any outcome) and their time."""
     answers = [e for e in events if e.get("event") == "evaluation"]
-    sources = Counter(e["source"] for e in answers)
-    failures = Counter(reason_kind(e["reason"]) for e in answers if e.get("reason"))
-    return {"requested": len(answers), "trained": sources["trained"], "store": sources["store"],
-            "screened": sources["screened"], "fingerprint": sources["fingerprint"],
-            "failed": sources["failed"], "failures": dict(failures.most_common()),
-            "train_seconds": round(sum(e.get("seconds", 0.0) for e in answers
-                                       if e["source"] == "trained"), 1)}
+    reasons = Counter(reason_kind(e["reason"]) for e in answers if e.get("reason"))
+    trainings = [e for e in answers if e["source"] == "trained"]
+    return {"requested": len(answers), "outcomes": outcomes.count(answers),
+            "reasons": dict(reasons.most_common()), "trainings": len(trainings),
+            "train_seconds": round(sum(e.get("seconds", 0.0) for e in trainings), 1)}
 
 
 def wall_seconds(events: Sequence[dict]) -> tuple[float, int]:
@@ -203,13 +231,45 @@ def write_kernels(directory: Path, fame: Sequence[dict]) -> list[str]:
     return written
 
 
-def write_plots(directory: Path, outcome: Outcome, fame: Sequence[dict], best_hash: str) -> dict:
+def curves_figure(outcome: Outcome, best_hash: str, best_fitness: float | None = None):
+    """The best program's and the baseline's training curves, or None when neither is known.
+
+    The curves and the fitness are measured on different splits, and the plot says so: a
+    curve is accuracy on the validation split after each epoch (what early stopping watches),
+    the fitness is accuracy on the separate fitness split with the best epoch's weights
+    restored (ALR: the minimum over trials). So a curve's peak need not equal the fitness;
+    the fitness is drawn as a level line in each program's colour."""
+    plt = _pyplot()
+
+    curves, baseline = outcome.curves, outcome.baseline or {}
+    if best_hash not in curves and baseline.get("hash") not in curves:
+        return None
+    mode = outcome.config["mode"]
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    for color, key, label, fitness, style in (
+            ("C0", best_hash, "best", best_fitness, "-"),
+            ("C1", baseline.get("hash"), baseline.get("name", "baseline"),
+             baseline.get("fitness"), "--")):
+        for trial, values in enumerate((curves.get(key) or {}).get("val_acc", [])):
+            name = f"{label}, trial {trial}" if trial or mode == "alr" else label
+            ax.plot(range(1, len(values) + 1), values, style, marker=".", color=color,
+                    alpha=1.0 if trial == 0 else 0.5, label=f"{name}: validation split")
+        if key in curves and fitness is not None:
+            what = "min over trials, " if mode == "alr" else ""
+            ax.axhline(fitness, color=color, ls=":",
+                       label=f"{label}: fitness {fitness:.4f} ({what}fitness split)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="epoch",
+           ylabel="accuracy (curves: validation split;\ndotted: fitness split)",
+           title="Training curves: best against the baseline")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    return fig
+
+
+def write_plots(directory: Path, outcome: Outcome, fame: Sequence[dict], best_hash: str,
+                best_fitness: float | None = None) -> dict:
     """fitness.png, curves.png (when curves are known) and size.png; returns name -> path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     directory.mkdir(exist_ok=True)
     mode, history = outcome.config["mode"], outcome.history
     baseline = outcome.baseline or {}
@@ -226,18 +286,8 @@ def write_plots(directory: Path, outcome: Outcome, fame: Sequence[dict], best_ha
     ax.legend()
     made["fitness"] = _save(fig, directory / "fitness.png")
 
-    curves = outcome.curves
-    if best_hash in curves or baseline.get("hash") in curves:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for key, label, style in ((best_hash, "best", "-"),
-                                  (baseline.get("hash"), baseline.get("name", "baseline"), "--")):
-            for trial, values in enumerate((curves.get(key) or {}).get("val_acc", [])):
-                ax.plot(range(1, len(values) + 1), values, style, marker=".",
-                        label=f"{label}, trial {trial}" if trial or mode == "alr" else label)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set(xlabel="epoch", ylabel="validation accuracy",
-               title="Training curves: best against the baseline")
-        ax.legend()
+    fig = curves_figure(outcome, best_hash, best_fitness)
+    if fig is not None:
         made["curves"] = _save(fig, directory / "curves.png")
 
     points: dict[str, tuple[int, float]] = {}
@@ -260,6 +310,15 @@ def write_plots(directory: Path, outcome: Outcome, fame: Sequence[dict], best_ha
     return made
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never a window, never a display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -273,21 +332,26 @@ def write_all(outcome: Outcome) -> dict:
     """Write every output file; returns the summary (also written as summary.json)."""
     run_dir, cfg, mode = outcome.run_dir, outcome.config, outcome.config["mode"]
     data = summary(outcome)
-    fame = hall_of_fame(mode, outcome.history)
+    fame = hall_of_fame(mode, outcome.history, preset=cfg["preset"])
     best = data["best"]
+    # The one text form every reader of programs accepts (Program.parse, Schedule.parse,
+    # EvolvedOptimizer, codegen show, --seed-programs).
+    (run_dir / "best_program.txt").write_text(str(parse(mode, best["program"])) + "\n",
+                                              encoding="utf-8")
     write_history(run_dir / "history.csv", mode, outcome.history, outcome.events,
                   cfg["evolution"]["elitism"])
     _write_json(run_dir / "hall_of_fame.json", fame)
     (run_dir / "hall_of_fame.md").write_text(_fame_markdown(fame, mode), encoding="utf-8")
     kernels = write_kernels(run_dir / "kernels", fame) if mode == "alr" else []
-    plots = write_plots(run_dir / "plots", outcome, fame, best["hash"])
+    plots = write_plots(run_dir / "plots", outcome, fame, best["hash"], best["fitness"])
     baseline = outcome.baseline or {}
     about = (f"Run {cfg['name']} (mode {mode}, preset {cfg['preset']}, seed {cfg['seed']}): "
              f"fitness {best['fitness']:.4f}"
              + (f" against {baseline['fitness']:.4f} for {baseline['name']} on the same protocol"
                 if "fitness" in baseline else "") + ".")
     write_best_optimizer(run_dir / "best_optimizer.py", mode, best["program"], about=about)
-    data["files"] = {"history": "history.csv", "hall_of_fame": "hall_of_fame.json",
+    data["files"] = {"best_program": "best_program.txt", "history": "history.csv",
+                     "hall_of_fame": "hall_of_fame.json",
                      "report": "report.md", "best_optimizer": "best_optimizer.py",
                      "plots": {k: f"plots/{v}" for k, v in plots.items()},
                      "kernels": [f"kernels/{k}" for k in kernels]}
@@ -305,12 +369,18 @@ def _write_json(path: Path, data: object) -> None:
 
 def _fame_markdown(fame: Sequence[dict], mode: str) -> str:
     lines = ["# Hall of fame", "",
-             f"The {len(fame)} fittest distinct programs (by canonical hash) of the run.", "",
-             "| rank | fitness | size | generation | hash | program |", "|---|---|---|---|---|---|"]
+             f"The {len(fame)} fittest distinct programs of the run: different canonical forms "
+             "that also behave differently (programs that behave alike are listed once, as "
+             "the fittest of them).", "",
+             "| rank | fitness | size | generation | hash | alike | program |",
+             "|---|---|---|---|---|---|---|"]
     for e in fame:
         program = one_line(e["canonical"]).replace("|", "\\|")
         lines.append(f"| {e['rank']} | {e['fitness']:.4f} | {e['size']} | {e['generation']} | "
-                     f"`{e['hash']}` | `{program}` |")
+                     f"`{e['hash']}` | {len(e.get('twins', ()))} | `{program}` |")
+    if any(e.get("twins") for e in fame):
+        lines += ["", "alike: other programs of the run (other texts, other hashes) that behave "
+                      "as the listed one and are not listed again (`twins` in hall_of_fame.json)."]
     return "\n".join(lines) + "\n"
 
 
@@ -354,8 +424,13 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: str) -
                      f"{g['worst']:.4f} | {g['evaluated']} | {secs} |")
     if "curves" in plots:
         lines += ["", "## Training curves", "",
-                  "Validation accuracy per epoch of the best program and the baseline, retrained "
-                  "(or recorded when first trained) under the fitness protocol.", "",
+                  "Accuracy on the validation split after each epoch (what early stopping "
+                  "watches) of the best program and the baseline, retrained (or recorded when "
+                  "first trained) under the fitness protocol. The fitness is measured on a "
+                  "different split, the fitness split, with the best epoch's weights restored "
+                  + ("(the minimum over trials)" if mode == "alr" else "")
+                  + ": it is drawn as a dotted level line, and a curve's peak need not equal it.",
+                  "",
                   f"![training curves](plots/{plots['curves']})"]
     lines += ["", "## Accuracy against program size", "", f"![accuracy against size](plots/{plots['size']})",
               "", "## Hall of fame", "", "| rank | fitness | size | program |", "|---|---|---|---|"]
@@ -363,14 +438,15 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: str) -
         lines.append(f"| {e['rank']} | {e['fitness']:.4f} | {e['size']} | "
                      f"`{one_line(e['canonical']).replace('|', chr(92) + '|')}` |")
     lines += ["", "## Evaluations", "",
-              f"{counts['requested']} answers: {counts['trained']} trained "
-              f"({_duration(counts['train_seconds'])} of training), {counts['store']} from the "
-              f"results store, {counts['screened']} screened without training, "
-              f"{counts['fingerprint']} behavioural twins (fingerprint), {counts['failed']} "
-              "unparseable.", ""]
-    if counts["failures"]:
-        lines += ["| failure | count |", "|---|---|"]
-        lines += [f"| {kind} | {n} |" for kind, n in counts["failures"].items()]
+              f"{counts['requested']} answers, each of one kind below; {counts['trainings']} "
+              f"trainings ran ({_duration(counts['train_seconds'])} of training, whatever "
+              "their outcome).", "", "| outcome | count | meaning |", "|---|---|---|"]
+    lines += [f"| {kind.name} | {counts['outcomes'][kind.name]} | {kind.meaning} |"
+              for kind in outcomes.KINDS]
+    lines.append("")
+    if counts["reasons"]:
+        lines += ["| failure reason | count |", "|---|---|"]
+        lines += [f"| {reason} | {n} |" for reason, n in counts["reasons"].items()]
         lines.append("")
     lines += ["## Reproduce", "", *_fenced(data["reproduce"]), ""]
     return "\n".join(lines)

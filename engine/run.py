@@ -8,7 +8,7 @@ otherwise) that holds everything needed to watch, resume, reproduce and use it:
   checkpoints/       the evolve loop's checkpoint after every generation (two newest kept)
   events.jsonl       one line per answered candidate, generation and session, as they happen
   summary.json, history.csv, hall_of_fame.{json,md}, report.md, plots/, kernels/,
-  best_optimizer.py  written at the end (engine.report, engine.export)
+  best_program.txt, best_optimizer.py  written at the end (engine.report, engine.export)
 
 Why it is safe to stop at any moment: the evolve loop checkpoints every generation and the
 results store keeps every candidate already trained, so ``--resume`` after Ctrl-C, a SIGKILL or
@@ -22,6 +22,7 @@ are one line on stderr and exit status 2. Ctrl-C exits with 130 after saying how
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -110,6 +111,17 @@ def _main(argv: list[str]) -> int:
         raise UsageError("--ray-address applies to --executor ray")
     if config["executor"] == "serial" and config["workers"] not in (None, 1):
         raise UsageError("--executor serial runs one candidate at a time; drop --workers")
+    if config.get("tensorboard"):
+        from engine.tracking import TrackingUnavailable, check_available
+
+        try:
+            check_available()
+            Path(config["tensorboard"]).mkdir(parents=True, exist_ok=True)
+        except TrackingUnavailable as err:
+            raise UsageError(str(err)) from None
+        except OSError as err:  # now, not after the first generation
+            raise UsageError(f"--tensorboard {config['tensorboard']}: cannot write there "
+                             f"({err.strerror}); choose another directory") from None
     if not config.get("ray_address"):
         _check_data()
     _check_store(config["store"])
@@ -149,6 +161,7 @@ class Session:
         self.generation_started = time.time()
         self.last_generation_seconds = 0.0
         self.events_path = out / "events.jsonl"
+        self.tracker = None  # engine.tracking.TensorBoardLog with --tensorboard
         self.curves_dir = Path(config["store"]).parent / "curves" / \
             f"{self.mode}-{self.preset}-seed{self.seed}"
 
@@ -192,6 +205,8 @@ class Session:
     def fitness(self, texts):
         self.generation_started = time.time()
         self.display.start_generation(self.generation, len(texts))
+        if self.tracker is not None:
+            self.tracker.start_generation()
         results = self.evaluator.evaluate(texts, on_result=self._answered)
         return [r.fitness for r in results]
 
@@ -203,6 +218,8 @@ class Session:
         if evaluation.source == "trained":
             self.save_curves(evaluation.hash, evaluation.curves)
         self.display.answered(evaluation)
+        if self.tracker is not None:
+            self.tracker.answered(evaluation)
         if self.budget is not None and time.time() - self.started > self.budget:
             raise BudgetExhausted(f"the time budget ran out during generation {self.generation}")
 
@@ -213,6 +230,8 @@ class Session:
                   "seconds": round(seconds, 1), "best": record.best, "median": record.median})
         self.history.append(record)
         self.display.generation_done(record, seconds)
+        if self.tracker is not None:
+            self.tracker.generation_done(record, seconds)
         self.generation = record.generation + 1
         if self.budget is not None and self.generation < self.evolution.generations:
             elapsed = time.time() - self.started
@@ -269,9 +288,13 @@ class Session:
         self.display = Display(config, self.history, self.events(),
                                None if known is None else (base_name, known.fitness),
                                workers=executor.workers)
+        if config.get("tensorboard"):
+            from engine.tracking import TensorBoardLog
+
+            self.tracker = TensorBoardLog(config["tensorboard"], self.history)
         status = "finished"
         try:
-            with executor, store, self.display:
+            with executor, store, self.display, self.tracker or contextlib.nullcontext():
                 stopped = self._evolve(grammar)
                 if stopped is not None:
                     status = f"stopped: {stopped}"

@@ -58,7 +58,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
 }
 # What --resume may change: how the run is executed, and how far it goes.
 RESUMABLE = ("generations", "time_budget", "time_limit", "executor", "workers", "ray_address",
-             "store", "backend")
+             "store", "backend", "tensorboard")
 
 
 def _duration(text: str) -> float:
@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "numba", "triton", "torch"), default=None,
                    help="kernel backend for ALR candidates (default: auto: triton on CUDA, "
                         "numba on the CPU)")
+    p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                   help="also log each generation (fitness, outcome counts, seconds, the best "
+                        "program) to TensorBoard in DIR; needs the tensorboard package "
+                        "(default: off)")
     return p
 
 
@@ -245,6 +249,8 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> dict:
         "workers": args.workers, "ray_address": args.ray_address,
         "store": str((args.store or _default_store()).expanduser().resolve()),
         "backend": args.backend or "auto",
+        "tensorboard": None if args.tensorboard is None else
+        str(args.tensorboard.expanduser().resolve()),
         "command": shlex.join(["python", "-m", "engine.run", *argv]),
         "reproduce": shlex.join(["python", *reproduce]),
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),

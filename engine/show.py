@@ -19,10 +19,11 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, \
-    TimeElapsedColumn, TimeRemainingColumn
+    TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from engine import outcomes
 from engine.evolve import GenerationRecord
 from engine.report import evaluation_counts, hall_of_fame, one_line, program_size, wall_seconds
 
@@ -39,8 +40,9 @@ def _short(text: str, width: int) -> str:
 class Display:
     """Progress of the running generation and of the run, and the best programs so far.
 
-    On a terminal: rich progress bars and a live table, with one permanent line per generation.
-    Elsewhere (a log file, a test): one plain line per generation.
+    On a terminal: rich progress bars with a status line and a live table, with one permanent
+    line per generation. Elsewhere (a log file, a test): plain lines only, one per status
+    change and one per generation. Counts use engine.outcomes' kinds, as every other output.
     """
 
     def __init__(self, config: dict, history: list[GenerationRecord], events: list[dict],
@@ -50,20 +52,25 @@ class Display:
         self.console = console or Console()
         self.live_mode = self.console.is_terminal
         self.baseline = baseline
+        self.workers = workers
         self.generations = config["evolution"]["generations"]
         self.best: dict[str, tuple[float, str]] = {}  # hash -> (fitness, text)
         for record in history:
             for text, fitness in zip(record.phenotypes, record.fitness):
                 self._note(None, text, fitness)
-        self.counts: Counter[str] = Counter()
+        self.counts: dict[str, int] = outcomes.zero()
+        # The ETA is the mean time of the generations this session finished: none before the
+        # first one, when all there is to go on is start-up (worker imports, data, compiles).
+        self.session_seconds: list[float] = []
+        self.statuses: list[str] = []  # every status shown, in order (the log of start-up)
         self.progress = Progress(
             SpinnerColumn(), TextColumn("{task.description:<14}"), BarColumn(bar_width=30),
             MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), console=self.console,
-            speed_estimate_period=24 * 3600)
+            TextColumn("{task.fields[eta]}"), console=self.console)
         self.run_task = self.progress.add_task("run", total=self.generations,
-                                               completed=len(history), detail="")
+                                               completed=len(history), detail="", eta="")
         self.gen_task = None
+        self.generation = len(history)
         self.live: Live | None = None
         where = (f"{config['executor']} executor, {workers} worker{'s' * (workers != 1)}")
         self.message(f"AutoLR {self.mode.upper()} run [bold]{escape(config['name'])}[/] "
@@ -91,7 +98,32 @@ class Display:
         if self.live_mode:
             self.console.print(text, highlight=False, markup=markup)
         else:  # a log: plain lines, never wrapped at an imagined width
-            print(Text.from_markup(text).plain if markup else text, flush=True)
+            print(Text.from_markup(text).plain if markup else text, file=self.console.file,
+                  flush=True)
+
+    def status(self, text: str, log: bool = True) -> None:
+        """What the run is doing now, where no bar says it (start-up, the end): on the run bar
+        on a terminal; elsewhere a plain line, unless ``log`` is False (routine news that
+        would only repeat the generation lines in a log)."""
+        if self.statuses and self.statuses[-1] == text:
+            return
+        self.statuses.append(text)
+        if self.live_mode:
+            self.progress.update(self.run_task, detail=text)
+            self._refresh()
+        elif log:
+            self.message(f"... {text}")
+
+    def eta(self) -> str:
+        """'eta 1:23' once this session finished a generation, else '' (no guess)."""
+        if not self.session_seconds:
+            return ""
+        done = self.progress.tasks[self.run_task].completed
+        left = max(0.0, (self.generations - done) * sum(self.session_seconds)
+                   / len(self.session_seconds))
+        minutes, seconds = divmod(int(round(left)), 60)
+        return f"eta {minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else \
+            f"eta {minutes}:{seconds:02d}"
 
     def _note(self, h: str | None, text: str, fitness: float) -> None:
         if h is None:
@@ -108,9 +140,7 @@ class Display:
             self.best[h] = (fitness, str(parse(self.mode, text).canonical()))
 
     def _detail(self) -> str:
-        c = self.counts
-        return (f"trained {c['trained']} · store {c['store']} · screened {c['screened']} · "
-                f"twins {c['fingerprint']} · failed {c['failures']}")
+        return outcomes.describe(self.counts)
 
     def _table(self) -> Table:
         width = max(30, self.console.width - 40)
@@ -134,17 +164,28 @@ class Display:
             self.live.update(self._renderable())
 
     def start_generation(self, generation: int, size: int) -> None:
-        self.counts.clear()
+        self.counts = outcomes.zero()
         if self.gen_task is not None:
             self.progress.remove_task(self.gen_task)
         self.gen_task = self.progress.add_task(f"generation {generation}", total=size,
-                                               detail=self._detail())
-        self._refresh()
+                                               detail=self._detail(), eta="")
+        self.generation = generation
+        if not self.session_seconds:  # the first trainings of a session wait for start-up
+            serial = self.config["executor"] == "serial"
+            who = ("in this process" if serial else f"on {self.workers} "
+                   f"{self.config['executor']} worker{'s' * (self.workers != 1)}")
+            waits = ", ".join((["worker start-up"] if not serial else []) + ["data loading"]
+                              + (["kernel compiles"] if self.mode == "alr" else []))
+            screening = "screening candidates, then " if self.mode == "alr" else ""
+            self.status(f"generation {generation}: {screening}the first trainings {who} "
+                        f"({waits})")
+        else:
+            self.status(f"generation {generation}: evaluating {size} candidates", log=False)
 
     def answered(self, evaluation) -> None:
-        self.counts[evaluation.source] += 1
-        if evaluation.reason and evaluation.source != "screened":
-            self.counts["failures"] += 1
+        self.counts[outcomes.kind_of(evaluation.source, evaluation.reason)] += 1
+        if evaluation.source == "trained" and not self.session_seconds:
+            self.status(f"generation {self.generation}: training (start-up done)")
         if evaluation.hash:
             self._note(evaluation.hash, evaluation.text, evaluation.fitness)
         if self.gen_task is not None:
@@ -152,7 +193,9 @@ class Display:
         self._refresh()
 
     def generation_done(self, record: GenerationRecord, seconds: float) -> None:
+        self.session_seconds.append(seconds)
         self.progress.update(self.run_task, completed=record.generation + 1)
+        self.progress.update(self.run_task, eta=self.eta())
         self.message(f"gen {record.generation:>3}/{self.generations - 1}  best {record.best:.4f}"
                      f"  median {record.median:.4f}  new {record.evaluated:>3} "
                      f"({self._detail()})  {seconds:.0f} s")
@@ -177,28 +220,32 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
         table.add_row("baseline", f"{base['fitness']:.4f} {base['name']} "
                                   f"({summary['best_minus_baseline']:+.4f} for the best)")
     table.add_row("best program", escape(best["canonical"]))
-    failures = ", ".join(f"{k} {v}" for k, v in counts["failures"].items()) or "none"
-    table.add_row("evaluations", f"{counts['requested']} answered: {counts['trained']} trained, "
-                                 f"{counts['store']} store, {counts['screened']} screened, "
-                                 f"{counts['fingerprint']} fingerprint twins, {counts['failed']} "
-                                 f"unparseable")
-    table.add_row("failures", failures)
+    table.add_row("evaluations", escape(_evaluations(counts)))
+    table.add_row("failure reasons",
+                  escape(", ".join(f"{k} {v}" for k, v in counts["reasons"].items()) or "none"))
     wall = summary.get("wall_seconds")
     table.add_row("wall time", "?" if wall is None else
                   f"{wall:.0f} s over {summary.get('sessions', 1)} session(s)")
-    table.add_row("outputs", escape(f"{out}/report.md, best_optimizer.py, summary.json, "
-                                    "history.csv" + (", kernels/" if summary["mode"] == "alr"
-                                                     else "")))
+    table.add_row("outputs", escape(f"{out}/report.md, best_program.txt, best_optimizer.py, "
+                                    "summary.json, history.csv"
+                                    + (", kernels/" if summary["mode"] == "alr" else "")))
     console.print(table)
+
+
+def _evaluations(counts: dict) -> str:
+    """The answers by outcome kind, in engine.outcomes' words (as the live display and
+    report.md), and the trainings that ran."""
+    return (f"{counts['requested']} answered: {outcomes.describe(counts['outcomes'], sep=', ')}"
+            f" ({counts['trainings']} trainings ran)")
 
 
 def _fame_table(fame: list[dict], width: int) -> Table:
     table = Table(title="hall of fame", title_justify="left")
-    for column in ("#", "fitness", "size", "gen", "hash", "program"):
+    for column in ("#", "fitness", "size", "gen", "hash", "alike", "program"):
         table.add_column(column, overflow="fold" if column == "program" else "ellipsis")
-    for e in fame:
+    for e in fame:  # alike: programs of other texts that behave as this one (not listed)
         cells = (str(e["rank"]), f"{e['fitness']:.4f}", str(e["size"]), str(e["generation"]),
-                 e["hash"][:10], one_line(e["canonical"]))
+                 e["hash"][:10], str(len(e.get("twins", ()))), one_line(e["canonical"]))
         table.add_row(*map(escape, cells))  # the file's text is shown as text, never markup
     return table
 
@@ -332,7 +379,8 @@ def _show(files: _Files, console: Console) -> bool:
         except _MALFORMED as err:
             files.warn(files.run_dir / "summary.json", f"{type(err).__name__}: {err}", rebuild)
         else:
-            _show_fame(files, summary.get("mode"), history, console)
+            _show_fame(files, summary.get("mode"), history, console,
+                       summary.get("preset"))
             return True
     if config is None:
         return False
@@ -355,16 +403,15 @@ def _show(files: _Files, console: Console) -> bool:
     console.print(table)
     counts = evaluation_counts(events)
     wall, sessions = wall_seconds(events)
-    console.print(f"evaluations: {counts['requested']} answered, {counts['trained']} trained, "
-                  f"{counts['store']} store, {counts['screened']} screened, "
-                  f"{counts['fingerprint']} twins; wall {wall:.0f} s over {sessions} session(s)",
-                  highlight=False)
-    console.print(_fame_table(hall_of_fame(config["mode"], history), console.width))
+    console.print(f"evaluations: {escape(_evaluations(counts))}; wall {wall:.0f} s over "
+                  f"{sessions} session(s)", highlight=False)
+    console.print(_fame_table(hall_of_fame(config["mode"], history, preset=config["preset"]),
+                              console.width))
     return True
 
 
 def _show_fame(files: _Files, mode: object, history: list[GenerationRecord],
-               console: Console) -> None:
+               console: Console, preset: str | None = None) -> None:
     """The hall of fame from its file, else recomputed from the checkpoint (noted)."""
     path = files.run_dir / "hall_of_fame.json"
     can_rebuild = bool(history) and mode in ("alr", "dlr")
@@ -380,7 +427,7 @@ def _show_fame(files: _Files, mode: object, history: list[GenerationRecord],
     elif not path.is_file():
         return
     if can_rebuild:
-        console.print(_fame_table(hall_of_fame(mode, history), console.width))
+        console.print(_fame_table(hall_of_fame(mode, history, preset=preset), console.width))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import torch
 
 import kernels
 from codegen.ir import Program, Schedule
+from engine import outcomes
 from engine.evolve import GenerationRecord
 from engine.export import render_alr, render_dlr
 from engine.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
@@ -94,9 +95,80 @@ def test_failure_reasons_are_counted_by_kind():
               {"event": "session", "time": 100.0},
               {"event": "evaluation", "source": "store", "reason": None, "time": 103.0}]
     counts = evaluation_counts(events)
-    assert counts["requested"] == 3 and counts["trained"] == 1 and counts["store"] == 1
-    assert counts["failures"] == {"screened: x": 1} and counts["train_seconds"] == 2
+    assert counts["requested"] == 3 and counts["outcomes"]["trained"] == 1
+    assert counts["outcomes"]["store"] == 1 and counts["outcomes"]["screened"] == 1
+    assert counts["reasons"] == {"screened: x": 1} and counts["train_seconds"] == 2
     assert wall_seconds(events) == (9.0, 2)  # 6 s, then 3 s: a killed session ends at its last event
+
+
+def test_every_answer_has_exactly_one_outcome_kind():
+    """A failure is counted by what went wrong, however it was learnt (trained now, from the
+    store, as a fingerprint twin); successes by how their fitness was obtained."""
+    cases = [("trained", None, "trained"), ("store", None, "store"), ("fingerprint", None, "twin"),
+             ("screened", "screened: the weight never changes on probe inputs", "screened"),
+             ("store", "screened: NaN or inf weight update on probe inputs at step 1",
+              "screened"),
+             ("trained", "diverged: training loss nan at epoch 0, step 5 (trial 0)", "diverged"),
+             ("store", "diverged: schedule gave lr=inf at epoch 2", "diverged"),
+             ("fingerprint", "diverged: validation loss inf at epoch 1", "diverged"),
+             ("trained", "timeout: deadline passed at epoch 3, step 7", "timeout"),
+             ("trained", "timeout after 30.0 s", "timeout"),
+             ("trained", "raised: ValueError: boom", "error"),
+             ("trained", "worker died (exit code -9 / signal SIGKILL)", "error"),
+             ("failed", "parse error: unexpected character ';' at 1:5", "unparseable")]
+    for source, reason, kind in cases:
+        assert outcomes.kind_of(source, reason) == kind, (source, reason)
+    answers = [{"source": s, "reason": r} for s, r, _ in cases]
+    counts = outcomes.count(answers)
+    assert list(counts) == [k.name for k in outcomes.KINDS] and sum(counts.values()) == len(cases)
+    assert counts["diverged"] == 3 and counts["error"] == 2
+    assert outcomes.describe(counts) == ("trained 1 · store 1 · twin 1 · screened 2 · diverged 3 "
+                                         "· timeout 2 · error 2 · unparseable 1")
+    assert outcomes.describe(outcomes.zero()) == "none yet"
+
+
+def test_behavioural_twins_are_one_entry_of_the_hall_of_fame():
+    """`square(grad)` and `mul(grad, grad)`: two canonical forms, one behaviour."""
+    history = [record(0, [("weight: square(grad)", 0.5), ("weight: mul(0.1, grad)", 0.6)]),
+               record(1, [("weight: mul(grad, grad)", 0.5), ("weight: mul(0.2, grad)", 0.4)])]
+    twin = Program.parse("weight: mul(grad, grad)")
+    assert twin.hash != Program.parse("weight: square(grad)").hash  # distinct by hash alone
+    fame = hall_of_fame("alr", history)
+    assert [e["program"] for e in fame] == ["weight: mul(0.1, grad)", "weight: square(grad)",
+                                            "weight: mul(0.2, grad)"]
+    assert fame[1]["twins"] == [twin.hash] and fame[0]["twins"] == []
+    # DLR: epochs are whole numbers, so these two schedules give the same learning rates.
+    history = [record(0, [("if(epoch < 3, 0.1, 0.01)", 0.7), ("if(epoch < 2.5, 0.1, 0.01)", 0.7),
+                          ("if(epoch < 2, 0.1, 0.01)", 0.6)])]
+    fame = hall_of_fame("dlr", history, preset="smoke")
+    assert [e["program"] for e in fame] == ["if(epoch < 3, 0.1, 0.01)",
+                                            "if(epoch < 2, 0.1, 0.01)"]
+    assert fame[0]["twins"] == [Schedule.parse("if(epoch < 2.5, 0.1, 0.01)").hash]
+
+
+def test_the_curves_plot_names_the_split_of_each_line():
+    """The curves are validation-split accuracy per epoch; the fitness is fitness-split
+    accuracy (min over trials): the plot draws both and says which is which."""
+    import matplotlib.pyplot as plt
+
+    from engine import report
+
+    config = {"mode": "alr", "preset": "smoke", "name": "t"}
+    outcome = report.Outcome(
+        run_dir=None, config=config, history=[], events=[], status="finished",
+        baseline={"name": "Adam", "hash": "b" * 20, "fitness": 0.385},
+        curves={"a" * 20: {"val_acc": [[0.40, 0.55, 0.565], [0.46, 0.515, 0.56]]},
+                "b" * 20: {"val_acc": [[0.27, 0.29, 0.37]]}})
+    fig = report.curves_figure(outcome, "a" * 20, 0.63)
+    ax = fig.axes[0]
+    assert "validation split" in ax.get_ylabel() and "fitness split" in ax.get_ylabel()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "best, trial 0: validation split" in labels
+    assert "best: fitness 0.6300 (min over trials, fitness split)" in labels
+    assert "Adam: fitness 0.3850 (min over trials, fitness split)" in labels
+    levels = sorted(line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == ":")
+    assert levels == [0.385, 0.63]
+    plt.close(fig)
 
 
 # -- best_optimizer.py (ALR) ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ import csv
 import gzip
 import json
 import os
+import re
 import shlex
 import signal
 import struct
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine import outcomes
 from engine import run as run_module
 from engine import show as show_module
 from engine.data import DataNotFoundError, find_data_dir
@@ -97,7 +99,7 @@ def test_a_run_on_the_local_pool_trains_its_candidates(env, tmp_path):
     engine_run(args, env, cwd=tmp_path)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     counts = summary["evaluations"]
-    raised = {k: v for k, v in counts["failures"].items() if k.startswith("raised")}
+    raised = {k: v for k, v in counts["reasons"].items() if k.startswith("raised")}
     assert not raised, raised
     assert summary["baseline"]["reason"] is None and summary["baseline"]["fitness"] > 0.1
 
@@ -116,10 +118,9 @@ def test_alr_run_writes_every_output(alr_run):
     assert best["fitness"] == max(g["best"] for g in summary["per_generation"])
     assert base["name"] == "Adam (lr=1e-3)" and 0.1 < base["fitness"] <= 1
     assert summary["best_minus_baseline"] == pytest.approx(best["fitness"] - base["fitness"])
-    assert counts["requested"] == sum(counts[k] for k in
-                                      ("trained", "store", "screened", "fingerprint", "failed"))
+    assert counts["requested"] == sum(counts["outcomes"].values())
     assert counts["requested"] == sum(g["evaluated"] for g in summary["per_generation"])
-    assert counts["trained"] >= 3 and summary["wall_seconds"] > 0
+    assert counts["trainings"] >= 3 and summary["wall_seconds"] > 0
     for g in summary["per_generation"]:
         assert g["worst"] <= g["median"] <= g["best"]
 
@@ -144,6 +145,112 @@ def test_alr_run_writes_every_output(alr_run):
         assert f"program hash: {best['hash']}" in source
     assert len(list((run_dir / "kernels").glob("*.py"))) == 2 * len(fame)
     assert (run_dir / "best_optimizer.py").is_file()
+    # The text every reader of programs accepts (README: open(".../best_program.txt").read()).
+    from codegen.ir import Program
+
+    text = (run_dir / "best_program.txt").read_text()
+    assert Program.parse(text).hash == best["hash"]
+    import torch
+
+    import kernels
+
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.full((3,), 0.5)
+    kernels.EvolvedOptimizer([w], text, backend="torch").step()
+
+
+# Passes screening (finite on the five probe steps: alpha = 0, 1, 5, 41, 1763...) and then
+# overflows within a few training steps: a divergence in every smoke run that seeds it.
+DIVERGES = "alpha: neg(square(add(alpha, 1.0)))\nweight: mul(alpha, grad)\n"
+
+
+@pytest.fixture(scope="module")
+def diverging_run(tmp_path_factory, env):
+    """A smoke ALR run seeded with a program that diverges, logging to TensorBoard."""
+    base = tmp_path_factory.mktemp("diverging")
+    (base / "seeds.txt").write_text(DIVERGES)
+    result = engine_run(smoke("alr", base / "run", base / "store.sqlite", "--seed-programs",
+                              base / "seeds.txt", "--tensorboard", base / "tb"), env, cwd=base)
+    return base / "run", base / "tb", result
+
+
+KIND_COUNT = re.compile(r"\b(" + "|".join(k.name for k in outcomes.KINDS) + r") (\d+)\b")
+
+
+@pytest.mark.slow
+def test_display_summary_report_and_show_count_outcomes_alike(diverging_run, capsys,
+                                                               monkeypatch):
+    run_dir, _, result = diverging_run
+    shown: dict[str, int] = dict.fromkeys(outcomes.NAMES, 0)
+    generation_lines = [line for line in result.stdout.splitlines() if line.startswith("gen ")]
+    assert len(generation_lines) == 3
+    for line in generation_lines:
+        for kind, n in KIND_COUNT.findall(line[line.index("("):]):
+            shown[kind] += int(n)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    counted = summary["evaluations"]["outcomes"]
+    assert counted["diverged"] >= 1 and counted == shown
+    assert sum(counted.values()) == summary["evaluations"]["requested"]
+    report = (run_dir / "report.md").read_text()
+    table = dict(re.findall(r"^\| (\w+) \| (\d+) \| ", report, re.M))
+    assert {k: int(table[k]) for k in outcomes.NAMES} == counted
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line: nothing wrapped
+    assert show_module.main([str(run_dir)]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "answered:" in line]
+    in_show = dict.fromkeys(outcomes.NAMES, 0)
+    in_show.update({k: int(n) for k, n in KIND_COUNT.findall(line)})
+    assert in_show == counted
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_each_generation(diverging_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, tb, _ = diverging_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    events = EventAccumulator(str(tb))
+    events.Reload()
+
+    def values(tag):
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    per_generation = summary["per_generation"]
+    assert values("fitness/best") == [(g["generation"], pytest.approx(g["best"]))
+                                      for g in per_generation]
+    assert values("fitness/median") == [(g["generation"], pytest.approx(g["median"]))
+                                        for g in per_generation]
+    for kind, n in summary["evaluations"]["outcomes"].items():
+        assert sum(v for _, v in values(f"outcomes/{kind}")) == n, kind
+    assert [s for s, _ in values("time/generation_s")] == [0, 1, 2]
+    [*_, last] = events.Tensors("best_program/text_summary")
+    text = last.tensor_proto.string_val[0].decode()
+    assert summary["best"]["program"].splitlines()[0] in text
+    assert f"fitness {summary['best']['fitness']:.4f}" in text
+
+
+def test_tensorboard_missing_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):
+    # A None entry in sys.modules is how Python marks a module as not importable.
+    for name in ("tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)
+    out = tmp_path / "run"
+    code = run_module.main(["--preset", "smoke", "--out", str(out), "--store",
+                            str(tmp_path / "s.sqlite"), "--tensorboard", str(tmp_path / "tb")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--tensorboard needs the tensorboard package" in err and "pip install" in err
+    assert not out.exists() and not (tmp_path / "tb").exists()  # nothing blocks a retry
+
+
+def test_tensorboard_directory_that_cannot_be_made_is_one_line_and_exit_2(capsys, tmp_path):
+    pytest.importorskip("tensorboard")  # the `test` extra installs it; without it see above
+    (tmp_path / "file").write_text("")
+    code = run_module.main(["--preset", "smoke", "--out", str(tmp_path / "run"), "--store",
+                            str(tmp_path / "s.sqlite"), "--tensorboard",
+                            str(tmp_path / "file" / "tb")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--tensorboard" in err and "cannot write there" in err
+    assert not (tmp_path / "run").exists()
 
 
 BEST_OPTIMIZER_CHECK = r"""
@@ -220,6 +327,9 @@ def test_dlr_run_writes_a_schedule(tmp_path, env):
         want.append(lr)
     assert out["lrs"] == want
     assert schedule.hash == summary["best"]["hash"]
+    text = (run_dir / "best_program.txt").read_text()
+    assert isinstance(Schedule.parse(text), Schedule)
+    assert Schedule.parse(text).hash == summary["best"]["hash"]
 
 
 # -- stopping and resuming --------------------------------------------------------------------------

@@ -10,6 +10,10 @@ into an answer for that one job while the others carry on, through one interface
             case Failed(reason): ...  # 'raised: ValueError: boom', 'timeout after 30.0 s',
                                       # 'worker died (exit code -11 / signal SIGSEGV)'
 
+A worker that dies under a job (the OOM killer, kill -9, a node lost) may not be the job's fault,
+so the job runs once more on another worker, with a fresh deadline; only a second death in a row
+is its answer. A timeout or an exception is the job's own and is not retried.
+
 `fn` must be a module-level function and the jobs picklable (they cross process boundaries).
 `run` is lazy: jobs start when iteration starts, and a caller that stops iterating early gets its
 unfinished jobs stopped, so a later run never sees their answers. The three executors differ only
@@ -24,10 +28,12 @@ in where `fn(job)` runs and in how a hang is stopped:
   (by us at its deadline, by a segfault, by the OOM killer) can lose only its own job. A job's
   clock starts when it is handed to an idle, started worker; past its deadline the worker gets
   SIGKILL and is replaced when there is work for it.
-- `ray` submits Ray tasks (max_retries=0), at most one per worker slot so that a submitted task
-  starts at once; the clock starts at submission, and a task past its deadline is cancelled with
-  force (Ray kills its worker process). Ray does not say how a crashed worker ended, so its
-  'worker died' reasons carry Ray's error instead of an exit code. With no address it starts a
+- `ray` submits Ray tasks, at most one per worker slot so that a submitted task starts at once;
+  the clock starts at submission, and a task past its deadline is cancelled with force (Ray kills
+  its worker process). The retry after a death is ours (max_retries=0): Ray's own would keep the
+  first attempt's clock running and apply to no other executor. Ray does not say how a crashed
+  worker ended, so its 'worker died' reasons carry Ray's error instead of an exit code; any other
+  Ray failure that is not an exception in the job ('ray error: ...') is retried the same way. With no address it starts a
   private local Ray that listens on loopback only, with no dashboard and usage reporting off, and
   shuts it down on close; with an address it joins that cluster (whose workers must be able to
   import autolr) and only disconnects on close. A Ray already running in this process is used
@@ -168,6 +174,20 @@ def _died(exitcode: int | None) -> str:
         except ValueError:
             pass
     return f"worker died (exit code {exitcode})"
+
+
+def _retry_or_fail(deaths: dict[int, str], index: int, failure: Failed) -> Failed | None:
+    """None when job `index` gets another attempt (its first such failure), else `failure`.
+
+    A worker's death is seldom the job's doing (the OOM killer picks the biggest process, a
+    node goes away), so one death costs the job nothing but a second attempt on another worker,
+    as Ray retries tasks; a job that dies twice in a row probably kills its worker itself."""
+    first = deaths.pop(index, None)
+    if first is None:
+        deaths[index] = failure.reason
+        return None
+    return Failed(failure.reason, f"{failure.detail}\nBoth attempts failed so; the first: {first}"
+                  .lstrip())
 
 
 def _check_timeout(timeout: float | None) -> None:
@@ -352,6 +372,7 @@ class LocalExecutor(_Closing):
     def _run(self, fn, jobs, timeout):
         self._running = True
         pending = deque(range(len(jobs)))
+        deaths: dict[int, str] = {}  # job index -> how its worker died on the first attempt
         start_failures = 0
         try:
             while pending or any(w.state == "busy" for w in self._pool):
@@ -393,7 +414,11 @@ class LocalExecutor(_Closing):
                         worker.kill()
                         was, worker.state = worker.state, "dead"
                         if was == "busy":
-                            yield worker.job, Failed(_died(code))
+                            failure = _retry_or_fail(deaths, worker.job, Failed(_died(code)))
+                            if failure is None:
+                                pending.appendleft(worker.job)
+                            else:
+                                yield worker.job, failure
                             continue
                         start_failures += 1
                         if start_failures >= _START_FAILURES:
@@ -536,6 +561,7 @@ class RayExecutor(_Closing):
         ray = self._ray
         pending = deque(range(len(jobs)))
         running: dict[Any, tuple[int, float]] = {}  # ref -> (job index, deadline)
+        deaths: dict[int, str] = {}  # job index -> how its worker died on the first attempt
         fn_ref = ray.put(fn)
         self._running = True
         try:
@@ -551,7 +577,13 @@ class RayExecutor(_Closing):
                 ready, _ = ray.wait(list(running), num_returns=len(running), timeout=0)
                 for ref in ready:  # before any cancel: a task done by its deadline keeps its answer
                     index, _ = running.pop(ref)
-                    yield index, self._outcome(ref)
+                    outcome, systemic = self._outcome(ref)
+                    if systemic:
+                        outcome = _retry_or_fail(deaths, index, outcome)
+                        if outcome is None:
+                            pending.appendleft(index)  # resubmitted, with a fresh deadline
+                            continue
+                    yield index, outcome
                 now = time.monotonic()
                 for ref, (index, deadline) in list(running.items()):
                     if now >= deadline:
@@ -563,23 +595,24 @@ class RayExecutor(_Closing):
                 ray.cancel(ref, force=True)
             self._running = False
 
-    def _outcome(self, ref) -> Outcome:
+    def _outcome(self, ref) -> tuple[Outcome, bool]:
+        """The task's outcome, and whether Ray (not the job) failed it: those get a retry."""
         ray = self._ray
         try:
             result = ray.get(ref)
         except ray.exceptions.RayTaskError as error:  # raised in the task outside the job itself
             cause = getattr(error, "cause", None) or error
-            return Failed(_raised(cause), str(error))
+            return Failed(_raised(cause), str(error)), False
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
                 ray.exceptions.NodeDiedError) as error:
             return Failed(f"worker died ({type(error).__name__}: {_first_sentence(error)})",
-                          str(error))
+                          str(error)), True
         except ray.exceptions.RayError as error:
             return Failed(f"ray error: {type(error).__name__}: {_first_sentence(error)}",
-                          str(error))
+                          str(error)), True
         if isinstance(result, tuple) and result[0] == _INIT_FAILED:
             raise _initializer_failed(result[1])
-        return result
+        return result, False
 
     def close(self) -> None:
         """Disconnect; stops the local Ray this executor started, never a cluster it joined."""

@@ -13,6 +13,7 @@ import functools
 import ipaddress
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -58,6 +59,16 @@ def act(job: tuple[str, object]) -> object:
         ctypes.string_at(0)
     if kind == "sleep":
         time.sleep(value)
+    if kind == "killed-once":  # as the OOM killer would, the first time only
+        marker = Path(value)
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return f"survived {marker.read_text()}"
+    if kind == "killed-always":
+        with open(value, "a") as log:
+            log.write(f"{os.getpid()}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
     return value
 
 
@@ -178,6 +189,27 @@ def test_faults_are_contained_and_the_pool_keeps_working(request, tmp_path, name
     # The same executor, after three of its workers died: still whole.
     assert run_all(executor, checksum, [1, 2, 3], timeout=30) == {
         i: Ok(checksum(j)) for i, j in enumerate([1, 2, 3])}
+
+
+@pytest.mark.parametrize("name", ["local", "ray"])
+def test_a_killed_worker_costs_its_job_a_retry_and_two_in_a_row_fail_it(request, tmp_path, name):
+    executor = request.getfixturevalue("local" if name == "local" else "ray_executor")
+    once, always = tmp_path / "killed-once", tmp_path / "killed-always.log"
+    jobs = [("ok", 0), ("killed-once", str(once)), ("ok", 2), ("killed-always", str(always)),
+            ("ok", 4)]
+    results = run_all(executor, act, jobs, timeout=60)
+
+    first_pid = once.read_text()
+    assert results[1] == Ok(f"survived {first_pid}"), "the retry gave the job's real result"
+    assert pid_gone(int(first_pid))
+    attempts = always.read_text().split()
+    assert len(attempts) == 2 and len(set(attempts)) == 2, "two attempts, on two workers"
+    if name == "local":
+        assert results[3] == Failed("worker died (exit code -9 / signal SIGKILL)")
+    else:
+        assert results[3].reason.startswith("worker died (WorkerCrashedError: ")
+    assert "Both attempts failed" in results[3].detail
+    assert {i: results[i] for i in (0, 2, 4)} == {0: Ok(0), 2: Ok(2), 4: Ok(4)}
 
 
 def test_serial_reports_an_overrun_as_a_timeout():

@@ -34,9 +34,12 @@ in where `fn(job)` runs and in how a hang is stopped:
   first attempt's clock running and apply to no other executor. Ray does not say how a crashed
   worker ended, so its 'worker died' reasons carry Ray's error instead of an exit code; any other
   Ray failure that is not an exception in the job ('ray error: ...') is retried the same way. With no address it starts a
-  private local Ray that listens on loopback only, with no dashboard and usage reporting off, and
-  shuts it down on close; with an address it joins that cluster (whose workers must be able to
-  import autolr) and only disconnects on close. A Ray already running in this process is used
+  private local Ray that listens on loopback only, with no dashboard and usage reporting off (a
+  new one even where RAY_ADDRESS or a `ray start` names another), and shuts it down on close;
+  with an address it joins that cluster (whose workers must be able to import autolr) and only
+  disconnects on close. Before joining it checks that something accepts connections at the
+  address, since ray.init alone retries a dead one for minutes, deaf to Ctrl-C; a cluster that
+  refuses us for want of its authentication token gets a message that says how to give it. A Ray already running in this process is used
   as it is and left running.
 
 A worker initializer (a picklable callable, e.g. `functools.partial(configure_process, threads=1)`)
@@ -48,11 +51,13 @@ caller's threads alone, so pass the same initializer to it when results must mat
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -528,14 +533,16 @@ class RayExecutor(_Closing):
                     f"Ray is already initialised in this process, so address={address!r} cannot "
                     "apply: pass no address to use that Ray, or call ray.shutdown() first")
         elif address is None:
-            _start_local_ray(ray, workers or os.cpu_count() or 1)
+            with _caller_keeps_sigterm():
+                _start_local_ray(ray, workers or os.cpu_count() or 1)
             self._connected = True
         else:
+            _check_reachable(address)
             try:
-                ray.init(address=address, log_to_driver=False)
+                with _caller_keeps_sigterm():
+                    ray.init(address=address, log_to_driver=False)
             except Exception as error:
-                raise ExecutorError(
-                    f"could not join the Ray cluster at {address}: {error}") from error
+                raise ExecutorError(_join_failed(address, error)) from error
             self._connected = True
         if address is None:
             # A Ray on this machine: let its workers import what this process imports (a checkout
@@ -628,6 +635,68 @@ def _first_sentence(error: BaseException) -> str:
     return text.split(". ")[0].rstrip(".") if text else "no message"
 
 
+_REACH_SECONDS = 5.0  # a head that takes longer to accept a TCP connection is not usable anyway
+# What Ray 2.60's errors say when the cluster wants a token we did not send (or sent wrong).
+_AUTH_FAILURE_MARKS = ("AuthenticationError", "InvalidAuthToken", "Unauthenticated")
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast, naming `address`, when nothing accepts a connection there.
+
+    ray.init retries an address where nothing listens for minutes, in calls to Ray's C++ client
+    that hold off Ctrl-C and SIGTERM for half a minute each; this connect has a short timeout and
+    Ctrl-C stops it. Addresses that are not host:port ('auto', ...) are left to Ray."""
+    import socket
+
+    host, _, port = address.split("://")[-1].rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=_REACH_SECONDS).close()
+    except OSError as error:
+        why = "timed out" if isinstance(error, TimeoutError) else error.strerror or str(error)
+        raise ExecutorError(
+            f"could not join the Ray cluster at {address}: nothing accepts connections there "
+            f"({why}); is its head running (`ray start --head`)? Pass the address that `ray "
+            "start` printed") from error
+
+
+def _join_failed(address: str, error: BaseException) -> str:
+    """The one-line message for a failed ray.init(address), with the fix for a refused token."""
+    chain, cause = [], error
+    while cause is not None and len(chain) < 10:
+        chain.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    if not any(mark in text for mark in _AUTH_FAILURE_MARKS for text in chain):
+        # Ray's own first line ('Failed to connect to Ray cluster at ...'); its causes hold a
+        # whole traceback as text.
+        return f"could not join the Ray cluster at {address}: {' '.join(str(error).split())}"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        problem, fix = "our token is missing or is not its token", "give this machine its token"
+    else:
+        problem = "RAY_AUTH_MODE is not 'token' here"
+        fix = "set RAY_AUTH_MODE=token and give this machine its token"
+    return (f"could not join the Ray cluster at {address}: it requires token authentication and "
+            f"{problem}; {fix} (on the head, `ray get-auth-token` prints it; here it is read from "
+            "RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token)")
+
+
+@contextlib.contextmanager
+def _caller_keeps_sigterm() -> Iterator[None]:
+    """ray.init replaces the SIGTERM handler with its own sys.exit and leaves it so; a caller's
+    handler (engine.run's stops and saves, like Ctrl-C) must survive it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread has handlers, and ray.init leaves them alone there
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None:  # None: set outside Python, so it cannot be put back
+            signal.signal(signal.SIGTERM, handler)
+
+
 def _user_paths() -> list[str]:
     """sys.path entries outside the interpreter's own prefixes: the code a worker must see."""
     prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
@@ -653,7 +722,10 @@ def _start_local_ray(ray: Any, num_cpus: int) -> None:
     saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+        # address="local": a new Ray, even where RAY_ADDRESS or a `ray start` on this machine
+        # names one (ray.init() would join that, then refuse our num_cpus).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1",
                  object_store_memory=_RAY_OBJECT_STORE_BYTES, log_to_driver=False)
     except Exception as error:
         raise ExecutorError(f"could not start a local Ray: {error}") from error

@@ -14,6 +14,9 @@ import ipaddress
 import os
 import random
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import pytest
 
 from engine.executors import (
     EXECUTORS,
+    _join_failed,
     ExecutorError,
     Failed,
     LocalExecutor,
@@ -107,9 +111,19 @@ def local():
         yield executor
 
 
+SIGTERM_BEFORE_RAY = []
+
+
 @pytest.fixture(scope="module")
 def ray_executor():
-    with make_executor("ray", workers=2) as executor:
+    SIGTERM_BEFORE_RAY.append(signal.getsignal(signal.SIGTERM))
+    # As after a `ray start` on this machine: ray.init() would join that Ray, not start ours.
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{closed_port()}"
+    try:
+        executor = make_executor("ray", workers=2)
+    finally:
+        del os.environ["RAY_ADDRESS"]
+    with executor:
         yield executor
 
 
@@ -138,6 +152,12 @@ def pid_gone(pid: int, within: float = 10.0) -> bool:
             return True  # a zombie: dead, waiting for its parent (Ray's raylet) to reap it
         time.sleep(0.05)
     return False
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # free, and closed again once this returns
 
 
 # -- the same answers everywhere -------------------------------------------------------------
@@ -381,3 +401,85 @@ def test_local_ray_listens_on_loopback_only(ray_executor):
     exposed = [a for a in addresses if not (
         a.is_loopback or (a.version == 6 and a.ipv4_mapped and a.ipv4_mapped.is_loopback))]
     assert exposed == []
+
+
+# -- joining a Ray cluster ---------------------------------------------------------------------
+
+def test_starting_ray_leaves_the_callers_sigterm_handler(ray_executor):
+    # ray.init installs its own (sys.exit) and keeps it: engine.run's stop-and-save would be lost.
+    assert signal.getsignal(signal.SIGTERM) is SIGTERM_BEFORE_RAY[0]
+
+
+def test_joining_an_address_where_nothing_listens_fails_at_once(tmp_path):
+    address = f"127.0.0.1:{closed_port()}"
+    # Ray alone retries this for minutes with Ctrl-C held off: the timeout turns that into a failure.
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.run", "--preset", "smoke", "--executor", "ray",
+         "--ray-address", address, "--out", tmp_path / "run", "--store", tmp_path / "store.db"],
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])), cwd=tmp_path,
+        capture_output=True, text=True, timeout=90)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"engine.run: error: could not join the Ray cluster at {address}: nothing accepts "
+        "connections there (Connection refused); is its head running (`ray start --head`)? Pass "
+        "the address that `ray start` printed"]
+
+
+# What ray.init(address=...) raised (Ray 2.60) when joining a `ray start --head` cluster, whose
+# token authentication is on by default, without RAY_AUTH_MODE=token: a ConnectionError from a
+# RuntimeError whose text holds the AuthenticationError's traceback.
+_RAY_AUTH_TRACEBACK = """Failed to connect to GCS. Last connection error: Traceback (most recent call \
+last):
+  File ".../ray/_private/node.py", line 996, in _init_gcs_client
+    client = GcsClient(
+             ^^^^^^^^^^
+  File "python/ray/_raylet.pyx", line 3198, in ray._raylet.GcsClient.__cinit__
+  File "python/ray/includes/gcs_client.pxi", line 78, in ray._raylet.InnerGcsClient.standalone
+  File "python/ray/includes/common.pxi", line 146, in ray._raylet.check_status_timeout_as_rpc_error
+  File "python/ray/includes/common.pxi", line 119, in ray._raylet.check_status
+ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication token is missing \
+or incorrect. Note: RAY_AUTH_MODE is currently 'disabled' (not 'token'). Ensure that the token for \
+the cluster is available in a local file (e.g., ~/.ray/auth_token or via RAY_AUTH_TOKEN_PATH) or \
+as the `RAY_AUTH_TOKEN` environment variable.
+"""
+# ... and with RAY_AUTH_MODE=token but no token on this machine (raised before any connection).
+_RAY_NO_TOKEN = ("Token authentication is enabled but no authentication token was found. Ensure "
+                 "that the token for the cluster is available in a local file (e.g., "
+                 "~/.ray/auth_token or via RAY_AUTH_TOKEN_PATH) or as the `RAY_AUTH_TOKEN` "
+                 "environment variable.")
+
+
+def _raised_by_ray(text: str, cause: str | None) -> ConnectionError:
+    try:
+        try:
+            raise RuntimeError(cause)
+        except RuntimeError as error:
+            raise ConnectionError(text) from error
+    except ConnectionError as error:
+        return error
+
+
+def test_a_refused_token_says_how_to_authenticate(monkeypatch):
+    import ray.exceptions
+
+    address = "192.0.2.2:46379"
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    refused = _raised_by_ray(f"Failed to connect to Ray cluster at {address}", _RAY_AUTH_TRACEBACK)
+    message = _join_failed(address, refused)
+    assert message.startswith(f"could not join the Ray cluster at {address}: it requires token "
+                              "authentication and RAY_AUTH_MODE is not 'token' here; set "
+                              "RAY_AUTH_MODE=token and give this machine its token")
+    assert "`ray get-auth-token`" in message and "\n" not in message
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    for error in (refused, ray.exceptions.AuthenticationError(_RAY_NO_TOKEN)):
+        assert "our token is missing or is not its token; give this machine its token" in \
+            _join_failed(address, error)
+
+
+def test_other_join_failures_keep_rays_first_line():
+    address = "192.0.2.2:46379"
+    error = _raised_by_ray(f"Failed to connect to Ray cluster at {address}",
+                           "Failed to connect to GCS. ... TimedOut: Timed out while waiting for GCS")
+    assert _join_failed(address, error) == (
+        f"could not join the Ray cluster at {address}: Failed to connect to Ray cluster at {address}")

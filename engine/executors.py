@@ -33,14 +33,14 @@ in where `fn(job)` runs and in how a hang is stopped:
   its worker process). The retry after a death is ours (max_retries=0): Ray's own would keep the
   first attempt's clock running and apply to no other executor. Ray does not say how a crashed
   worker ended, so its 'worker died' reasons carry Ray's error instead of an exit code; any other
-  Ray failure that is not an exception in the job ('ray error: ...') is retried the same way. With no address it starts a
-  private local Ray that listens on loopback only, with no dashboard and usage reporting off (a
-  new one even where RAY_ADDRESS or a `ray start` names another), and shuts it down on close;
-  with an address it joins that cluster (whose workers must be able to import autolr) and only
-  disconnects on close. Before joining it checks that something accepts connections at the
-  address, since ray.init alone retries a dead one for minutes, deaf to Ctrl-C; a cluster that
-  refuses us for want of its authentication token gets a message that says how to give it. A Ray already running in this process is used
-  as it is and left running.
+  Ray failure that is not an exception in the job ('ray error: ...') is retried the same way. With
+  no address it starts a private local Ray that listens on loopback only, with no dashboard and
+  usage reporting off (a new one even where RAY_ADDRESS or a `ray start` names another), and shuts
+  it down on close; with an address it joins that cluster (whose workers must be able to import
+  autolr) and only disconnects on close. Before joining it checks that something accepts
+  connections at the address, since ray.init alone retries a dead one for minutes, deaf to Ctrl-C;
+  a cluster that refuses us for want of its authentication token gets a message that says how to
+  give it. A Ray already running in this process is used as it is and left running.
 
 A worker initializer (a picklable callable, e.g. `functools.partial(configure_process, threads=1)`)
 runs once in every worker process before its first job. Workers always run one thread each: the

@@ -412,7 +412,7 @@ def test_starting_ray_leaves_the_callers_sigterm_handler(ray_executor):
 
 def test_joining_an_address_where_nothing_listens_fails_at_once(tmp_path):
     address = f"127.0.0.1:{closed_port()}"
-    # Ray alone retries this for minutes with Ctrl-C held off: the timeout turns that into a failure.
+    # Ray alone retries this for minutes, deaf to Ctrl-C: the timeout makes that a failure.
     result = subprocess.run(
         [sys.executable, "-m", "engine.run", "--preset", "smoke", "--executor", "ray",
          "--ray-address", address, "--out", tmp_path / "run", "--store", tmp_path / "store.db"],
@@ -427,9 +427,9 @@ def test_joining_an_address_where_nothing_listens_fails_at_once(tmp_path):
 
 # What ray.init(address=...) raised (Ray 2.60) when joining a `ray start --head` cluster, whose
 # token authentication is on by default, without RAY_AUTH_MODE=token: a ConnectionError from a
-# RuntimeError whose text holds the AuthenticationError's traceback.
-_RAY_AUTH_TRACEBACK = """Failed to connect to GCS. Last connection error: Traceback (most recent call \
-last):
+# RuntimeError whose text holds the AuthenticationError's traceback (Ray's help text trimmed).
+_RAY_AUTH_TRACEBACK = """Failed to connect to GCS. Last connection error: Traceback (most \
+recent call last):
   File ".../ray/_private/node.py", line 996, in _init_gcs_client
     client = GcsClient(
              ^^^^^^^^^^
@@ -449,7 +449,8 @@ _RAY_NO_TOKEN = ("Token authentication is enabled but no authentication token wa
                  "environment variable.")
 
 
-def _raised_by_ray(text: str, cause: str | None) -> ConnectionError:
+def _raised_by_ray(text: str, cause: str) -> ConnectionError:
+    """A ConnectionError chained from a RuntimeError, as ray.init raises them."""
     try:
         try:
             raise RuntimeError(cause)
@@ -480,6 +481,7 @@ def test_a_refused_token_says_how_to_authenticate(monkeypatch):
 def test_other_join_failures_keep_rays_first_line():
     address = "192.0.2.2:46379"
     error = _raised_by_ray(f"Failed to connect to Ray cluster at {address}",
-                           "Failed to connect to GCS. ... TimedOut: Timed out while waiting for GCS")
-    assert _join_failed(address, error) == (
-        f"could not join the Ray cluster at {address}: Failed to connect to Ray cluster at {address}")
+                           "Failed to get cluster ID from GCS server: TimedOut: Timed out while "
+                           "waiting for GCS to become available.")
+    assert _join_failed(address, error) == (f"could not join the Ray cluster at {address}: "
+                                            f"Failed to connect to Ray cluster at {address}")

@@ -10,6 +10,10 @@ into an answer for that one job while the others carry on, through one interface
             case Failed(reason): ...  # 'raised: ValueError: boom', 'timeout after 30.0 s',
                                       # 'worker died (exit code -11 / signal SIGSEGV)'
 
+A worker that dies under a job (the OOM killer, kill -9, a node lost) may not be the job's fault,
+so the job runs once more on another worker, with a fresh deadline; only a second death in a row
+is its answer. A timeout or an exception is the job's own and is not retried.
+
 `fn` must be a module-level function and the jobs picklable (they cross process boundaries).
 `run` is lazy: jobs start when iteration starts, and a caller that stops iterating early gets its
 unfinished jobs stopped, so a later run never sees their answers. The three executors differ only
@@ -24,14 +28,19 @@ in where `fn(job)` runs and in how a hang is stopped:
   (by us at its deadline, by a segfault, by the OOM killer) can lose only its own job. A job's
   clock starts when it is handed to an idle, started worker; past its deadline the worker gets
   SIGKILL and is replaced when there is work for it.
-- `ray` submits Ray tasks (max_retries=0), at most one per worker slot so that a submitted task
-  starts at once; the clock starts at submission, and a task past its deadline is cancelled with
-  force (Ray kills its worker process). Ray does not say how a crashed worker ended, so its
-  'worker died' reasons carry Ray's error instead of an exit code. With no address it starts a
-  private local Ray that listens on loopback only, with no dashboard and usage reporting off, and
-  shuts it down on close; with an address it joins that cluster (whose workers must be able to
-  import autolr) and only disconnects on close. A Ray already running in this process is used
-  as it is and left running.
+- `ray` submits Ray tasks, at most one per worker slot so that a submitted task starts at once;
+  the clock starts at submission, and a task past its deadline is cancelled with force (Ray kills
+  its worker process). The retry after a death is ours (max_retries=0): Ray's own would keep the
+  first attempt's clock running and apply to no other executor. Ray does not say how a crashed
+  worker ended, so its 'worker died' reasons carry Ray's error instead of an exit code; any other
+  Ray failure that is not an exception in the job ('ray error: ...') is retried the same way. With
+  no address it starts a private local Ray that listens on loopback only, with no dashboard and
+  usage reporting off (a new one even where RAY_ADDRESS or a `ray start` names another), and shuts
+  it down on close; with an address it joins that cluster (whose workers must be able to import
+  autolr) and only disconnects on close. Before joining it checks that something accepts
+  connections at the address, since ray.init alone retries a dead one for minutes, deaf to Ctrl-C;
+  a cluster that refuses us for want of its authentication token gets a message that says how to
+  give it. A Ray already running in this process is used as it is and left running.
 
 A worker initializer (a picklable callable, e.g. `functools.partial(configure_process, threads=1)`)
 runs once in every worker process before its first job. Workers always run one thread each: the
@@ -42,11 +51,13 @@ caller's threads alone, so pass the same initializer to it when results must mat
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -168,6 +179,20 @@ def _died(exitcode: int | None) -> str:
         except ValueError:
             pass
     return f"worker died (exit code {exitcode})"
+
+
+def _retry_or_fail(deaths: dict[int, str], index: int, failure: Failed) -> Failed | None:
+    """None when job `index` gets another attempt (its first such failure), else `failure`.
+
+    A worker's death is seldom the job's doing (the OOM killer picks the biggest process, a
+    node goes away), so one death costs the job nothing but a second attempt on another worker,
+    as Ray retries tasks; a job that dies twice in a row probably kills its worker itself."""
+    first = deaths.pop(index, None)
+    if first is None:
+        deaths[index] = failure.reason
+        return None
+    return Failed(failure.reason, f"{failure.detail}\nBoth attempts failed so; the first: {first}"
+                  .lstrip())
 
 
 def _check_timeout(timeout: float | None) -> None:
@@ -352,6 +377,7 @@ class LocalExecutor(_Closing):
     def _run(self, fn, jobs, timeout):
         self._running = True
         pending = deque(range(len(jobs)))
+        deaths: dict[int, str] = {}  # job index -> how its worker died on the first attempt
         start_failures = 0
         try:
             while pending or any(w.state == "busy" for w in self._pool):
@@ -393,7 +419,11 @@ class LocalExecutor(_Closing):
                         worker.kill()
                         was, worker.state = worker.state, "dead"
                         if was == "busy":
-                            yield worker.job, Failed(_died(code))
+                            failure = _retry_or_fail(deaths, worker.job, Failed(_died(code)))
+                            if failure is None:
+                                pending.appendleft(worker.job)
+                            else:
+                                yield worker.job, failure
                             continue
                         start_failures += 1
                         if start_failures >= _START_FAILURES:
@@ -503,14 +533,16 @@ class RayExecutor(_Closing):
                     f"Ray is already initialised in this process, so address={address!r} cannot "
                     "apply: pass no address to use that Ray, or call ray.shutdown() first")
         elif address is None:
-            _start_local_ray(ray, workers or os.cpu_count() or 1)
+            with _caller_keeps_sigterm():
+                _start_local_ray(ray, workers or os.cpu_count() or 1)
             self._connected = True
         else:
+            _check_reachable(address)
             try:
-                ray.init(address=address, log_to_driver=False)
+                with _caller_keeps_sigterm():
+                    ray.init(address=address, log_to_driver=False)
             except Exception as error:
-                raise ExecutorError(
-                    f"could not join the Ray cluster at {address}: {error}") from error
+                raise ExecutorError(_join_failed(address, error)) from error
             self._connected = True
         if address is None:
             # A Ray on this machine: let its workers import what this process imports (a checkout
@@ -536,6 +568,7 @@ class RayExecutor(_Closing):
         ray = self._ray
         pending = deque(range(len(jobs)))
         running: dict[Any, tuple[int, float]] = {}  # ref -> (job index, deadline)
+        deaths: dict[int, str] = {}  # job index -> how its worker died on the first attempt
         fn_ref = ray.put(fn)
         self._running = True
         try:
@@ -551,7 +584,13 @@ class RayExecutor(_Closing):
                 ready, _ = ray.wait(list(running), num_returns=len(running), timeout=0)
                 for ref in ready:  # before any cancel: a task done by its deadline keeps its answer
                     index, _ = running.pop(ref)
-                    yield index, self._outcome(ref)
+                    outcome, systemic = self._outcome(ref)
+                    if systemic:
+                        outcome = _retry_or_fail(deaths, index, outcome)
+                        if outcome is None:
+                            pending.appendleft(index)  # resubmitted, with a fresh deadline
+                            continue
+                    yield index, outcome
                 now = time.monotonic()
                 for ref, (index, deadline) in list(running.items()):
                     if now >= deadline:
@@ -563,23 +602,24 @@ class RayExecutor(_Closing):
                 ray.cancel(ref, force=True)
             self._running = False
 
-    def _outcome(self, ref) -> Outcome:
+    def _outcome(self, ref) -> tuple[Outcome, bool]:
+        """The task's outcome, and whether Ray (not the job) failed it: those get a retry."""
         ray = self._ray
         try:
             result = ray.get(ref)
         except ray.exceptions.RayTaskError as error:  # raised in the task outside the job itself
             cause = getattr(error, "cause", None) or error
-            return Failed(_raised(cause), str(error))
+            return Failed(_raised(cause), str(error)), False
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
                 ray.exceptions.NodeDiedError) as error:
             return Failed(f"worker died ({type(error).__name__}: {_first_sentence(error)})",
-                          str(error))
+                          str(error)), True
         except ray.exceptions.RayError as error:
             return Failed(f"ray error: {type(error).__name__}: {_first_sentence(error)}",
-                          str(error))
+                          str(error)), True
         if isinstance(result, tuple) and result[0] == _INIT_FAILED:
             raise _initializer_failed(result[1])
-        return result
+        return result, False
 
     def close(self) -> None:
         """Disconnect; stops the local Ray this executor started, never a cluster it joined."""
@@ -593,6 +633,68 @@ class RayExecutor(_Closing):
 def _first_sentence(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return text.split(". ")[0].rstrip(".") if text else "no message"
+
+
+_REACH_SECONDS = 5.0  # a head that takes longer to accept a TCP connection is not usable anyway
+# What Ray 2.60's errors say when the cluster wants a token we did not send (or sent wrong).
+_AUTH_FAILURE_MARKS = ("AuthenticationError", "InvalidAuthToken", "Unauthenticated")
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast, naming `address`, when nothing accepts a connection there.
+
+    ray.init retries an address where nothing listens for minutes, in calls to Ray's C++ client
+    that hold off Ctrl-C and SIGTERM for half a minute each; this connect has a short timeout and
+    Ctrl-C stops it. Addresses that are not host:port ('auto', ...) are left to Ray."""
+    import socket
+
+    host, _, port = address.split("://")[-1].rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=_REACH_SECONDS).close()
+    except OSError as error:
+        why = "timed out" if isinstance(error, TimeoutError) else error.strerror or str(error)
+        raise ExecutorError(
+            f"could not join the Ray cluster at {address}: nothing accepts connections there "
+            f"({why}); is its head running (`ray start --head`)? Pass the address that `ray "
+            "start` printed") from error
+
+
+def _join_failed(address: str, error: BaseException) -> str:
+    """The one-line message for a failed ray.init(address), with the fix for a refused token."""
+    chain, cause = [], error
+    while cause is not None and len(chain) < 10:
+        chain.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    if not any(mark in text for mark in _AUTH_FAILURE_MARKS for text in chain):
+        # Ray's own first line ('Failed to connect to Ray cluster at ...'); its causes hold a
+        # whole traceback as text.
+        return f"could not join the Ray cluster at {address}: {' '.join(str(error).split())}"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        problem, fix = "our token is missing or is not its token", "give this machine its token"
+    else:
+        problem = "RAY_AUTH_MODE is not 'token' here"
+        fix = "set RAY_AUTH_MODE=token and give this machine its token"
+    return (f"could not join the Ray cluster at {address}: it requires token authentication and "
+            f"{problem}; {fix} (on the head, `ray get-auth-token` prints it; here it is read from "
+            "RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token)")
+
+
+@contextlib.contextmanager
+def _caller_keeps_sigterm() -> Iterator[None]:
+    """ray.init replaces the SIGTERM handler with its own sys.exit and leaves it so; a caller's
+    handler (engine.run's stops and saves, like Ctrl-C) must survive it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread has handlers, and ray.init leaves them alone there
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None:  # None: set outside Python, so it cannot be put back
+            signal.signal(signal.SIGTERM, handler)
 
 
 def _user_paths() -> list[str]:
@@ -620,7 +722,10 @@ def _start_local_ray(ray: Any, num_cpus: int) -> None:
     saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+        # address="local": a new Ray, even where RAY_ADDRESS or a `ray start` on this machine
+        # names one (ray.init() would join that, then refuse our num_cpus).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1",
                  object_store_memory=_RAY_OBJECT_STORE_BYTES, log_to_driver=False)
     except Exception as error:
         raise ExecutorError(f"could not start a local Ray: {error}") from error

@@ -13,6 +13,10 @@ import functools
 import ipaddress
 import os
 import random
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import pytest
 
 from engine.executors import (
     EXECUTORS,
+    _join_failed,
     ExecutorError,
     Failed,
     LocalExecutor,
@@ -58,6 +63,16 @@ def act(job: tuple[str, object]) -> object:
         ctypes.string_at(0)
     if kind == "sleep":
         time.sleep(value)
+    if kind == "killed-once":  # as the OOM killer would, the first time only
+        marker = Path(value)
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return f"survived {marker.read_text()}"
+    if kind == "killed-always":
+        with open(value, "a") as log:
+            log.write(f"{os.getpid()}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
     return value
 
 
@@ -96,9 +111,19 @@ def local():
         yield executor
 
 
+SIGTERM_BEFORE_RAY = []
+
+
 @pytest.fixture(scope="module")
 def ray_executor():
-    with make_executor("ray", workers=2) as executor:
+    SIGTERM_BEFORE_RAY.append(signal.getsignal(signal.SIGTERM))
+    # As after a `ray start` on this machine: ray.init() would join that Ray, not start ours.
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{closed_port()}"
+    try:
+        executor = make_executor("ray", workers=2)
+    finally:
+        del os.environ["RAY_ADDRESS"]
+    with executor:
         yield executor
 
 
@@ -127,6 +152,12 @@ def pid_gone(pid: int, within: float = 10.0) -> bool:
             return True  # a zombie: dead, waiting for its parent (Ray's raylet) to reap it
         time.sleep(0.05)
     return False
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # free, and closed again once this returns
 
 
 # -- the same answers everywhere -------------------------------------------------------------
@@ -178,6 +209,27 @@ def test_faults_are_contained_and_the_pool_keeps_working(request, tmp_path, name
     # The same executor, after three of its workers died: still whole.
     assert run_all(executor, checksum, [1, 2, 3], timeout=30) == {
         i: Ok(checksum(j)) for i, j in enumerate([1, 2, 3])}
+
+
+@pytest.mark.parametrize("name", ["local", "ray"])
+def test_a_killed_worker_costs_its_job_a_retry_and_two_in_a_row_fail_it(request, tmp_path, name):
+    executor = request.getfixturevalue("local" if name == "local" else "ray_executor")
+    once, always = tmp_path / "killed-once", tmp_path / "killed-always.log"
+    jobs = [("ok", 0), ("killed-once", str(once)), ("ok", 2), ("killed-always", str(always)),
+            ("ok", 4)]
+    results = run_all(executor, act, jobs, timeout=60)
+
+    first_pid = once.read_text()
+    assert results[1] == Ok(f"survived {first_pid}"), "the retry gave the job's real result"
+    assert pid_gone(int(first_pid))
+    attempts = always.read_text().split()
+    assert len(attempts) == 2 and len(set(attempts)) == 2, "two attempts, on two workers"
+    if name == "local":
+        assert results[3] == Failed("worker died (exit code -9 / signal SIGKILL)")
+    else:
+        assert results[3].reason.startswith("worker died (WorkerCrashedError: ")
+    assert "Both attempts failed" in results[3].detail
+    assert {i: results[i] for i in (0, 2, 4)} == {0: Ok(0), 2: Ok(2), 4: Ok(4)}
 
 
 def test_serial_reports_an_overrun_as_a_timeout():
@@ -349,3 +401,87 @@ def test_local_ray_listens_on_loopback_only(ray_executor):
     exposed = [a for a in addresses if not (
         a.is_loopback or (a.version == 6 and a.ipv4_mapped and a.ipv4_mapped.is_loopback))]
     assert exposed == []
+
+
+# -- joining a Ray cluster ---------------------------------------------------------------------
+
+def test_starting_ray_leaves_the_callers_sigterm_handler(ray_executor):
+    # ray.init installs its own (sys.exit) and keeps it: engine.run's stop-and-save would be lost.
+    assert signal.getsignal(signal.SIGTERM) is SIGTERM_BEFORE_RAY[0]
+
+
+def test_joining_an_address_where_nothing_listens_fails_at_once(tmp_path):
+    address = f"127.0.0.1:{closed_port()}"
+    # Ray alone retries this for minutes, deaf to Ctrl-C: the timeout makes that a failure.
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.run", "--preset", "smoke", "--executor", "ray",
+         "--ray-address", address, "--out", tmp_path / "run", "--store", tmp_path / "store.db"],
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])), cwd=tmp_path,
+        capture_output=True, text=True, timeout=90)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"engine.run: error: could not join the Ray cluster at {address}: nothing accepts "
+        "connections there (Connection refused); is its head running (`ray start --head`)? Pass "
+        "the address that `ray start` printed"]
+
+
+# What ray.init(address=...) raised (Ray 2.60) when joining a `ray start --head` cluster, whose
+# token authentication is on by default, without RAY_AUTH_MODE=token: a ConnectionError from a
+# RuntimeError whose text holds the AuthenticationError's traceback (Ray's help text trimmed).
+_RAY_AUTH_TRACEBACK = """Failed to connect to GCS. Last connection error: Traceback (most \
+recent call last):
+  File ".../ray/_private/node.py", line 996, in _init_gcs_client
+    client = GcsClient(
+             ^^^^^^^^^^
+  File "python/ray/_raylet.pyx", line 3198, in ray._raylet.GcsClient.__cinit__
+  File "python/ray/includes/gcs_client.pxi", line 78, in ray._raylet.InnerGcsClient.standalone
+  File "python/ray/includes/common.pxi", line 146, in ray._raylet.check_status_timeout_as_rpc_error
+  File "python/ray/includes/common.pxi", line 119, in ray._raylet.check_status
+ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication token is missing \
+or incorrect. Note: RAY_AUTH_MODE is currently 'disabled' (not 'token'). Ensure that the token for \
+the cluster is available in a local file (e.g., ~/.ray/auth_token or via RAY_AUTH_TOKEN_PATH) or \
+as the `RAY_AUTH_TOKEN` environment variable.
+"""
+# ... and with RAY_AUTH_MODE=token but no token on this machine (raised before any connection).
+_RAY_NO_TOKEN = ("Token authentication is enabled but no authentication token was found. Ensure "
+                 "that the token for the cluster is available in a local file (e.g., "
+                 "~/.ray/auth_token or via RAY_AUTH_TOKEN_PATH) or as the `RAY_AUTH_TOKEN` "
+                 "environment variable.")
+
+
+def _raised_by_ray(text: str, cause: str) -> ConnectionError:
+    """A ConnectionError chained from a RuntimeError, as ray.init raises them."""
+    try:
+        try:
+            raise RuntimeError(cause)
+        except RuntimeError as error:
+            raise ConnectionError(text) from error
+    except ConnectionError as error:
+        return error
+
+
+def test_a_refused_token_says_how_to_authenticate(monkeypatch):
+    import ray.exceptions
+
+    address = "192.0.2.2:46379"
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    refused = _raised_by_ray(f"Failed to connect to Ray cluster at {address}", _RAY_AUTH_TRACEBACK)
+    message = _join_failed(address, refused)
+    assert message.startswith(f"could not join the Ray cluster at {address}: it requires token "
+                              "authentication and RAY_AUTH_MODE is not 'token' here; set "
+                              "RAY_AUTH_MODE=token and give this machine its token")
+    assert "`ray get-auth-token`" in message and "\n" not in message
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    for error in (refused, ray.exceptions.AuthenticationError(_RAY_NO_TOKEN)):
+        assert "our token is missing or is not its token; give this machine its token" in \
+            _join_failed(address, error)
+
+
+def test_other_join_failures_keep_rays_first_line():
+    address = "192.0.2.2:46379"
+    error = _raised_by_ray(f"Failed to connect to Ray cluster at {address}",
+                           "Failed to get cluster ID from GCS server: TimedOut: Timed out while "
+                           "waiting for GCS to become available.")
+    assert _join_failed(address, error) == (f"could not join the Ray cluster at {address}: "
+                                            f"Failed to connect to Ray cluster at {address}")

@@ -78,6 +78,16 @@ def train(job: Job) -> dict:
             "curves": {"train_loss": result.train_loss, "val_acc": result.val_acc}}
 
 
+def compile_kernel(job: Job) -> float:
+    """Worker entry point of a run's pre-flight check: compile the job's kernel where
+    candidates will train, without training; the seconds it took."""
+    import kernels
+
+    start = time.perf_counter()
+    kernels.compile(Program.parse(job.text), job.backend).warm_up()
+    return time.perf_counter() - start
+
+
 class Evaluator:
     """Evaluates batches of candidate texts for one (mode, task, seed); keeps counts by source."""
 

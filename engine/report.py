@@ -4,8 +4,9 @@ Everything here is computed from three sources that survive a crash: the newest 
 history of every generation, authoritative for phenotypes and fitness), ``events.jsonl`` (how
 each candidate was answered, appended as answers arrive, across every session of the run), and
 what the end of the run measured (the baseline, training curves). So the outputs of a run that
-was killed and resumed are the outputs of the uninterrupted run, except for the counts of work
-actually done, which honestly include the work repeated after the kill.
+was killed and resumed are the outputs of the uninterrupted run: its counts too, which take each
+(generation, candidate) once (`evaluation_counts`); the answers a resumed session gave again are
+counted apart, as ``answered_again``, and the training time is all the time spent.
 
 Files written into the run directory:
   summary.json       the run in numbers (schema in ``summary``)
@@ -34,6 +35,7 @@ from engine import outcomes
 from engine.evolve import GenerationRecord
 from engine.export import write_best_optimizer
 from engine.outcomes import detail as reason_kind
+from engine.store import not_reusable
 from engine.tasks import FLOOR_FITNESS
 
 __all__ = ["HALL_OF_FAME", "Outcome", "hall_of_fame", "program_size", "reason_kind", "write_all"]
@@ -132,18 +134,40 @@ def hall_of_fame(mode: str, history: Sequence[GenerationRecord], k: int = HALL_O
 
 
 def _answers(events: Iterable[dict]) -> dict[tuple[int, str], dict]:
-    """(generation, text) -> the last answer given for it (a resumed generation answers again)."""
-    return {(e["generation"], e["text"]): e for e in events if e.get("event") == "evaluation"}
+    """(generation, text) -> its answer (`first_answers`)."""
+    return {(e["generation"], e["text"]): e for e in first_answers(events) if "text" in e}
+
+
+def first_answers(events: Iterable[dict]) -> list[dict]:
+    """One answer per (generation, text), as an uninterrupted run would have given it.
+
+    A session resumed mid-generation answers that generation again, mostly from the results
+    store: the first answer is the real one, unless it was a failure that is not the
+    candidate's own (`engine.store.not_reusable`), which is never stored and so was trained
+    again; then the later answer is the one the checkpoint holds."""
+    chosen: dict[tuple, dict] = {}
+    for i, e in enumerate(events):
+        if e.get("event") != "evaluation":
+            continue
+        # An answer that does not say what it answered (a hand-made log) counts on its own.
+        key = (e["generation"], e["text"]) if "generation" in e and "text" in e else (i,)
+        if key not in chosen or not_reusable(chosen[key].get("reason")):
+            chosen[key] = e
+    return list(chosen.values())
 
 
 def evaluation_counts(events: Sequence[dict]) -> dict:
-    """The work done over every session: answers per outcome kind (engine.outcomes), failure
-    reasons within the kinds, how many trainings ran (any outcome) and their time."""
-    answers = [e for e in events if e.get("event") == "evaluation"]
+    """The work done over every session, each (generation, candidate) once (`first_answers`):
+    answers per outcome kind (engine.outcomes) and failure reasons within the kinds;
+    ``answered_again``: answers a resumed session repeated; ``trainings`` and ``train_seconds``:
+    every training that ran, repeated ones and any outcome included (time really spent)."""
+    every = [e for e in events if e.get("event") == "evaluation"]
+    answers = first_answers(every)
     reasons = Counter(reason_kind(e["reason"]) for e in answers if e.get("reason"))
-    trainings = [e for e in answers if e["source"] == "trained"]
+    trainings = [e for e in every if e["source"] == "trained"]
     return {"requested": len(answers), "outcomes": outcomes.count(answers),
-            "reasons": dict(reasons.most_common()), "trainings": len(trainings),
+            "reasons": dict(reasons.most_common()), "answered_again": len(every) - len(answers),
+            "trainings": len(trainings),
             "train_seconds": round(sum(e.get("seconds", 0.0) for e in trainings), 1)}
 
 
@@ -440,7 +464,10 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: str) -
     lines += ["", "## Evaluations", "",
               f"{counts['requested']} answers, each of one kind below; {counts['trainings']} "
               f"trainings ran ({_duration(counts['train_seconds'])} of training, whatever "
-              "their outcome).", "", "| outcome | count | meaning |", "|---|---|---|"]
+              "their outcome)." + (f" A resumed session answered {counts['answered_again']} of "
+                                   "them again (counted once here)."
+                                   if counts.get("answered_again") else ""),
+              "", "| outcome | count | meaning |", "|---|---|---|"]
     lines += [f"| {kind.name} | {counts['outcomes'][kind.name]} | {kind.meaning} |"
               for kind in outcomes.KINDS]
     lines.append("")

@@ -18,6 +18,13 @@ an uninterrupted run would (same seed, same history).
 The settings (presets, flags, config.json) live in `engine.run_config`; this module runs them.
 Errors a user can make (a bad flag, preset, grammar, seed file, output directory, missing data)
 are one line on stderr and exit status 2. Ctrl-C exits with 130 after saying how to resume.
+
+A run never reports a result its set-up made meaningless: a kernel cache it cannot write or a
+baseline that does not compile in a worker stop it before generation 0 (before the run directory
+is touched); a generation whose every training failed for a reason that is not the candidate's
+own (`engine.store.not_reusable`: an exception, a timeout, a dead worker), or a baseline that
+fails, stop it with exit status 2 and the reason, never a "finished" report. One process owns a
+run directory at a time (`engine.runlock`); a second gets exit status 2 and the first one's pid.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +47,7 @@ from engine.evolve import CheckpointError, EvolutionConfig, GenerationRecord, ev
     load_checkpoint
 from engine.grammar import Grammar
 from engine.run_config import build_parser, check_out_dir, new_config, resumed_config
+from engine.runlock import RunLock, RunLocked
 from engine.seeds import baseline
 from engine.store import StoreError
 
@@ -47,6 +56,11 @@ __all__ = ["main"]
 
 class BudgetExhausted(Exception):
     """The --time-budget is spent: stop at the end of this generation or now."""
+
+
+class RunFailed(Exception):
+    """The run cannot go on for a reason that is no candidate's own (the machine, the set-up):
+    going on would floor every candidate and report a result that means nothing."""
 
 
 def _python() -> str:
@@ -87,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, StoreError) as err:  # StoreError: the store damaged at some lookup
         print(f"engine.run: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a started run handles its own; this one had not started
+        print("\nInterrupted before the run started; nothing of it was written.",
+              file=sys.stderr)
+        return 130
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -103,6 +121,8 @@ def _main(argv: list[str]) -> int:
             raise UsageError("--resume needs --out RUN_DIR, the directory of the run to continue")
         config = resumed_config(args, args.out)
         out = args.out
+        # A copied or moved run continues where it now is: say so, and save it so.
+        config["out"] = str(out)
     else:
         config = new_config(args, argv)
         out = Path(config["out"])
@@ -155,9 +175,8 @@ class Session:
         self.evolution = EvolutionConfig(**config["evolution"])
         self.started = time.time()
         self.budget = config.get("time_budget")
-        done = latest_checkpoint(out) if resumed else None
-        self.history = [GenerationRecord.from_json(r) for r in done["history"]] if done else []
-        self.generation = len(self.history)  # the one being evaluated
+        self.history: list[GenerationRecord] = []  # read in `run`, once the run is ours
+        self.generation = 0  # the one being evaluated
         self.generation_started = time.time()
         self.last_generation_seconds = 0.0
         self.events_path = out / "events.jsonl"
@@ -208,6 +227,7 @@ class Session:
         if self.tracker is not None:
             self.tracker.start_generation()
         results = self.evaluator.evaluate(texts, on_result=self._answered)
+        _check_not_all_broken(self.generation, results)
         return [r.fitness for r in results]
 
     def _answered(self, evaluation) -> None:
@@ -242,18 +262,13 @@ class Session:
     # -- the whole session -----------------------------------------------------------------------
 
     def run(self) -> int:
-        from engine.evaluate import Evaluator
         from engine.executors import ExecutorError, make_executor
         from engine.grammar import parse_grammar
-        from engine.show import Display
-        from engine.store import Store, StoreError, versions
+        from engine.store import Store, StoreError
         from engine.training import configure_process
 
-        out, config = self.out, self.config
+        config = self.config
         grammar = parse_grammar(config["grammar_text"], source=config["grammar"])
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", config)  # a resume may have extended or moved it
-        (out / "grammar.bnf").write_text(config["grammar_text"], encoding="utf-8")
         backend = config["backend"]
         import torch
 
@@ -263,6 +278,8 @@ class Session:
                                           or os.environ.get("TRITON_INTERPRET") == "1"):
             raise UsageError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1 to "
                              "run it, slowly, in Triton's interpreter); use numba on the CPU")
+        if self.mode == "alr" and not config["ray_address"]:
+            _check_kernel_cache()
         initializer = functools.partial(configure_process, threads=1)
         try:
             store = Store(config["store"])
@@ -275,6 +292,45 @@ class Session:
         except (ExecutorError, ValueError) as err:
             store.close()
             raise UsageError(str(err).splitlines()[0]) from None
+        with executor, store:
+            # Before the run directory is touched: a set-up that cannot train (a kernel cache
+            # that is a file, a broken compiler) fails here, leaving nothing that blocks a retry.
+            self._check_baseline_compiles(executor, backend)
+            try:
+                lock = RunLock(self.out, shlex.join(["python", "-m", "engine.run",
+                                                     *sys.argv[1:]]))
+                lock.acquire()
+            except RunLocked as err:
+                raise UsageError(str(err)) from None
+            with lock:
+                return self._run_locked(grammar, store, executor, backend)
+
+    def _check_baseline_compiles(self, executor, backend: str) -> None:
+        """One compile of the baseline's kernel where candidates will train."""
+        from engine.evaluate import Job, compile_kernel
+
+        if self.mode != "alr":
+            return  # schedules train with torch's SGD: nothing is generated or compiled
+        name, text = baseline(self.mode)
+        job = Job(self.mode, text, self.preset, self.seed, self.config["time_limit"], backend)
+        for _, outcome in executor.run(compile_kernel, [job]):
+            if not outcome.ok:
+                raise UsageError(f"the baseline {name} does not compile in a worker "
+                                 f"({outcome.reason}), so no candidate could train; fix that "
+                                 "and run again")
+
+    def _run_locked(self, grammar: Grammar, store, executor, backend: str) -> int:
+        from engine.evaluate import Evaluator
+        from engine.show import Display
+        from engine.store import versions
+
+        out, config = self.out, self.config
+        done = latest_checkpoint(out) if self.resumed else None
+        self.history = [GenerationRecord.from_json(r) for r in done["history"]] if done else []
+        self.generation = len(self.history)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", config)  # a resume may have extended or moved it
+        (out / "grammar.bnf").write_text(config["grammar_text"], encoding="utf-8")
         _end_line(self.events_path)  # a kill may have cut the last line short
         self.log({"event": "session", "resumed": self.resumed, "pid": os.getpid(),
                   "command": shlex.join(["python", "-m", "engine.run", *sys.argv[1:]]),
@@ -294,7 +350,7 @@ class Session:
             self.tracker = TensorBoardLog(config["tensorboard"], self.history)
         status = "finished"
         try:
-            with executor, store, self.display, self.tracker or contextlib.nullcontext():
+            with self.display, self.tracker or contextlib.nullcontext():
                 stopped = self._evolve(grammar)
                 if stopped is not None:
                     status = f"stopped: {stopped}"
@@ -316,6 +372,10 @@ class Session:
             print(f"\nInterrupted {where}. {held}, and every candidate trained so far is in the "
                   f"results store.\nResume with:\n  {self.resume_command()}", file=sys.stderr)
             return 130
+        except RunFailed as err:
+            self.log({"event": "failed", "generation": self.generation, "reason": str(err)})
+            raise UsageError(f"{err}. Fix that, then continue with: "
+                             f"{self.resume_command()}") from None
         except CheckpointError as err:
             raise UsageError(str(err)) from None
         except StoreError as err:  # damaged mid-run: every finished generation is checkpointed
@@ -353,6 +413,9 @@ class Session:
                               time_limit=self.config["time_limit"],
                               backend=self.evaluator.backend, run=self.config["name"])
         [answer] = base_eval.evaluate([base_text])
+        if answer.reason is not None:
+            raise RunFailed(f"the baseline {base_name} failed ({answer.reason}), so the run "
+                            "cannot be measured against it; no report was written")
         if answer.source == "trained":
             self.save_curves(answer.hash, answer.curves)
         from engine.report import program_size
@@ -387,6 +450,40 @@ class Session:
 
     def resume_command(self) -> str:
         return shlex.join([_python(), "-m", "engine.run", "--resume", "--out", str(self.out)])
+
+
+def _check_not_all_broken(generation: int, results) -> None:
+    """Raise RunFailed when every training of a generation failed for a reason that is not the
+    candidate's own (`engine.store.not_reusable`): that is the machine or the set-up, and
+    flooring them all would go on as if the search had spoken. Raised before the generation is
+    checkpointed, and such answers are never stored, so a resume trains them again."""
+    from engine.store import not_reusable
+
+    trained = [r for r in results if r.source == "trained"]
+    if not trained or not all(not_reusable(r.reason) for r in trained):
+        return
+    hint = ("; raise --time-limit, or run fewer --workers on a busy machine"
+            if any(r.reason.startswith("timeout") for r in trained) else "")
+    raise RunFailed(f"every training of generation {generation} ({len(trained)} of them) failed "
+                    f"for a reason that is not the candidate's own, e.g. '{trained[0].reason}'"
+                    f"{hint}; nothing of generation {generation} was kept")
+
+
+def _check_kernel_cache() -> None:
+    """The kernel cache must be a directory we can write: else every compile fails."""
+    from codegen.cache import cache_root
+
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as err:
+        named = (f"AUTOLR_CACHE={os.environ['AUTOLR_CACHE']}" if os.environ.get("AUTOLR_CACHE")
+                 else str(root))
+        why = "it is a file" if root.exists() and not root.is_dir() else err.strerror or err
+        raise UsageError(f"the kernel cache {named} is not a directory this user can write "
+                         f"({why}); point AUTOLR_CACHE at one (or unset it for "
+                         "~/.cache/autolr)") from None
 
 
 def _end_line(path: Path) -> None:

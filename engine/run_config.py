@@ -19,6 +19,7 @@ from codegen.ir import ParseError, Program, Schedule
 from engine.cli import Parser, UsageError, positive_int
 from engine.evolve import EvolutionConfig
 from engine.grammar import ALR_GRAMMAR, DLR_GRAMMAR, Grammar, GrammarError, load_grammar
+from engine.runlock import LOCK_NAME
 from engine.seeds import DEFAULT_SEED_LR, SeedError, read_seed_file, snap_all, zoo_seeds
 from engine.store import versions
 from engine.tasks import PRESETS
@@ -311,6 +312,6 @@ def check_out_dir(out: Path, config: dict) -> None:
             what = "a run"
         raise UsageError(f"{out} already holds {what}; pass --resume to continue it, or choose "
                          "another --out")
-    if any(out.iterdir()):
+    if any(p.name != LOCK_NAME for p in out.iterdir()):  # a lock alone: a run killed at start
         raise UsageError(f"{out} is not empty and holds no AutoLR run; choose a new or empty "
                          "directory for --out")

@@ -33,8 +33,12 @@ run: setup
 test: setup
 	$(PY) -m pytest --benchmark-disable -q
 
+# Benchmarks only (not tests/), a default set of about five minutes on 2 cores, ending with a
+# table of each benchmark's ratio to its peer. `make bench BENCH_ARGS=--bench-long` adds the long
+# ones (training epochs and ablations, the quick-preset evaluation, the 50M-parameter model).
+BENCH_ARGS ?=
 bench: setup
-	$(PY) -m pytest --benchmark-only
+	$(PY) -m pytest --benchmark-only $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks .hypothesis

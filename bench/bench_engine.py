@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from codegen import ir
 from engine.evolve import EvolutionConfig, evolve
 from engine.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
 from engine.sge import individual_from_text, initialise, map_genotype
@@ -31,7 +32,6 @@ def free_fitness(texts):
 
 
 def ir_parser(mode: str):
-    ir = pytest.importorskip("codegen.ir")
     return ir.Program.parse if mode == "alr" else ir.Schedule.parse
 
 

@@ -62,7 +62,7 @@ __all__ = ["BASELINES", "LR_RANGE", "Contender", "Settings", "UsageError", "base
            "candidate", "main", "resolve_program", "run_compare", "sampler_seed",
            "step_factor_program"]
 
-FORMAT, VERSION = "autolr-compare", 1
+FORMAT, VERSION = "autolr-compare", 2  # 2: "comparisons" replace each row's vs/delta/p
 # Lion by default, next to Adam. Adagrad and AdaBelief are one `--optimizers` away rather than in
 # every table: each row costs its own tuning budget (trials + seeds trainings), and neither adds a
 # new kind of update to the default set (AdaBelief is Adam with a centred second moment, Adagrad
@@ -336,7 +336,8 @@ def _results(row: dict) -> list[tuple[int, float | None]]:
 
 
 def paired_comparison(mine: dict, theirs: dict, seed: int) -> dict:
-    """One candidate row against one baseline row on their common seeds (see `engine.stats`)."""
+    """One candidate row against one baseline row, paired by seed (see `engine.stats`); a seed
+    that only one of them ran is a ValueError, never silently left out."""
     return {"candidate": mine["name"], "baseline": theirs["name"],
             **stats.compare_pair(_results(mine), _results(theirs), FLOOR_FITNESS, seed,
                                  RESAMPLES)}
@@ -435,11 +436,12 @@ def verdicts(report: dict) -> list[str]:
                  if any(c["verdict"] == key for c in mine)]
         n = min(c["n"] for c in mine)
         floor = min(1.0, len(found) * stats.smallest_p(n))
-        small = (f" With {n} seeds and {len(found)} comparisons the smallest Holm-corrected p is "
+        many = f"{len(found)} comparison{'s' * (len(found) != 1)}"
+        small = (f" With {n} seeds and {many} the smallest Holm-corrected p is "
                  f"{floor:.3g}: no difference can reach {ALPHA}; run more seeds."
                  if floor >= ALPHA else "")
         lines.append(f"{name}: {'; '.join(parts)} (two-sided Wilcoxon signed-rank on {n} "
-                     f"seed pairs, Holm-corrected over {len(found)} comparisons, "
+                     f"seed pairs, Holm-corrected over {many}, "
                      f"threshold {ALPHA}).{small}")
     return lines
 
@@ -542,13 +544,13 @@ def print_table(report: dict) -> None:
         table.add_row(*cells)
     console = Console()
     if not console.is_terminal:
-        console.width = max(console.width, 130)  # a log file gets the whole table on one line
+        console.width = max(console.width, 160)  # a log file gets whole tables, line by line
     console.print(table)
     if report.get("comparisons"):
         paired = Table(title="paired by seed: candidate - baseline (two-sided Wilcoxon, Holm)")
         for column in PAIRED_COLUMNS:
             paired.add_column(column, justify="left" if column in (
-                "candidate", "vs baseline", "verdict") else "right", no_wrap="CI" in column)
+                "candidate", "vs baseline", "verdict") else "right", no_wrap=True)
         for cells in paired_rows(report):
             paired.add_row(*cells)
         console.print(paired)

@@ -230,6 +230,8 @@ def test_a_diverging_program_is_reported_not_hidden(tmp_path):
     paths = compare.write_outputs(report, tmp_path)
     md = paths["markdown"].read_text()
     assert "| 4/4 |" in md and "| 2/2 |" in md and "diverged: training loss nan" in md
+    assert "| 0/0/2 |" in md  # both seeds lost against Sign: diverged seeds count, at 0
+    assert "With 2 seeds and 1 comparison the smallest Holm-corrected p is 0.5" in md
 
 
 def test_divergence_at_some_tuned_settings_is_counted():
@@ -290,7 +292,8 @@ def test_paired_wilcoxon_and_holm_against_each_baseline():
     assert to_b["mean"]["low"] <= to_b["mean"]["estimate"] <= to_b["mean"]["high"]
     cells = compare.paired_rows(report)
     assert cells[0][:3] == ["evo", "A", "10/0/0"] and cells[0][3].startswith("+5.00 [+5.00, +5.00]")
-    assert "evo: better than A; not distinguishable from B" in compare.verdicts(report)[0]
+    line = compare.verdicts(report)[0]
+    assert "evo: better than A; not distinguishable from B" in line and "more seeds" not in line
 
 
 def test_pairing_is_by_seed_and_diverged_seeds_count():

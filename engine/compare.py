@@ -3,8 +3,12 @@
 A fair answer needs the same treatment for everyone, so every optimizer in the table goes through
 the same three steps:
 
-1. Tune: one number per optimizer, its step size, by Optuna's TPE sampler with the same seed, the
-   same number of trials and the same log-uniform range for all. For Adam, RMSprop and Nesterov
+1. Tune: one number per optimizer, its step size, by Optuna's TPE sampler with the same number
+   of trials and the same log-uniform range for all. Each optimizer's sampler has its own seed,
+   derived from the run seed and the optimizer's name (stable across runs): with one shared seed
+   every row would try the same first values, and tuned values would repeat across rows by
+   construction rather than by merit. A tuned value within 5% of the log-range of either end is
+   flagged in the table: the best value may lie outside the range. For Adam, RMSprop and Nesterov
    it is the learning rate; for an evolved program (whose step size comes from its own evolved
    constants) it is a global factor on its weight update, run as ``weight: mul(lr, E)``; ADES and
    Sign, themselves evolved, are scaled by their ``lr`` the same way. Each trial trains once (a
@@ -15,9 +19,10 @@ the same three steps:
    A run whose loss goes non-finite is *diverged*: it counts at accuracy 0 (the project's floor)
    and the table says how many; a trial that diverges while tuning scores 0 there too, and is
    counted. Nothing is dropped.
-3. Compare: mean +- sd of test accuracy, and a two-sided Mann-Whitney rank-sum test of each row
-   against the best baseline (the baseline with the highest mean; for that baseline itself, the
-   runner-up).
+3. Compare: mean +- sd of test accuracy per row; then each candidate against each baseline on
+   the same seeds (paired by seed): two-sided Wilcoxon signed-rank test, Holm-corrected over
+   every comparison of the table, and the median and mean paired difference with a seeded
+   bootstrap 95% interval (`engine.stats` documents each choice).
 
 Every optimizer runs as `kernels.EvolvedOptimizer` with a `kernels.zoo` program, the human ones
 included (they reproduce torch.optim step for step; tests/test_zoo.py). One runtime for every row
@@ -39,6 +44,7 @@ import os
 import shlex
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,15 +53,16 @@ from pathlib import Path
 import numpy as np
 
 from codegen.ir import Call, ParseError, Program, Var, variables
-from engine import heldout
+from engine import heldout, stats
 from engine.cli import Parser, UsageError, positive_int
 from engine.heldout import CompareTask
 from engine.tasks import FLOOR_FITNESS, derive_seed
 
 __all__ = ["BASELINES", "LR_RANGE", "Contender", "Settings", "UsageError", "baseline",
-           "candidate", "main", "resolve_program", "run_compare", "step_factor_program"]
+           "candidate", "main", "resolve_program", "run_compare", "sampler_seed",
+           "step_factor_program"]
 
-FORMAT, VERSION = "autolr-compare", 1
+FORMAT, VERSION = "autolr-compare", 2  # 2: "comparisons" replace each row's vs/delta/p
 # Lion by default, next to Adam. Adagrad and AdaBelief are one `--optimizers` away rather than in
 # every table: each row costs its own tuning budget (trials + seeds trainings), and neither adds a
 # new kind of update to the default set (AdaBelief is Adam with a centred second moment, Adagrad
@@ -65,7 +72,9 @@ LR_RANGE = (1e-5, 10.0)  # log-uniform, the same for every optimizer
 NAMES = {"adam": "Adam", "rmsprop": "RMSprop", "nesterov": "Nesterov", "ades": "ADES",
          "sign": "Sign", "sgd": "SGD", "momentum": "Momentum", "lion": "Lion",
          "adagrad": "Adagrad", "adabelief": "AdaBelief"}
-_TUNE, _FINAL = 11, 12  # seed purposes
+_TUNE, _FINAL, _SAMPLER, _BOOTSTRAP = 11, 12, 13, 14  # seed purposes
+ALPHA = 0.05  # family-wise error rate of a table (Holm)
+RESAMPLES = 10_000  # bootstrap resamples per interval
 
 
 # -- who competes -----------------------------------------------------------------------------
@@ -158,7 +167,7 @@ class Settings:
     task: CompareTask
     seeds: int = 5
     trials: int = 15
-    seed: int = 0  # split seed, sampler seed, and the root of every training seed
+    seed: int = 0  # split seed, and the root of every sampler and training seed
     lr_range: tuple[float, float] = LR_RANGE
     backend: str = "auto"
 
@@ -172,6 +181,11 @@ class Settings:
 def _seed(settings: Settings, purpose: int, k: int) -> int:
     # 31 bits: what the comparison has always drawn (its published tables depend on them).
     return derive_seed(settings.seed, purpose, k, bits=31)
+
+
+def sampler_seed(settings: Settings, name: str) -> int:
+    """The TPE seed of the optimizer called `name`: its own, and the same in every run."""
+    return derive_seed(settings.seed, _SAMPLER, zlib.crc32(name.encode("utf-8")), bits=31)
 
 
 @dataclass(frozen=True)
@@ -210,7 +224,8 @@ def tune(job: TuneJob) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = job.settings
     start = time.perf_counter()
-    sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials)
+    seed = sampler_seed(s, job.contender.name)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.startup_trials)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     trials = []
     for _ in range(s.trials):
@@ -221,8 +236,10 @@ def tune(job: TuneJob) -> dict:
         study.tell(trial, value)
         trials.append({"lr": lr, "val_acc": value, "reason": result.reason})
     best = max(range(len(trials)), key=lambda i: (trials[i]["val_acc"], -i))
-    return {"lr": trials[best]["lr"], "best_val": trials[best]["val_acc"], "trials": trials,
-            "diverged": sum(t["reason"] is not None for t in trials),
+    lr = trials[best]["lr"]
+    return {"lr": lr, "best_val": trials[best]["val_acc"], "trials": trials,
+            "diverged": sum(t["reason"] is not None for t in trials), "sampler_seed": seed,
+            "edge": {"lr": stats.at_edge(lr, *s.lr_range)},
             "seconds": time.perf_counter() - start}
 
 
@@ -303,8 +320,8 @@ def run_compare(contenders: Sequence[Contender], settings: Settings, workers: in
                  "batch_size": task.batch_size, "model": repr(task.model)},
         "seeds": settings.seeds, "trials": settings.trials, "seed": settings.seed,
         "lr_range": list(settings.lr_range), "backend": settings.backend,
-        "sampler": {"name": "optuna TPESampler", "seed": settings.seed,
-                    "n_startup_trials": settings.startup_trials},
+        "sampler": {"name": "optuna TPESampler", "n_startup_trials": settings.startup_trials,
+                    "seeds": {c.name: sampler_seed(settings, c.name) for c in contenders}},
         "rows": rows,
         "seconds": {"tuning": tuned_at - start, "seeds": end - tuned_at, "total": end - start},
         "workers": workers,
@@ -313,18 +330,24 @@ def run_compare(contenders: Sequence[Contender], settings: Settings, workers: in
     return report
 
 
-def _rank_sum(a: Sequence[float], b: Sequence[float]) -> float | None:
-    from scipy.stats import mannwhitneyu
+def _results(row: dict) -> list[tuple[int, float | None]]:
+    """A row's (seed, test accuracy) pairs; None where the run diverged or never ran."""
+    return [(r["seed"], None if r["reason"] else r["test_acc"]) for r in row["seeds"]]
 
-    if not a or not b:
-        return None
-    if len(set(a) | set(b)) == 1:
-        return 1.0  # identical samples: nothing to tell apart
-    return float(mannwhitneyu(a, b, alternative="two-sided").pvalue)
+
+def paired_comparison(mine: dict, theirs: dict, seed: int) -> dict:
+    """One candidate row against one baseline row, paired by seed (see `engine.stats`); a seed
+    that only one of them ran is a ValueError, never silently left out."""
+    return {"candidate": mine["name"], "baseline": theirs["name"],
+            **stats.compare_pair(_results(mine), _results(theirs), FLOOR_FITNESS, seed,
+                                 RESAMPLES)}
 
 
 def summarise(report: dict) -> None:
-    """Adds per-row statistics and the test against the best baseline, in place."""
+    """Adds per-row statistics and the paired comparisons (`report["comparisons"]`), in place.
+
+    Every candidate is compared with every baseline; Holm's correction runs over all of those
+    comparisons together, since a reader scans the whole table for a win."""
     rows = report["rows"]
     for row in rows:
         accs = [r["test_acc"] for r in row["seeds"]]
@@ -335,29 +358,44 @@ def summarise(report: dict) -> None:
                        "diverged": sum(r["reason"] is not None for r in row["seeds"])}
     ranked = sorted((r for r in rows if r["role"] == "baseline"), key=lambda r: -r["test"]["mean"])
     report["best_baseline"] = ranked[0]["name"] if ranked else None
-    for row in rows:
-        rival = next((r for r in ranked if r is not row), None)
-        row["vs"] = rival["name"] if rival else None
-        if rival is None:
-            row["delta"] = row["p"] = None
-            continue
-        mine = [r["test_acc"] for r in row["seeds"]]
-        theirs = [r["test_acc"] for r in rival["seeds"]]
-        row["delta"] = float(np.mean(mine) - np.mean(theirs))
-        row["p"] = _rank_sum(mine, theirs)
+    boot = derive_seed(report["seed"], _BOOTSTRAP, bits=31)
+    found = [paired_comparison(c, b, boot) for c in rows if c["role"] == "candidate"
+             for b in rows if b["role"] == "baseline"]
+    for entry, adjusted in zip(found, stats.holm([e["p"] for e in found])):
+        entry["p_holm"] = adjusted
+        significant = adjusted < ALPHA and entry["direction"] != 0
+        entry["verdict"] = ("better" if entry["direction"] > 0 else "worse") if significant \
+            else "not distinguishable"
+    report["comparisons"] = found
+    report["stats"] = {
+        "pairing": "by seed: seed k has the same initial weights, batch order and dropout in "
+                   "every row",
+        "test": "Wilcoxon signed-rank on candidate - baseline test accuracy, two-sided; zero "
+                "differences by Pratt's method",
+        "correction": f"Holm over all {len(found)} comparisons, alpha {ALPHA}",
+        "effect": f"median and mean paired difference, percentile bootstrap 95% interval "
+                  f"({RESAMPLES} resamples of seed pairs, seed {boot})",
+        "floor": FLOOR_FITNESS, "alpha": ALPHA, "bootstrap_seed": boot,
+        "resamples": RESAMPLES}
 
 
 # -- the outputs ------------------------------------------------------------------------------
 
 COLUMNS = ("optimizer", "tuned", "tuning val %", "diverged trials", "test acc % (mean ± sd)",
-           "diverged seeds", "vs", "Δ pp", "p")
+           "diverged seeds")
+PAIRED_COLUMNS = ("candidate", "vs baseline", "wins/ties/losses", "median Δ pp [95% CI]",
+                  "mean Δ pp [95% CI]", "p", "Holm p", "verdict")
+
+
+def _p(value: float) -> str:
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def table_rows(report: dict) -> list[list[str]]:
     """The table as strings: the same for the markdown, the terminal and the tests.
 
-    `tuned` is the chosen learning rate ("lr 1e-3") or step factor ("x0.5"); `vs`, `Δ pp` and
-    `p` compare the row's test accuracies with the best baseline's (two-sided rank-sum)."""
+    `tuned` is the chosen learning rate ("lr 1e-3") or step factor ("x0.5"), marked
+    "(low edge)" / "(high edge)" when it lies at an end of the search range."""
     out = []
     for row in report["rows"]:
         t, tuning = row["test"], row["tuning"]
@@ -366,35 +404,45 @@ def table_rows(report: dict) -> list[list[str]]:
             lr = "failed"
         else:
             lr = f"lr {row['lr']:.3g}" if row["tuned"] == "learning rate" else f"x{row['lr']:.3g}"
+            edges = [f"{k} " * (k != "lr") + f"{v} edge"
+                     for k, v in (tuning.get("edge") or {}).items() if v]
+            lr += f" ({', '.join(edges)})" if edges else ""
         val = "-" if tuning is None else f"{tuning['best_val'] * 100:.2f}"
         trials = "-" if tuning is None else f"{tuning['diverged']}/{report['trials']}"
         acc = f"{t['mean'] * 100:.2f} ± {t['sd'] * 100:.2f}"
-        p = "-" if row.get("p") is None else ("<0.001" if row["p"] < 0.001 else f"{row['p']:.3f}")
-        delta = "-" if row.get("delta") is None else f"{row['delta'] * 100:+.2f}"
-        out.append([name, lr, val, trials, acc, f"{t['diverged']}/{t['n']}", row.get("vs") or "-",
-                    delta, p])
+        out.append([name, lr, val, trials, acc, f"{t['diverged']}/{t['n']}"])
     return out
 
 
-def smallest_p(n1: int, n2: int) -> float:
-    """The smallest two-sided p an exact rank-sum test can give for samples of n1 and n2."""
-    return min(1.0, 2.0 / math.comb(n1 + n2, n1))
+def paired_rows(report: dict) -> list[list[str]]:
+    """The paired table as strings: one row per (candidate, baseline) comparison."""
+    def interval(ci: dict) -> str:
+        return f"{ci['estimate'] * 100:+.2f} [{ci['low'] * 100:+.2f}, {ci['high'] * 100:+.2f}]"
+
+    return [[c["candidate"], c["baseline"], f"{c['wins']}/{c['ties']}/{c['losses']}",
+             interval(c["median"]), interval(c["mean"]), _p(c["p"]), _p(c["p_holm"]),
+             c["verdict"]] for c in report.get("comparisons", [])]
 
 
 def verdicts(report: dict) -> list[str]:
+    """One line per candidate: which baselines it beats or loses to, and how that was tested."""
+    found = report.get("comparisons", [])
     lines = []
-    for row in report["rows"]:
-        if row["role"] != "candidate" or row.get("p") is None:
-            continue
-        sig = row["p"] < 0.05
-        word = ("better than" if row["delta"] > 0 else "worse than") if sig else \
-            "not distinguishable from"
-        rival = next(r for r in report["rows"] if r["name"] == row["vs"])
-        floor = smallest_p(row["test"]["n"], rival["test"]["n"])
-        small = f"; with so few seeds p cannot go below {floor:.3g}" if floor >= 0.05 else ""
-        lines.append(f"{row['name']} is {word} the best baseline {row['vs']} "
-                     f"({row['delta'] * 100:+.2f} pp, p = {row['p']:.3g}, two-sided rank-sum, "
-                     f"{row['test']['n']} and {rival['test']['n']} seeds, threshold 0.05{small}).")
+    for name in dict.fromkeys(c["candidate"] for c in found):
+        mine = [c for c in found if c["candidate"] == name]
+        parts = [f"{word} {', '.join(c['baseline'] for c in mine if c['verdict'] == key)}"
+                 for key, word in (("better", "better than"), ("worse", "worse than"),
+                                   ("not distinguishable", "not distinguishable from"))
+                 if any(c["verdict"] == key for c in mine)]
+        n = min(c["n"] for c in mine)
+        floor = min(1.0, len(found) * stats.smallest_p(n))
+        many = f"{len(found)} comparison{'s' * (len(found) != 1)}"
+        small = (f" With {n} seeds and {many} the smallest Holm-corrected p is "
+                 f"{floor:.3g}: no difference can reach {ALPHA}; run more seeds."
+                 if floor >= ALPHA else "")
+        lines.append(f"{name}: {'; '.join(parts)} (two-sided Wilcoxon signed-rank on {n} "
+                     f"seed pairs, Holm-corrected over {many}, "
+                     f"threshold {ALPHA}).{small}")
     return lines
 
 
@@ -402,15 +450,24 @@ def markdown(report: dict) -> str:
     task = report["task"]
     lines = [f"# Compare on `{task['name']}`", "", f"{task['about']}; {task['epochs']} epochs, "
              f"batch {task['batch_size']}.", "",
-             f"Tuning: {report['trials']} TPE trials per optimizer (sampler seed "
-             f"{report['sampler']['seed']}, {report['sampler']['n_startup_trials']} random "
-             f"first), log-uniform over [{report['lr_range'][0]:g}, {report['lr_range'][1]:g}], "
+             f"Tuning: {report['trials']} TPE trials per optimizer (each optimizer its own "
+             f"sampler seed, {report['sampler']['n_startup_trials']} random trials first), "
+             f"log-uniform over [{report['lr_range'][0]:g}, {report['lr_range'][1]:g}], "
              f"scored on the validation split. Then {report['seeds']} seeds each on the tuned "
-             "value; test accuracy of each run's best-validation epoch. A diverged run counts "
-             "at accuracy 0. `*` marks the candidate; p compares each row with the best "
-             "baseline (for that baseline, the runner-up).", "",
+             "value, the same seeds for every optimizer; test accuracy of each run's "
+             "best-validation epoch. A diverged run counts at accuracy 0 and is never dropped. "
+             "`*` marks the candidate; \"(low edge)\" / \"(high edge)\": the tuned value lies "
+             "within 5% of the log-range of that end, so the best value may lie outside it.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
+    if report.get("comparisons"):
+        st = report["stats"]
+        lines += ["", "## Paired comparisons", "",
+                  f"Each candidate against each baseline on the same seeds (Δ = candidate - "
+                  f"baseline, percentage points). Test: {st['test']}. Correction: "
+                  f"{st['correction']}. Effect: {st['effect']}.", "",
+                  "| " + " | ".join(PAIRED_COLUMNS) + " |", "|" + "---|" * len(PAIRED_COLUMNS)]
+        lines += ["| " + " | ".join(r) + " |" for r in paired_rows(report)]
     lines += ["", *verdicts(report)]
     reasons = sorted({r["reason"].split(" at epoch")[0] for row in report["rows"]
                       for r in row["seeds"] if r["reason"]})
@@ -487,8 +544,16 @@ def print_table(report: dict) -> None:
         table.add_row(*cells)
     console = Console()
     if not console.is_terminal:
-        console.width = max(console.width, 130)  # a log file gets the whole table on one line
+        console.width = max(console.width, 160)  # a log file gets whole tables, line by line
     console.print(table)
+    if report.get("comparisons"):
+        paired = Table(title="paired by seed: candidate - baseline (two-sided Wilcoxon, Holm)")
+        for column in PAIRED_COLUMNS:
+            paired.add_column(column, justify="left" if column in (
+                "candidate", "vs baseline", "verdict") else "right", no_wrap=True)
+        for cells in paired_rows(report):
+            paired.add_row(*cells)
+        console.print(paired)
     for line in verdicts(report):
         console.print(line)
 
@@ -500,8 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Compare an evolved optimizer with tuned Adam, Lion, RMSprop, "
                             "Nesterov, ADES and Sign: the same tuning budget for each (TPE over a "
                             "log-scale learning rate / step factor, on the validation split), "
-                            "then N seeds each, test accuracy and a rank-sum test against the "
-                            "best baseline.",
+                            "then N seeds each (the same seeds for all), test accuracy, and a "
+                            "paired Wilcoxon test of each candidate against each baseline "
+                            "(Holm-corrected, bootstrap intervals).",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("programs", nargs="+", metavar="PROGRAM_OR_RUN_DIR",
                    help="program text, a file holding one, or a run directory (its "
@@ -519,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel trainings (processes, one thread each); the table does not "
                         "depend on it")
     p.add_argument("--seed", type=int, default=0,
-                   help="split seed, tuning-sampler seed and root of the training seeds")
+                   help="split seed, and root of the tuning-sampler and training seeds")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="override the task's epoch budget")
     p.add_argument("--lr-range", type=float, nargs=2, default=list(LR_RANGE),

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from codegen.ir import Program
-from engine import compare, heldout
+from engine import compare, heldout, stats
 from engine.compare import Settings, baseline, candidate, run_compare, step_factor_program
 from kernels import zoo
 
@@ -147,6 +149,34 @@ def test_tuning_never_reads_the_test_split(monkeypatch):
         compare.tune(compare.TuneJob(settings(), contender))  # never calls it
 
 
+def test_test_split_raises_during_tuning_and_is_read_once_per_seed_after(monkeypatch):
+    """The test-split loader raises whenever a tuning job is running (and records it, in case
+    the raise were swallowed); after tuning, each seed's final scoring reads it exactly once."""
+    real_tune, real_test = compare.tune, heldout.load_test_split
+    state = {"tuning": False, "during": 0, "after": 0}
+
+    def tune(job):
+        state["tuning"] = True
+        try:
+            return real_tune(job)
+        finally:
+            state["tuning"] = False
+
+    def load_test_split(task, seed):
+        if state["tuning"]:
+            state["during"] += 1
+            raise AssertionError("the test split was read while tuning")
+        state["after"] += 1
+        return real_test(task, seed)
+
+    monkeypatch.setattr(compare, "tune", tune)
+    monkeypatch.setattr(heldout, "load_test_split", load_test_split)
+    report = run_compare(contenders(), settings(seeds=3))
+    assert state["during"] == 0 and all(row["failed"] is None for row in report["rows"])
+    assert all(s["reason"] is None for row in report["rows"] for s in row["seeds"])
+    assert state["after"] == 3 * len(report["rows"])  # once per seed, for the final score only
+
+
 def test_same_seed_same_table_other_seed_other_table():
     first = run_compare(contenders(), settings())
     again = run_compare(contenders(), settings())
@@ -156,14 +186,38 @@ def test_same_seed_same_table_other_seed_other_table():
     assert compare.table_rows(other) != compare.table_rows(first)
 
 
-def test_every_optimizer_gets_the_same_tuning_budget_and_start():
+def test_every_optimizer_gets_the_same_budget_and_its_own_stable_sampler_seed():
     report = run_compare(contenders(), settings(trials=5))
-    startup = report["sampler"]["n_startup_trials"]
-    firsts = [[t["lr"] for t in row["tuning"]["trials"][:startup]] for row in report["rows"]]
+    names = [row["name"] for row in report["rows"]]
+    seeds = [row["tuning"]["sampler_seed"] for row in report["rows"]]
     assert all(len(row["tuning"]["trials"]) == 5 for row in report["rows"])
-    assert firsts[0] == firsts[1] == firsts[2]  # one sampler seed: the same random start for all
     assert all(compare.LR_RANGE[0] <= t["lr"] <= compare.LR_RANGE[1]
                for row in report["rows"] for t in row["tuning"]["trials"])
+    assert len(set(seeds)) == 3 and report["sampler"]["seeds"] == dict(zip(names, seeds))
+    firsts = [row["tuning"]["trials"][0]["lr"] for row in report["rows"]]
+    assert len(set(firsts)) == 3  # no two rows start from the same trial
+    assert seeds == [compare.sampler_seed(settings(), n) for n in names]
+    assert compare.sampler_seed(settings(seed=1), "Adam") != seeds[names.index("Adam")]
+    # Stable across processes (a salted hash() of the name would not be):
+    code = "from engine.compare import *; import sys; print(sampler_seed(Settings(None), 'Adam'))"
+    other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"}, timeout=120)
+    assert other.returncode == 0, other.stderr
+    assert int(other.stdout) == compare.sampler_seed(settings(), "Adam")
+
+
+def test_a_tuned_value_at_the_edge_of_its_range_is_marked(tmp_path):
+    report = run_compare(contenders(), settings(lr_range=(1e-4, 1e-1)))
+    for row in report["rows"]:
+        assert row["tuning"]["edge"] == {"lr": stats.at_edge(row["lr"], 1e-4, 1e-1)}
+    # Where tuning lands is the sampler's business; the marking is tested on chosen values.
+    for row, lr in zip(report["rows"], (1.1e-4, 0.095, 3e-3)):
+        row["lr"] = row["tuning"]["lr"] = lr
+        row["tuning"]["edge"] = {"lr": stats.at_edge(lr, 1e-4, 1e-1)}
+    assert [r[1] for r in compare.table_rows(report)] == [
+        "x0.00011 (low edge)", "lr 0.095 (high edge)", "x0.003"]
+    md = compare.write_outputs(report, tmp_path)["markdown"].read_text()
+    assert "| lr 0.095 (high edge) |" in md and "within 5% of the log-range" in md
 
 
 def test_a_diverging_program_is_reported_not_hidden(tmp_path):
@@ -176,6 +230,8 @@ def test_a_diverging_program_is_reported_not_hidden(tmp_path):
     paths = compare.write_outputs(report, tmp_path)
     md = paths["markdown"].read_text()
     assert "| 4/4 |" in md and "| 2/2 |" in md and "diverged: training loss nan" in md
+    assert "| 0/0/2 |" in md  # both seeds lost against Sign: diverged seeds count, at 0
+    assert "With 2 seeds and 1 comparison the smallest Holm-corrected p is 0.5" in md
 
 
 def test_divergence_at_some_tuned_settings_is_counted():
@@ -204,21 +260,60 @@ def test_a_crashing_optimizer_is_a_failed_row_not_a_crash(monkeypatch):
     assert report["rows"][1]["test"]["diverged"] == 0
 
 
-def test_rank_sum_against_the_best_baseline():
-    def row(name, role, accs):
-        return {"name": name, "role": role,
-                "seeds": [{"test_acc": a, "reason": None} for a in accs]}
+def _row(name, role, accs, diverged=()):
+    return {"name": name, "role": role,
+            "seeds": [{"seed": k, "test_acc": 0.0 if k in diverged else a,
+                       "reason": "diverged: training loss nan" if k in diverged else None}
+                      for k, a in enumerate(accs)]}
 
-    report = {"rows": [row("evo", "candidate", [0.90, 0.91, 0.92, 0.93, 0.94]),
-                       row("A", "baseline", [0.80, 0.81, 0.82, 0.83, 0.84]),
-                       row("B", "baseline", [0.85, 0.86, 0.87, 0.88, 0.89])]}
+
+EVO = [0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99]
+STEPS = [0.01, -0.02, 0.03, 0.0, -0.01, 0.02, 0.04, -0.03, 0.01, 0.0]
+
+
+def test_paired_wilcoxon_and_holm_against_each_baseline():
+    from scipy.stats import wilcoxon
+
+    report = {"seed": 0, "rows": [_row("evo", "candidate", EVO),
+                                  _row("A", "baseline", [e - 0.05 for e in EVO]),
+                                  _row("B", "baseline", [e - d for e, d in zip(EVO, STEPS)])]}
     compare.summarise(report)
-    evo, a, b = report["rows"]
-    assert report["best_baseline"] == "B"
-    assert evo["vs"] == "B" and b["vs"] == "A" and a["vs"] == "B"
-    assert evo["p"] == pytest.approx(2 / 252)  # exact two-sided test, complete separation
-    assert evo["delta"] == pytest.approx(0.05)
-    assert compare.smallest_p(5, 5) == pytest.approx(2 / 252)
+    to_a, to_b = report["comparisons"]
+    assert (to_a["candidate"], to_a["baseline"], to_b["baseline"]) == ("evo", "A", "B")
+    assert to_a["p"] == pytest.approx(2 / 2 ** 10)  # every seed won: the smallest p there is
+    assert (to_a["wins"], to_a["ties"], to_a["losses"]) == (10, 0, 0)
+    expected = wilcoxon(np.round(STEPS, 12), zero_method="pratt").pvalue
+    assert to_b["p"] == pytest.approx(expected)
+    assert (to_b["wins"], to_b["ties"], to_b["losses"]) == (5, 2, 3)
+    assert to_a["p_holm"] == pytest.approx(2 * to_a["p"])  # the smaller of 2, times 2
+    assert to_b["p_holm"] == pytest.approx(max(to_b["p"], 2 * to_a["p"]))
+    assert to_a["verdict"] == "better" and to_b["verdict"] == "not distinguishable"
+    assert to_a["median"]["estimate"] == pytest.approx(0.05)
+    assert to_b["mean"]["low"] <= to_b["mean"]["estimate"] <= to_b["mean"]["high"]
+    cells = compare.paired_rows(report)
+    assert cells[0][:3] == ["evo", "A", "10/0/0"] and cells[0][3].startswith("+5.00 [+5.00, +5.00]")
+    line = compare.verdicts(report)[0]
+    assert "evo: better than A; not distinguishable from B" in line and "more seeds" not in line
+
+
+def test_pairing_is_by_seed_and_diverged_seeds_count():
+    def report(rows):
+        data = {"seed": 0, "rows": rows}
+        compare.summarise(data)
+        return data["comparisons"]
+
+    base = _row("B", "baseline", [e - d for e, d in zip(EVO, STEPS)])
+    straight = report([_row("evo", "candidate", EVO), base])
+    shuffled = _row("evo", "candidate", EVO)
+    shuffled["seeds"] = shuffled["seeds"][::-1][3:] + shuffled["seeds"][::-1][:3]
+    assert report([shuffled, base]) == straight  # completion order does not matter
+    short = _row("evo", "candidate", EVO)
+    del short["seeds"][4]
+    with pytest.raises(ValueError, match=r"seeds do not pair: only A ran none, only B ran \[4\]"):
+        report([short, base])
+    crashed = report([_row("evo", "candidate", EVO, diverged={0, 1}), base])[0]
+    assert crashed["diverged"] == [2, 0] and crashed["n"] == 10  # counted, at accuracy 0
+    assert crashed["losses"] == straight[0]["losses"] + 1  # seed 0 won before, seed 1 lost anyway
 
 
 def test_outputs_json_markdown_and_plot(tmp_path):

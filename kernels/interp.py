@@ -1,0 +1,297 @@
+"""The IR interpreter: any batch of programs, one call, no per-program compile.
+
+A generated Numba kernel costs ~0.1 s to compile, which at the micro tier (most candidates seen
+once, trained for well under a second) would dominate. This module's loop is compiled once (and
+kept by Numba's cache) and runs each program from its bytecode (codegen.bytecode):
+
+* A *batch* is K segments of one flat float32 arena (weight, grad, and one buffer per state,
+  all of the same layout). Each segment has its own instruction list, its own `lr` and its own
+  uniform states. The same program at several lr scales is several segments that share one
+  instruction list.
+* Per segment, the prologue (steps that read only constants, `lr` and uniform states) runs once
+  on one element, then the body runs over the segment in chunks of CHUNK elements: the chunk's
+  inputs are copied into registers (rows of a small scratch array that stays in the L1/L2
+  cache), every instruction is a loop over the chunk, and the outputs are copied back.
+* The lr rule (codegen.bytecode.with_lr_rule): a program that never reads `lr` has its weight
+  update scaled by its segment's `lr`.
+
+Semantics are the IR's float32 reference (codegen.ir.REFERENCE_IMPL), tested against
+codegen.ir.reference_step and the generated kernels in tests/test_interp.py.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numba
+import numpy as np
+import torch
+
+from codegen.bytecode import (ALPHA, FIXED, LR, OPCODES, SCALAR, TENSOR, WEIGHT, Bytecode,
+                              assemble)
+from codegen.ir import STATES, Program
+
+__all__ = ["CHUNK", "Batch", "run"]
+
+# Elements per pass of the body. Measured (bench/bench_interp.py, 2-core CPU): 256-1024 are
+# within a few per cent of each other; whole-segment registers (rows as long as the largest
+# segment) are slower on a 1.2M segment, whose registers no longer fit in any cache.
+CHUNK = 512
+
+# Columns of the per-segment table `meta` (int64, one row per segment).
+(OFFSET, LENGTH, PC_START, PC_BODY, PC_END, CONST_START, N_CONST, READS_GRAD,
+ KIND_ALPHA, STORE_WEIGHT, N_META) = (0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 15)
+# KIND_ALPHA..+2 (alpha, beta, sigma), STORE_WEIGHT..+3 (weight, alpha, beta, sigma).
+
+(NEG, SQUARE, SQRT, ABS, SIGN, EXP, LOG, ADD, SUB, MUL, DIV, POW, MIN, MAX) = (
+    OPCODES[op] for op in ("neg", "square", "sqrt", "abs", "sign", "exp", "log", "add", "sub",
+                           "mul", "div", "pow", "min", "max"))
+
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+INF = np.float32(np.inf)
+
+
+@numba.njit(error_model="numpy", cache=True)
+def _execute(op, o, x, y, m):
+    """o[:m] = op(x, y)[:m] by the reference semantics; o is never x or y."""
+    if op == ADD:
+        for i in range(m):
+            o[i] = x[i] + y[i]
+    elif op == SUB:
+        for i in range(m):
+            o[i] = x[i] - y[i]
+    elif op == MUL:
+        for i in range(m):
+            o[i] = x[i] * y[i]
+    elif op == DIV:  # divide-no-NaN: 0 wherever the divisor is 0
+        for i in range(m):
+            o[i] = x[i] / y[i] if y[i] != ZERO else ZERO
+    elif op == NEG:
+        for i in range(m):
+            o[i] = -x[i]
+    elif op == SQUARE:
+        for i in range(m):
+            o[i] = x[i] * x[i]
+    elif op == SQRT:
+        for i in range(m):
+            o[i] = np.sqrt(x[i])
+    elif op == ABS:
+        for i in range(m):
+            o[i] = abs(x[i])
+    elif op == SIGN:  # numpy's: sign(+-0) = +0, sign(NaN) = NaN
+        for i in range(m):
+            a = x[i]
+            o[i] = ONE if a > ZERO else (-ONE if a < ZERO else (ZERO if a == ZERO else a))
+    elif op == EXP:
+        for i in range(m):
+            o[i] = np.exp(x[i])
+    elif op == LOG:
+        for i in range(m):
+            o[i] = np.log(x[i])
+    elif op == POW:
+        for i in range(m):
+            a, b = x[i], y[i]
+            # C's pow; Numba's ** says -inf for (-inf) ** y, y finite and not an integer.
+            if a == -INF and b != np.floor(b) and b - b == ZERO:
+                o[i] = INF if b > ZERO else ZERO
+            else:
+                o[i] = a ** b
+    elif op == MIN:  # NaN-propagating, numpy's minimum (ties: the second operand)
+        for i in range(m):
+            o[i] = x[i] if (x[i] < y[i] or x[i] != x[i]) else y[i]
+    elif op == MAX:
+        for i in range(m):
+            o[i] = x[i] if (x[i] > y[i] or x[i] != x[i]) else y[i]
+
+
+@numba.njit(error_model="numpy", cache=True)
+def _run(weight, grad, alpha, beta, sigma, meta, code, constants, lr, scalars, active, n_registers,
+         chunk):
+    regs = np.zeros((n_registers, chunk), np.float32)
+    states = (alpha, beta, sigma)
+    for k in range(meta.shape[0]):
+        n = meta[k, LENGTH]
+        if not active[k] or n == 0:
+            continue
+        offset = meta[k, OFFSET]
+        width = min(chunk, n)
+        # Uniform rows: lr, uniform states, constants, then the prologue on element 0; each is
+        # broadcast over the chunk once per segment.
+        regs[LR, 0] = lr[k]
+        for j in range(3):
+            if meta[k, KIND_ALPHA + j] == SCALAR:
+                regs[ALPHA + j, 0] = scalars[k, j]
+        c0 = meta[k, CONST_START]
+        n_const = meta[k, N_CONST]
+        for c in range(n_const):
+            regs[FIXED + c, 0] = constants[c0 + c]
+        for pc in range(meta[k, PC_START], meta[k, PC_BODY]):
+            _execute(code[pc, 0], regs[code[pc, 1]], regs[code[pc, 2]], regs[code[pc, 3]], 1)
+        last_uniform = FIXED + n_const + meta[k, PC_BODY] - meta[k, PC_START]
+        for r in range(ALPHA, last_uniform):
+            if (r < LR and meta[k, KIND_ALPHA + r - ALPHA] != SCALAR):
+                continue
+            regs[r, 1:width] = regs[r, 0]
+        reads_grad = meta[k, READS_GRAD]
+        for start in range(offset, offset + n, chunk):
+            m = min(chunk, offset + n - start)
+            regs[WEIGHT, :m] = weight[start:start + m]
+            if reads_grad:
+                regs[WEIGHT + 1, :m] = grad[start:start + m]
+            for j in range(3):
+                if meta[k, KIND_ALPHA + j] == TENSOR:
+                    regs[ALPHA + j, :m] = states[j][start:start + m]
+            for pc in range(meta[k, PC_BODY], meta[k, PC_END]):
+                _execute(code[pc, 0], regs[code[pc, 1]], regs[code[pc, 2]], regs[code[pc, 3]], m)
+            weight[start:start + m] = regs[meta[k, STORE_WEIGHT], :m]
+            for j in range(3):
+                if meta[k, KIND_ALPHA + j] == TENSOR:
+                    states[j][start:start + m] = regs[meta[k, STORE_WEIGHT + 1 + j], :m]
+
+
+_EMPTY = np.zeros(0, np.float32)
+
+
+def _flat(buffer: np.ndarray | torch.Tensor | None, name: str) -> np.ndarray:
+    if buffer is None:
+        return _EMPTY
+    if isinstance(buffer, torch.Tensor):
+        if buffer.device.type != "cpu" or buffer.dtype != torch.float32 or \
+                not buffer.is_contiguous():
+            raise TypeError(f"the interpreter needs contiguous float32 CPU buffers; {name} is "
+                            f"{buffer.dtype} on {buffer.device} "
+                            f"(contiguous={buffer.is_contiguous()})")
+        buffer = buffer.detach().numpy()
+    if not isinstance(buffer, np.ndarray) or buffer.dtype != np.float32 or buffer.ndim != 1 \
+            or not buffer.flags.c_contiguous or not buffer.flags.writeable:
+        raise TypeError(f"{name} must be a flat, contiguous, writeable float32 array (numpy or a "
+                        f"CPU tensor), got {getattr(buffer, 'dtype', type(buffer).__name__)} of "
+                        f"shape {getattr(buffer, 'shape', '?')}")
+    return buffer.reshape(-1)
+
+
+class Batch:
+    """K segments of one arena, each with its program, lr and uniform states; `step` advances
+    them all by one optimizer step in one interpreter call.
+
+    `lr` (float32, one per segment) may be changed between steps (a schedule); `scalars`
+    (float32, K x 3: alpha, beta, sigma) holds each segment's uniform states, advanced by `step`
+    as the reference semantics say (Program.advance_uniform), and may be set to resume.
+    """
+
+    def __init__(self, programs: Sequence[Program], offsets: Sequence[int],
+                 lengths: Sequence[int], lr: Sequence[float] | float = 1.0,
+                 chunk: int = CHUNK) -> None:
+        k = len(programs)
+        if not (len(offsets) == len(lengths) == k):
+            raise ValueError(f"a batch needs one offset and one length per program: got {k} "
+                             f"programs, {len(offsets)} offsets, {len(lengths)} lengths")
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1 element, got {chunk}")
+        self.offsets = np.asarray(offsets, np.int64).reshape(k)
+        self.lengths = np.asarray(lengths, np.int64).reshape(k)
+        if (self.offsets < 0).any() or (self.lengths < 0).any():
+            raise ValueError("segment offsets and lengths must be >= 0")
+        order = np.argsort(self.offsets, kind="stable")
+        ends = self.offsets[order] + self.lengths[order]
+        if (self.offsets[order][1:] < ends[:-1]).any():
+            raise ValueError("segments overlap: each element of the arena belongs to at most one "
+                             "segment (give each program, and each lr scale, its own slice)")
+        self.end = int(ends.max()) if k else 0
+        self.chunk = int(chunk)
+        self.programs = [p.canonical() for p in programs]
+        self.codes: list[Bytecode] = [assemble(p) for p in self.programs]
+        self.lr = np.empty(k, np.float32)
+        self.lr[:] = lr
+        self.scalars = np.zeros((k, 3), np.float32)
+        self.meta, self.code, self.constants = _tables(self.codes, self.offsets, self.lengths)
+        self.n_registers = max([FIXED] + [c.n_registers for c in self.codes])
+        self.needs = {s: any(c.kinds[j] == TENSOR for c in self.codes)
+                      for j, s in enumerate(STATES)}
+        self.needs_grad = any(c.reads_grad for c in self.codes)
+        self._memo: dict[tuple, tuple[float, float, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def advance(self, active: np.ndarray) -> None:
+        """Each active segment's uniform states one step on, by Program.advance_uniform;
+        memoised by (uniform deltas, old values, lr where read), which segments share when
+        their step counters agree, whatever else their programs do."""
+        for k, code in enumerate(self.codes):
+            if not active[k] or not code.scalar_states:
+                continue
+            program = self.programs[k]
+            key = (_uniform_key(program), self.scalars[k].tobytes(), self.lr[k].tobytes())
+            new = self._memo.get(key)
+            if new is None:
+                if len(self._memo) > 1 << 16:
+                    self._memo.clear()
+                old = dict(zip(STATES, map(float, self.scalars[k])))
+                values = program.advance_uniform(old, float(self.lr[k]))
+                new = self._memo[key] = tuple(values.get(s, old[s]) for s in STATES)
+            self.scalars[k] = new
+
+    def step(self, weight, grad, alpha=None, beta=None, sigma=None,
+             active: Sequence[bool] | np.ndarray | None = None) -> None:
+        """One step of every active segment, in place. Buffers are flat float32 (numpy or CPU
+        tensors) covering every segment; a state buffer may be None when no program keeps that
+        state as a tensor. An inactive segment (a diverged candidate) is left as it is."""
+        buffers = {"weight": _flat(weight, "weight"), "grad": _flat(grad, "grad"),
+                   "alpha": _flat(alpha, "alpha"), "beta": _flat(beta, "beta"),
+                   "sigma": _flat(sigma, "sigma")}
+        needed = {"weight": True, "grad": self.needs_grad, **self.needs}
+        for name, buffer in buffers.items():
+            if needed[name] and buffer.shape[0] < self.end:
+                have = "none" if buffer is _EMPTY else f"{buffer.shape[0]} elements"
+                raise ValueError(f"{name} must cover the batch's {self.end} elements, got "
+                                 f"{have}")
+        mask = np.ones(len(self), np.bool_) if active is None else \
+            np.asarray(active, np.bool_).reshape(len(self))
+        self.advance(mask)
+        _run(buffers["weight"], buffers["grad"], buffers["alpha"], buffers["beta"],
+             buffers["sigma"], self.meta, self.code, self.constants, self.lr, self.scalars,
+             mask, self.n_registers, self.chunk)
+
+
+def run(programs: Sequence[Program], weight, grad, states: Mapping[str, object] | None = None,
+        offsets: Sequence[int] | None = None, lengths: Sequence[int] | None = None,
+        lr: Sequence[float] | float = 1.0, steps: int = 1) -> Batch:
+    """Convenience: `steps` steps of a new Batch (default: one program over the whole buffer);
+    returns the batch, whose `scalars` hold the uniform states reached."""
+    n = _flat(weight, "weight").shape[0]
+    offsets = [0] if offsets is None else offsets
+    lengths = [n - offsets[0]] if lengths is None else lengths
+    batch = Batch(programs, offsets, lengths, lr)
+    for _ in range(steps):
+        batch.step(weight, grad, **dict(states or {}))
+    return batch
+
+
+def _uniform_key(program: Program) -> tuple:
+    return tuple((s, str(getattr(program, s))) for s in program.uniform_states())
+
+
+def _tables(codes: list[Bytecode], offsets: np.ndarray, lengths: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-segment table and the concatenated code and constants; segments running one
+    program (its lr scales) share one copy of its instructions."""
+    meta = np.zeros((len(codes), N_META), np.int64)
+    pieces, consts, placed = [], [], {}
+    pc = n_const = 0
+    for k, code in enumerate(codes):
+        where = placed.get(id(code))
+        if where is None:
+            where = placed[id(code)] = (pc, n_const)
+            pieces.append(code.code)
+            consts.append(code.constants)
+            pc += code.code.shape[0]
+            n_const += code.constants.shape[0]
+        start, c0 = where
+        meta[k, :N_META] = (offsets[k], lengths[k], start, start + code.n_prologue,
+                            start + code.code.shape[0], c0, code.constants.shape[0],
+                            code.reads_grad, *code.kinds, *code.stores)
+    code = np.concatenate(pieces) if pieces else np.zeros((0, 4), np.int32)
+    constants = np.concatenate(consts) if consts else np.zeros(0, np.float32)
+    return meta, np.ascontiguousarray(code, np.int32), constants.astype(np.float32)

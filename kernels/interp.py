@@ -21,7 +21,7 @@ codegen.ir.reference_step and the generated kernels in tests/test_interp.py.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numba
 import numpy as np
@@ -29,14 +29,18 @@ import torch
 
 from codegen.bytecode import (ALPHA, FIXED, LR, OPCODES, SCALAR, TENSOR, WEIGHT, Bytecode,
                               assemble)
-from codegen.ir import STATES, Program
+from codegen.ir import STATES, Program, variables
 
-__all__ = ["CHUNK", "Batch", "run"]
+__all__ = ["CHUNK", "Batch"]
 
-# Elements per pass of the body. Measured (bench/bench_interp.py, 2-core CPU): 256-1024 are
-# within a few per cent of each other; whole-segment registers (rows as long as the largest
-# segment) are slower on a 1.2M segment, whose registers no longer fit in any cache.
+# Elements per pass of the body. Measured (bench/bench_interp.py, one thread, busy 2-core CPU):
+# 256-4096 within ~5% of each other, 512 the best or tied on both rows; registers as long as
+# the segment (no chunks) ~1.1x slower on 32 MLP-sized segments and 2-3x slower on a 1.2M one,
+# whose registers (35 rows for Adam) no longer fit in any cache.
 CHUNK = 512
+
+# Uniform-state steps worked out at a time (see Batch.advance).
+CHAIN = 64
 
 # Columns of the per-segment table `meta` (int64, one row per segment).
 (OFFSET, LENGTH, PC_START, PC_BODY, PC_END, CONST_START, N_CONST, READS_GRAD,
@@ -52,9 +56,12 @@ ONE = np.float32(1.0)
 INF = np.float32(np.inf)
 
 
-@numba.njit(error_model="numpy", cache=True)
+# Inlined into `_run` (at Numba's IR level): as a call, each instruction paid for passing three
+# array views (reference counts included), ~3x the time of an add over 512 elements.
+@numba.njit(error_model="numpy", inline="always")
 def _execute(op, o, x, y, m):
-    """o[:m] = op(x, y)[:m] by the reference semantics; o is never x or y."""
+    """o[:m] = op(x, y)[:m] by the reference semantics; o is never x or y. Every loop body is
+    branch-free (selects, `|` rather than `or`), so that LLVM vectorises it."""
     if op == ADD:
         for i in range(m):
             o[i] = x[i] + y[i]
@@ -66,7 +73,9 @@ def _execute(op, o, x, y, m):
             o[i] = x[i] * y[i]
     elif op == DIV:  # divide-no-NaN: 0 wherever the divisor is 0
         for i in range(m):
-            o[i] = x[i] / y[i] if y[i] != ZERO else ZERO
+            b = y[i]
+            q = x[i] / (b if b != ZERO else ONE)
+            o[i] = q if b != ZERO else ZERO
     elif op == NEG:
         for i in range(m):
             o[i] = -x[i]
@@ -99,16 +108,17 @@ def _execute(op, o, x, y, m):
                 o[i] = a ** b
     elif op == MIN:  # NaN-propagating, numpy's minimum (ties: the second operand)
         for i in range(m):
-            o[i] = x[i] if (x[i] < y[i] or x[i] != x[i]) else y[i]
+            a = x[i]
+            o[i] = a if ((a < y[i]) | (a != a)) else y[i]
     elif op == MAX:
         for i in range(m):
-            o[i] = x[i] if (x[i] > y[i] or x[i] != x[i]) else y[i]
+            a = x[i]
+            o[i] = a if ((a > y[i]) | (a != a)) else y[i]
 
 
 @numba.njit(error_model="numpy", cache=True)
-def _run(weight, grad, alpha, beta, sigma, meta, code, constants, lr, scalars, active, n_registers,
-         chunk):
-    regs = np.zeros((n_registers, chunk), np.float32)
+def _run(weight, grad, alpha, beta, sigma, meta, code, constants, lr, scalars, active, regs):
+    chunk = regs.shape[1]
     states = (alpha, beta, sigma)
     for k in range(meta.shape[0]):
         n = meta[k, LENGTH]
@@ -151,9 +161,10 @@ def _run(weight, grad, alpha, beta, sigma, meta, code, constants, lr, scalars, a
 
 
 _EMPTY = np.zeros(0, np.float32)
+Buffer = np.ndarray | torch.Tensor
 
 
-def _flat(buffer: np.ndarray | torch.Tensor | None, name: str) -> np.ndarray:
+def _flat(buffer: Buffer | None, name: str) -> np.ndarray:
     if buffer is None:
         return _EMPTY
     if isinstance(buffer, torch.Tensor):
@@ -206,34 +217,50 @@ class Batch:
         self.lr[:] = lr
         self.scalars = np.zeros((k, 3), np.float32)
         self.meta, self.code, self.constants = _tables(self.codes, self.offsets, self.lengths)
-        self.n_registers = max([FIXED] + [c.n_registers for c in self.codes])
+        # The registers: rows of one scratch array, kept between steps.
+        n_registers = max([FIXED] + [c.n_registers for c in self.codes])
+        self.registers = np.zeros((n_registers, min(self.chunk, max(1, int(self.lengths.max(
+            initial=1))))), np.float32)
         self.needs = {s: any(c.kinds[j] == TENSOR for c in self.codes)
                       for j, s in enumerate(STATES)}
         self.needs_grad = any(c.reads_grad for c in self.codes)
-        self._memo: dict[tuple, tuple[float, float, float]] = {}
+        # Uniform states: each segment's next CHAIN values, where it is in them, and what
+        # they were computed from (see advance).
+        self._uniform = np.array([bool(c.scalar_states) for c in self.codes], np.bool_)
+        self._keys = [_uniform_key(p) for p in self.programs]
+        self._chains = np.zeros((k, CHAIN, 3), np.float32)
+        self._pos = np.full(k, CHAIN, np.int64)
+        self._chain_lr = self.lr.copy()
+        self._written = self.scalars.copy()
 
     def __len__(self) -> int:
         return len(self.codes)
 
     def advance(self, active: np.ndarray) -> None:
-        """Each active segment's uniform states one step on, by Program.advance_uniform;
-        memoised by (uniform deltas, old values, lr where read), which segments share when
-        their step counters agree, whatever else their programs do."""
-        for k, code in enumerate(self.codes):
-            if not active[k] or not code.scalar_states:
-                continue
-            program = self.programs[k]
-            key = (_uniform_key(program), self.scalars[k].tobytes(), self.lr[k].tobytes())
-            new = self._memo.get(key)
-            if new is None:
-                if len(self._memo) > 1 << 16:
-                    self._memo.clear()
-                old = dict(zip(STATES, map(float, self.scalars[k])))
-                values = program.advance_uniform(old, float(self.lr[k]))
-                new = self._memo[key] = tuple(values.get(s, old[s]) for s in STATES)
-            self.scalars[k] = new
+        """Each active segment's uniform states one step on (the values its step will read).
 
-    def step(self, weight, grad, alpha=None, beta=None, sigma=None,
+        The values come from Program.advance_uniform, CHAIN steps at a time: per step this is a
+        few numpy operations for the whole batch, not a float32 tree walk per segment (~10 us
+        each). A chain is recomputed when used up, when a segment's lr changed, or when someone
+        wrote `scalars` (a resume): each segment's values are always those the reference
+        semantics give from its current values and lr."""
+        moving = active & self._uniform
+        stale = moving & ((self._pos >= CHAIN)
+                          | (self.lr.view(np.uint32) != self._chain_lr.view(np.uint32))
+                          | (self.scalars.view(np.uint32) != self._written.view(np.uint32)
+                             ).any(axis=1))
+        for k in np.flatnonzero(stale):
+            self._chains[k] = _chain(self.programs[k], self._keys[k], self.scalars[k],
+                                     self.lr[k])
+            self._pos[k] = 0
+            self._chain_lr[k] = self.lr[k]
+        index = np.flatnonzero(moving)
+        self.scalars[index] = self._chains[index, self._pos[index]]
+        self._pos[index] += 1
+        self._written[:] = self.scalars
+
+    def step(self, weight: Buffer, grad: Buffer, alpha: Buffer | None = None,
+             beta: Buffer | None = None, sigma: Buffer | None = None,
              active: Sequence[bool] | np.ndarray | None = None) -> None:
         """One step of every active segment, in place. Buffers are flat float32 (numpy or CPU
         tensors) covering every segment; a state buffer may be None when no program keeps that
@@ -252,25 +279,37 @@ class Batch:
         self.advance(mask)
         _run(buffers["weight"], buffers["grad"], buffers["alpha"], buffers["beta"],
              buffers["sigma"], self.meta, self.code, self.constants, self.lr, self.scalars,
-             mask, self.n_registers, self.chunk)
-
-
-def run(programs: Sequence[Program], weight, grad, states: Mapping[str, object] | None = None,
-        offsets: Sequence[int] | None = None, lengths: Sequence[int] | None = None,
-        lr: Sequence[float] | float = 1.0, steps: int = 1) -> Batch:
-    """Convenience: `steps` steps of a new Batch (default: one program over the whole buffer);
-    returns the batch, whose `scalars` hold the uniform states reached."""
-    n = _flat(weight, "weight").shape[0]
-    offsets = [0] if offsets is None else offsets
-    lengths = [n - offsets[0]] if lengths is None else lengths
-    batch = Batch(programs, offsets, lengths, lr)
-    for _ in range(steps):
-        batch.step(weight, grad, **dict(states or {}))
-    return batch
+             mask, self.registers)
 
 
 def _uniform_key(program: Program) -> tuple:
-    return tuple((s, str(getattr(program, s))) for s in program.uniform_states())
+    """What a segment's uniform states depend on besides their values: their deltas, and
+    whether those read lr (segments that share a step counter share its chains)."""
+    deltas = tuple((s, str(getattr(program, s))) for s in program.uniform_states())
+    return deltas, any("lr" in variables(getattr(program, s)) for s in program.uniform_states())
+
+
+# Chains of uniform-state values, shared by every batch in this process: a step counter's
+# values from 0 at one lr are worked out once, whichever candidates count with it.
+_CHAINS: dict[tuple, np.ndarray] = {}
+
+
+def _chain(program: Program, key: tuple, old: np.ndarray, lr: np.float32) -> np.ndarray:
+    """The uniform states' next CHAIN values (rows: after 1, 2, ... steps), by
+    Program.advance_uniform, from `old` (float32 alpha, beta, sigma) at `lr`."""
+    deltas, reads_lr = key
+    memo = (deltas, old.tobytes(), lr.tobytes() if reads_lr else None)
+    chain = _CHAINS.get(memo)
+    if chain is None:
+        if len(_CHAINS) >= 4096:
+            _CHAINS.clear()
+        values = dict(zip(STATES, map(float, old)))
+        chain = np.empty((CHAIN, 3), np.float32)
+        for i in range(CHAIN):
+            values.update(program.advance_uniform(values, float(lr)))
+            chain[i] = [values[s] for s in STATES]
+        _CHAINS[memo] = chain
+    return chain
 
 
 def _tables(codes: list[Bytecode], offsets: np.ndarray, lengths: np.ndarray

@@ -278,3 +278,30 @@ def test_torch_buffers_and_bad_inputs():
         Batch([program], [0], [10]).step(w.double(), g, a, b)
     with pytest.raises(TypeError, match="contiguous"):
         Batch([program], [0], [5]).step(w[::2], g, a, b)
+
+
+def test_uniform_states_follow_the_reference_past_a_chain():
+    """Uniform states are worked out CHAIN steps ahead: past the end of a chain, after an lr
+    change, after `scalars` is written (a resume) and across masked steps, each segment's values
+    stay those Program.advance_uniform gives step by step."""
+    from kernels.interp import CHAIN
+
+    programs = [Program.parse("alpha: -1.0\nbeta: sub(beta, mul(lr, alpha))\n"
+                              "weight: mul(beta, grad)"), kernels.zoo.adam()]
+    batch = Batch(programs * 2, [0, 4, 8, 12], [4] * 4, [0.5, 1e-3, 0.25, 1e-2])
+    expect = [{} for _ in range(4)]
+    w, g = np.zeros(16, np.float32), np.ones(16, np.float32)
+    states = [np.zeros(16, np.float32) for _ in STATES]
+    for step in range(2 * CHAIN + 10):
+        if step == CHAIN // 2:
+            batch.lr[0] = 0.125
+        if step == CHAIN + 3:  # a resume: someone sets the states
+            batch.scalars[2] = [5.0, -2.0, 0.0]
+            expect[2] = {"alpha": 5.0, "beta": -2.0}
+        active = np.array([True, True, step % 3 != 0, True])
+        batch.step(w, g, *states, active=active)
+        for k, program in enumerate(programs * 2):
+            if active[k]:
+                expect[k] = program.advance_uniform(expect[k], float(batch.lr[k]))
+            got = dict(zip(STATES, batch.scalars[k].tolist()))
+            assert all(got[s] == v for s, v in expect[k].items()), (step, k, got, expect[k])

@@ -12,8 +12,9 @@ steps, common subexpressions computed once, uniform states as scalars), with two
   broadcasts. The generated kernels get the same from the compiler (loop-invariant code motion);
   without it Adam's bias corrections (exp, log) would be a full pass each.
 
-Registers are rows of one float32 scratch array. Fixed rows hold the inputs (WEIGHT, GRAD, ALPHA,
-BETA, SIGMA, LR), then the constants, then the prologue's results, then the body's temporaries,
+Registers are rows of one float32 scratch array. Fixed rows hold the inputs (GRAD, ALPHA, BETA,
+SIGMA, LR; WEIGHT is named only by the weight update, which the interpreter applies to the arena
+itself), then the constants, then the prologue's results, then the body's temporaries,
 which are reused once dead. A step never writes a row it reads (a state update writes a fresh row
 and the state is renamed to it), so every instruction is a loop over distinct rows.
 """
@@ -54,7 +55,10 @@ class Bytecode:
     constants: np.ndarray  # float32: row FIXED + i holds constants[i]
     n_registers: int
     kinds: tuple[int, int, int]  # UNUSED/TENSOR/SCALAR for alpha, beta, sigma
-    stores: tuple[int, int, int, int]  # final row of weight, alpha, beta, sigma (-1: not stored)
+    # The row holding the weight's delta: the weight update itself (the body's last step, and
+    # the weight's only read) is left to the interpreter, which applies it straight to the arena.
+    weight_delta: int
+    stores: tuple[int, int, int]  # final row of alpha, beta, sigma (-1: not stored)
     reads_grad: bool
     scaled_by_lr: bool  # the lr rule applied: the program itself never reads lr
 
@@ -117,12 +121,13 @@ def _assemble(canonical: Program) -> Bytecode:
         next_free += 1
         prologue_code.append(_row(step, rows, const_row, rows[step.name]))
     body_code, n_registers, final = _allocate(body, rows, const_row, next_free)
-    stores = (final.get("weight", -1),) + tuple(
-        final.get(s, -1) if k == TENSOR else -1 for s, k in zip(STATES, kinds))
+    weight_update = body_code.pop()  # allocated like the others, so its delta's row stays live
+    assert weight_update[0] == OPCODES["sub"] and weight_update[2] == WEIGHT
+    stores = tuple(final.get(s, -1) if k == TENSOR else -1 for s, k in zip(STATES, kinds))
     code = np.array(prologue_code + body_code, dtype=np.int32).reshape(-1, 4)
     return Bytecode(canonical, code, len(prologue_code),
                     np.array([c.value for c in constants], dtype=np.float32), n_registers, kinds,
-                    stores, plan.reads_grad, scaled)
+                    weight_update[3], stores, plan.reads_grad, scaled)
 
 
 def _row(step: Assign, rows: dict[str, int], const_row: dict[Const, int], dst: int) -> list[int]:

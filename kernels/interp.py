@@ -11,7 +11,8 @@ kept by Numba's cache) and runs each program from its bytecode (codegen.bytecode
 * Per segment, the prologue (steps that read only constants, `lr` and uniform states) runs once
   on one element, then the body runs over the segment in chunks of CHUNK elements: the chunk's
   inputs are copied into registers (rows of a small scratch array that stays in the L1/L2
-  cache), every instruction is a loop over the chunk, and the outputs are copied back.
+  cache), every instruction is a loop over the chunk, the new states are copied back and the
+  weight's delta is subtracted from the arena in place.
 * The lr rule (codegen.bytecode.with_lr_rule): a program that never reads `lr` has its weight
   update scaled by its segment's `lr`.
 
@@ -27,8 +28,8 @@ import numba
 import numpy as np
 import torch
 
-from codegen.bytecode import (ALPHA, FIXED, LR, OPCODES, SCALAR, TENSOR, WEIGHT, Bytecode,
-                              assemble)
+from codegen import bytecode
+from codegen.bytecode import Bytecode, assemble
 from codegen.ir import STATES, Program, variables
 
 __all__ = ["CHUNK", "Batch"]
@@ -44,12 +45,22 @@ CHAIN = 64
 
 # Columns of the per-segment table `meta` (int64, one row per segment).
 (OFFSET, LENGTH, PC_START, PC_BODY, PC_END, CONST_START, N_CONST, READS_GRAD,
- KIND_ALPHA, STORE_WEIGHT, N_META) = (0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 15)
-# KIND_ALPHA..+2 (alpha, beta, sigma), STORE_WEIGHT..+3 (weight, alpha, beta, sigma).
+ KIND_ALPHA, WEIGHT_DELTA, STORE_ALPHA, N_META) = (0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 15)
+# KIND_ALPHA..+2 and STORE_ALPHA..+2: alpha, beta, sigma.
 
-(NEG, SQUARE, SQRT, ABS, SIGN, EXP, LOG, ADD, SUB, MUL, DIV, POW, MIN, MAX) = (
-    OPCODES[op] for op in ("neg", "square", "sqrt", "abs", "sign", "exp", "log", "add", "sub",
-                           "mul", "div", "pow", "min", "max"))
+# The bytecode's numbering, spelled out here: Numba's cache (cache=True) is keyed on this file
+# alone and freezes these values into the machine code it keeps, so a change in
+# codegen/bytecode.py must not be able to run a stale interpreter. Checked at import.
+OPS = ("neg", "square", "sqrt", "abs", "sign", "exp", "log", "add", "sub", "mul", "div", "pow",
+       "min", "max")
+(NEG, SQUARE, SQRT, ABS, SIGN, EXP, LOG, ADD, SUB, MUL, DIV, POW, MIN, MAX) = range(len(OPS))
+GRAD, ALPHA, LR, FIXED = 1, 2, 5, 6
+TENSOR, SCALAR = 1, 2
+if (bytecode.OPCODES != {op: i for i, op in enumerate(OPS)}
+        or (bytecode.GRAD, bytecode.ALPHA, bytecode.LR, bytecode.FIXED, bytecode.TENSOR,
+            bytecode.SCALAR) != (GRAD, ALPHA, LR, FIXED, TENSOR, SCALAR)):
+    raise ImportError("kernels/interp.py and codegen/bytecode.py number the bytecode differently: "
+                      "update the copy in kernels/interp.py")
 
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
@@ -146,18 +157,19 @@ def _run(weight, grad, alpha, beta, sigma, meta, code, constants, lr, scalars, a
         reads_grad = meta[k, READS_GRAD]
         for start in range(offset, offset + n, chunk):
             m = min(chunk, offset + n - start)
-            regs[WEIGHT, :m] = weight[start:start + m]
             if reads_grad:
-                regs[WEIGHT + 1, :m] = grad[start:start + m]
+                regs[GRAD, :m] = grad[start:start + m]
             for j in range(3):
                 if meta[k, KIND_ALPHA + j] == TENSOR:
                     regs[ALPHA + j, :m] = states[j][start:start + m]
             for pc in range(meta[k, PC_BODY], meta[k, PC_END]):
                 _execute(code[pc, 0], regs[code[pc, 1]], regs[code[pc, 2]], regs[code[pc, 3]], m)
-            weight[start:start + m] = regs[meta[k, STORE_WEIGHT], :m]
+            delta = regs[meta[k, WEIGHT_DELTA]]
+            for i in range(m):  # weight <- weight - delta, in place: one pass, no copies
+                weight[start + i] = weight[start + i] - delta[i]
             for j in range(3):
                 if meta[k, KIND_ALPHA + j] == TENSOR:
-                    states[j][start:start + m] = regs[meta[k, STORE_WEIGHT + 1 + j], :m]
+                    states[j][start:start + m] = regs[meta[k, STORE_ALPHA + j], :m]
 
 
 _EMPTY = np.zeros(0, np.float32)
@@ -213,8 +225,11 @@ class Batch:
         self.chunk = int(chunk)
         self.programs = [p.canonical() for p in programs]
         self.codes: list[Bytecode] = [assemble(p) for p in self.programs]
+        lrs = np.asarray(lr, np.float32)
+        if lrs.ndim and lrs.shape != (k,):
+            raise ValueError(f"lr must be one number or one per segment ({k}), got {lrs.shape[0]}")
         self.lr = np.empty(k, np.float32)
-        self.lr[:] = lr
+        self.lr[:] = lrs
         self.scalars = np.zeros((k, 3), np.float32)
         self.meta, self.code, self.constants = _tables(self.codes, self.offsets, self.lengths)
         # The registers: rows of one scratch array, kept between steps.
@@ -330,7 +345,7 @@ def _tables(codes: list[Bytecode], offsets: np.ndarray, lengths: np.ndarray
         start, c0 = where
         meta[k, :N_META] = (offsets[k], lengths[k], start, start + code.n_prologue,
                             start + code.code.shape[0], c0, code.constants.shape[0],
-                            code.reads_grad, *code.kinds, *code.stores)
+                            code.reads_grad, *code.kinds, code.weight_delta, *code.stores)
     code = np.concatenate(pieces) if pieces else np.zeros((0, 4), np.int32)
     constants = np.concatenate(consts) if consts else np.zeros(0, np.float32)
     return meta, np.ascontiguousarray(code, np.int32), constants.astype(np.float32)

@@ -268,6 +268,8 @@ def test_torch_buffers_and_bad_inputs():
     assert (w != 0).all()
     with pytest.raises(ValueError, match="overlap"):
         Batch([program, program], [0, 5], [10, 10])
+    with pytest.raises(ValueError, match="lr must be one number or one per segment"):
+        Batch([program, program], [0, 10], [10, 10], [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="one offset and one length"):
         Batch([program], [0, 5], [10])
     with pytest.raises(ValueError, match="beta must cover the batch's 10 elements, got none"):

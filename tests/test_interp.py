@@ -307,3 +307,21 @@ def test_uniform_states_follow_the_reference_past_a_chain():
                 expect[k] = program.advance_uniform(expect[k], float(batch.lr[k]))
             got = dict(zip(STATES, batch.scalars[k].tolist()))
             assert all(got[s] == v for s, v in expect[k].items()), (step, k, got, expect[k])
+
+
+def test_interpreter_refuses_a_renumbered_bytecode(monkeypatch):
+    """Numba's cache keeps the interpreter's machine code by kernels/interp.py's own stamp, with
+    the opcode numbers frozen in: renumbering codegen/bytecode.py alone must fail loudly at
+    import, never run cached code that reads max as min."""
+    import importlib
+
+    import codegen.bytecode
+    import kernels.interp
+
+    swapped = {**codegen.bytecode.OPCODES, "min": codegen.bytecode.OPCODES["max"],
+               "max": codegen.bytecode.OPCODES["min"]}
+    monkeypatch.setattr(codegen.bytecode, "OPCODES", swapped)
+    with pytest.raises(ImportError, match="number the bytecode differently"):
+        importlib.reload(kernels.interp)
+    monkeypatch.undo()
+    importlib.reload(kernels.interp)

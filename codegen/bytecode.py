@@ -75,16 +75,26 @@ class Bytecode:
         return tuple(s for s, k in zip(STATES, self.kinds) if k == SCALAR)
 
 
+# Program.canonical() is a full pass over the trees (~2 ms for Adam), so the helpers below take
+# it once and pass the canonical form along.
+
 def reads_lr(program: Program) -> bool:
     """Whether the canonical form of `program` reads `lr` anywhere (a live update reading it)."""
-    return any("lr" in variables(e) for e in program.canonical().deltas().values())
+    return _reads_lr(program.canonical())
 
 
 def with_lr_rule(program: Program) -> Program:
     """The canonical program with the lr rule applied: ``weight: mul(lr, E)`` when it never reads
     `lr`, itself otherwise. Its reference step is what the interpreter computes."""
-    canonical = program.canonical()
-    if reads_lr(canonical):
+    return _with_lr_rule(program.canonical())
+
+
+def _reads_lr(canonical: Program) -> bool:
+    return any("lr" in variables(e) for e in canonical.deltas().values())
+
+
+def _with_lr_rule(canonical: Program) -> Program:
+    if _reads_lr(canonical):
         return canonical
     return dataclasses.replace(canonical, weight=Call("mul", (Var("lr"), canonical.weight)))
 
@@ -98,8 +108,8 @@ def assemble(program: Program) -> Bytecode:
 def _assemble(canonical: Program) -> Bytecode:
     # Lower the rule-applied program; `lower` makes it canonical again, which may reorder the new
     # mul's operands: IEEE multiplication is commutative, bit for bit.
-    scaled = not reads_lr(canonical)
-    plan = lower(with_lr_rule(canonical) if scaled else canonical)
+    scaled = not _reads_lr(canonical)
+    plan = lower(_with_lr_rule(canonical))
     # Uniform states are the same for the rule-applied program: the rule touches only the weight.
     kinds = tuple(TENSOR if s in plan.tensor_states else SCALAR if s in plan.scalar_states
                   else UNUSED for s in STATES)

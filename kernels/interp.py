@@ -223,8 +223,8 @@ class Batch:
                              "segment (give each program, and each lr scale, its own slice)")
         self.end = int(ends.max()) if k else 0
         self.chunk = int(chunk)
-        self.programs = [p.canonical() for p in programs]
-        self.codes: list[Bytecode] = [assemble(p) for p in self.programs]
+        self.codes: list[Bytecode] = [assemble(p) for p in programs]
+        self.programs = [c.program for c in self.codes]  # canonical
         lrs = np.asarray(lr, np.float32)
         if lrs.ndim and lrs.shape != (k,):
             raise ValueError(f"lr must be one number or one per segment ({k}), got {lrs.shape[0]}")

@@ -179,3 +179,100 @@ def test_a_parameter_listed_twice_is_refused_at_construction():
     opt = EvolvedOptimizer([p], zoo.adam(), 1e-3)
     with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check
         opt.add_param_group({"params": [p]})
+
+
+# ---- dtypes ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_parameters_compute_in_float64(backend):
+    """zoo.adam with weight decay on float64 parameters follows torch's float64 AdamW far more
+    closely than float32 arithmetic can (its constants are float32 values, hence not exact)."""
+    ours, theirs, single = mlp(dtype=torch.float64), mlp(dtype=torch.float64), mlp()
+    opt = EvolvedOptimizer(ours.parameters(), zoo.adam(), 1e-2, weight_decay=0.1, backend=backend)
+    train(ours, opt, 100)
+    train(theirs, torch.optim.AdamW(theirs.parameters(), 1e-2, weight_decay=0.1), 100)
+    train(single, EvolvedOptimizer(single.parameters(), zoo.adam(), 1e-2, weight_decay=0.1,
+                                   backend=backend), 100)
+    assert all(p.dtype == torch.float64 for p in ours.parameters())
+    assert all(s["alpha"].dtype == s["beta"].dtype == torch.float64 for s in opt.state.values())
+    diff64, diff32 = relative_difference(ours, theirs), relative_difference(single, theirs)
+    assert diff64 < 1e-6 and diff64 < diff32 / 10, (diff64, diff32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_half_parameters_keep_float32_states_and_round_the_weight_once(backend, dtype):
+    """The same steps on float32 copies of the weights, rounded to the half dtype after every
+    step (by torch), give the same weights bit for bit: float32 math, one rounding on store.
+    Triton's interpreter truncates to bfloat16 (a GPU rounds to nearest, as torch does), so
+    there the copies are truncated instead."""
+    def rounded(f: torch.Tensor) -> torch.Tensor:
+        if (backend, dtype) == ("triton", torch.bfloat16):
+            return (f.view(torch.int32) & -65536).view(torch.float32)  # keep the top 16 bits
+        return f.to(dtype).float()
+
+    torch.manual_seed(0)
+    half = [torch.nn.Parameter(torch.randn(40, 3).to(dtype)),
+            torch.nn.Parameter(torch.randn(5).to(dtype))]
+    full = [torch.nn.Parameter(p.detach().float()) for p in half]
+    opt_half = EvolvedOptimizer(half, zoo.adam(), 1e-2, weight_decay=0.1, backend=backend)
+    opt_full = EvolvedOptimizer(full, zoo.adam(), 1e-2, weight_decay=0.1, backend=backend)
+    for step in range(20):
+        gen = torch.Generator().manual_seed(step)
+        for h, f in zip(half, full):
+            h.grad = torch.randn(h.shape, generator=gen).to(dtype)
+            f.grad = h.grad.float()
+        opt_half.step()
+        opt_full.step()
+        with torch.no_grad():
+            for f in full:
+                f.copy_(rounded(f))
+    for h, f in zip(half, full):
+        assert h.dtype == dtype and opt_half.state[h]["alpha"].dtype == torch.float32
+        assert torch.equal(h.float(), f)
+
+
+def test_half_parameters_on_numba_are_refused_and_auto_picks_torch_on_the_cpu():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match=r"numba backend updates float32, float64 parameters.*"
+                                        r"torch.bfloat16.*backend='torch'"):
+        EvolvedOptimizer([p], zoo.adam(), 1e-3, backend="numba")
+    opt = EvolvedOptimizer([p], zoo.adam(), 1e-3)
+    p.grad = torch.ones(3, dtype=torch.bfloat16)
+    opt.step()
+    assert opt._arenas[0].kernel.backend == "torch" and p.dtype == torch.bfloat16
+
+
+def test_a_group_of_mixed_dtypes_is_refused_with_the_fix():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"one dtype.*torch.float32.*torch.float64.*separate"):
+        EvolvedOptimizer([a, b], zoo.adam(), 1e-3)
+    EvolvedOptimizer([{"params": [a]}, {"params": [b]}], zoo.adam(), 1e-3)
+
+
+def test_half_parameters_save_and_load_their_float32_states_exactly():
+    """torch's load_state_dict casts state to the parameter's dtype; float32 states of bfloat16
+    parameters must come back unrounded, so a resumed run continues bit for bit."""
+    def make():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(7).to(torch.bfloat16))]
+
+    def steps(params, opt, k):
+        for step in k:
+            params[0].grad = torch.randn(7, generator=torch.Generator().manual_seed(step)).to(
+                torch.bfloat16)
+            opt.step()
+
+    ref = make()
+    opt_ref = EvolvedOptimizer(ref, zoo.adam(), 1e-2, backend="torch")
+    steps(ref, opt_ref, range(6))
+    first = make()
+    opt_first = EvolvedOptimizer(first, zoo.adam(), 1e-2, backend="torch")
+    steps(first, opt_first, range(3))
+    saved = opt_first.state_dict()
+    resumed = [torch.nn.Parameter(first[0].detach().clone())]
+    opt_resumed = EvolvedOptimizer(resumed, zoo.adam(), 1e-2, backend="torch")
+    opt_resumed.load_state_dict(saved)
+    assert opt_resumed.state[resumed[0]]["beta"].dtype == torch.float32
+    steps(resumed, opt_resumed, range(3, 6))
+    assert torch.equal(resumed[0], ref[0])

@@ -417,8 +417,10 @@ def markdown(report: dict) -> str:
     lines += ["", "Programs (`lr` is the tuned value; compare.json has every program as run):", ""]
     for row in report["rows"]:
         if row["role"] == "candidate":
+            scaled = "" if Program.parse(row["program"]).reads_lr else \
+                ", its weight update scaled by the tuned factor (EvolvedOptimizer's lr)"
             lines += [f"- {row['name']} ({row['source']}), run as: "
-                      f"`{'; '.join(row['program'].splitlines())}`"]
+                      f"`{'; '.join(row['program'].splitlines())}`{scaled}"]
         else:
             lines += [f"- {row['name']}: {row['source']}"]
     s = report["seconds"]

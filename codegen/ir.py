@@ -11,7 +11,10 @@ ALR programs update three state tensors and the weight, in this order, every op 
     sigma  <- sigma  - Fs(alpha, beta, sigma, grad)   # new alpha, new beta
     weight <- weight - Fw(alpha, beta, sigma, grad)   # all three new
 
-Every expression may also read the scalar runtime input ``lr``.
+Every expression may also read the scalar runtime input ``lr``. A program that never reads it
+(after dead code is dropped: see `Program.reads_lr`) has its weight update scaled by it instead,
+``weight <- weight - lr * Fw``, so that ``lr`` (1.0 by default: the evolved step unchanged) and the
+LR schedulers that drive it act on every program; one that reads it uses it where it reads it.
 """
 
 from __future__ import annotations
@@ -400,6 +403,13 @@ class Program:
         construction (folded constants, operand order, dead states)."""
         return _digest("program\n" + self.canonical_text)
 
+    @cached_property
+    def reads_lr(self) -> bool:
+        """Whether the canonical program reads `lr`; one that does not has its weight update
+        scaled by `lr` when it runs (see the module docstring)."""
+        c = self.canonical()
+        return any("lr" in variables(getattr(c, t)) for t in TARGETS)
+
     def reads_grad_in_weight(self) -> bool:
         """Whether `grad` can reach the weight update, directly or through a live state."""
         c = self.canonical()
@@ -412,7 +422,8 @@ def reference_step(program: Program, weight, grad, state: Mapping[str, object] |
     """One optimizer step by the reference semantics; pure (returns new arrays).
 
     `state` maps alpha/beta/sigma to arrays (or scalars); missing states start at 0.
-    Returns (new_weight, new_state) with every state of the program's targets.
+    Returns (new_weight, new_state) with every state of the program's targets. A program that
+    never reads `lr` has its weight update multiplied by it, as the kernels do.
     """
     dt = np.dtype(dtype)
     env: dict[str, object] = {"grad": np.asarray(grad, dt), "lr": dt.type(lr)}
@@ -426,8 +437,9 @@ def reference_step(program: Program, weight, grad, state: Mapping[str, object] |
                 env[s] = np.asarray(env[s] - evaluate(delta, env, dt), dt)
     w = np.asarray(weight, dt)
     if program.weight is not None:
+        delta = program.weight if program.reads_lr else Call("mul", (Var("lr"), program.weight))
         with np.errstate(all="ignore"):
-            w = np.asarray(w - evaluate(program.weight, env, dt), dt)
+            w = np.asarray(w - evaluate(delta, env, dt), dt)
     return w, {s: env[s] for s in STATES}
 
 

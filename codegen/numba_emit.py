@@ -3,16 +3,18 @@ same loop without threads for one-thread processes (`kernel_fn` picks).
 
 `error_model='numpy'` so that division and sqrt give IEEE results instead of raising, and no
 `fastmath`: it assumes no NaN/inf, which would break divide-no-NaN and NaN propagation.
-Every value is float32 (`f32(...)` around constants and scalars): a bare Python float would
-promote the whole expression to float64 and halve the throughput.
+Every value has the plan's compute dtype (`f32(...)` around constants and scalars; `f64(...)` in a
+float64 module): a bare Python float would promote a float32
+expression to float64 and halve the throughput. Numba has no float16/bfloat16 arithmetic, so those
+plans are the torch and Triton backends' (kernels.runtime refuses them here).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from codegen.ir import Const, Program, format_float
-from codegen.lower import Assign, KernelPlan, lower
+from codegen.ir import Const, Program
+from codegen.lower import Assign, KernelPlan, literal, lower
 
 # op -> expression template over rendered operands; all scalar float32.
 TEMPLATES: dict[str, str] = {
@@ -69,25 +71,29 @@ def _sign(a):
 '''
 
 
-def _const(c: Const) -> str:
-    text = format_float(c.value)
-    return {"nan": "NAN", "inf": "INF", "-inf": "-INF"}.get(text, f"f32({text})")
+def _const(c: Const, real: str = "f32") -> str:
+    text = literal(c.value, wide=real == "f64")
+    return {"nan": "NAN", "inf": "INF", "-inf": "-INF"}.get(text, f"{real}({text})")
 
 
-def _render(step: Assign) -> str:
-    args = [_const(a) if isinstance(a, Const) else a for a in step.args]
+def _render(step: Assign, real: str = "f32") -> str:
+    args = [_const(a, real) if isinstance(a, Const) else a for a in step.args]
     return f"{step.name} = {TEMPLATES[step.op].format(*args)}"
 
 
 def emit(program: Program | KernelPlan) -> str:
     """The source of a module defining `kernel(weight, grad, *tensor_states, lr, *scalar_states)`
-    over 1-D float32 numpy arrays, `kernel_serial` (the same without threads), plus
-    TENSOR_STATES / SCALAR_STATES."""
+    over 1-D numpy arrays of the plan's dtype (float32 or float64), `kernel_serial` (the same
+    without threads), plus TENSOR_STATES / SCALAR_STATES."""
     plan = program if isinstance(program, KernelPlan) else lower(program)
+    if plan.dtype not in ("float32", "float64"):
+        raise ValueError(f"the numba backend has no {plan.dtype} arithmetic")
     buffers = ("weight", "grad") + plan.tensor_states
-    params = [f"{b}_buf" for b in buffers] + ["lr", *plan.scalar_states]
+    params = [f"{b}_buf" for b in buffers] + list(plan.scalars)
+    real = "f64" if plan.dtype == "float64" else "f32"
+    prelude = PRELUDE.replace("float32 as f32", f"{plan.dtype} as {real}").replace("f32(", real + "(")
     out = ["# " + line for line in plan.header("numba")]
-    out += ["", PRELUDE, f"TENSOR_STATES = {plan.tensor_states!r}",
+    out += ["", prelude, f"TENSOR_STATES = {plan.tensor_states!r}",
             f"SCALAR_STATES = {plan.scalar_states!r}", "", ""]
     # Two copies of one loop: `kernel` splits it over Numba's threads; `kernel_serial` is for
     # processes that run one thread (evaluation workers), where prange has nothing to share and
@@ -98,10 +104,11 @@ def emit(program: Program | KernelPlan) -> str:
             ("kernel", "parallel=True, ", "numba.prange"), ("kernel_serial", "", "range")):
         out.append(f'@numba.njit({decorator}error_model="numpy", cache=True)')
         out.append(f"def {name}({', '.join(params)}):")
-        for scalar in ("lr", *plan.scalar_states):
-            out.append(f"    {scalar} = f32({scalar})")
+        for scalar in plan.scalars:
+            out.append(f"    {scalar} = {real}({scalar})")
         out.append(f"    for i in {loop}(weight_buf.shape[0]):")
-        out += plan.body("        ", "{name} = {name}_buf[i]", _render, "{name}_buf[i] = {name}")
+        out += plan.body("        ", "{name} = {name}_buf[i]", lambda step: _render(step, real),
+                         "{name}_buf[i] = {name}")
         out += ["", ""]
     return "\n".join(out[:-2]) + "\n"
 

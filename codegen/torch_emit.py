@@ -1,13 +1,17 @@
 """torch backend: the reference implementation in eager elementwise ops.
 
-No compile step and exact float32 semantics; slow (one pass over memory per op), which is why the
-Numba and Triton backends exist. `torch.sign(NaN)` is 0, so sign is special-cased to keep NaN.
+No compile step and exact float32 (or float64) semantics; slow (one pass over memory per op),
+which is why the Numba and Triton backends exist. `torch.sign(NaN)` is 0, so sign is special-cased
+to keep NaN. One kernel serves every dtype of DTYPES, on any device, deciding at run time (so the
+standalone best_optimizer.py gets them all from one function): float64 weights compute in float64;
+float16/bfloat16 weights and gradients are widened to float32 on load and the weight rounded back
+once, by the final copy.
 """
 
 from __future__ import annotations
 
-from codegen.ir import Const, Program, format_float
-from codegen.lower import Assign, KernelPlan, lower
+from codegen.ir import Const, Program
+from codegen.lower import Assign, KernelPlan, literal, lower
 
 TEMPLATES: dict[str, str] = {
     "neg": "torch.neg({0})",
@@ -29,10 +33,12 @@ TEMPLATES: dict[str, str] = {
 
 def emit(program: Program | KernelPlan) -> str:
     """The source of a module with `kernel(weight, grad, *tensor_states, lr, *scalar_states)`
-    over float32 torch tensors of one shape, on any device."""
+    (and `decay` last, for a decay plan) over torch tensors of one shape, on any device: the
+    weight and grad of one dtype, the states of its compute dtype (float64 for float64, else
+    float32)."""
     plan = program if isinstance(program, KernelPlan) else lower(program)
     buffers = ("weight", "grad") + plan.tensor_states
-    scalars = ("lr",) + plan.scalar_states
+    scalars = plan.scalars
     consts = {c: f"c{i}" for i, c in enumerate(plan.constants)}
 
     def render(step: Assign) -> str:
@@ -43,14 +49,18 @@ def emit(program: Program | KernelPlan) -> str:
     out += ["", "import torch", "", f"TENSOR_STATES = {plan.tensor_states!r}",
             f"SCALAR_STATES = {plan.scalar_states!r}", "", ""]
     out.append(f"def kernel({', '.join(f'{b}_buf' for b in buffers)}, {', '.join(scalars)}):")
+    out.append("    real = torch.float64 if weight_buf.dtype == torch.float64 else torch.float32")
+    out.append("")
     out.append("    def scalar(value):")
-    out.append("        # 0-d float32 tensors: every op sees tensors, so float32 semantics hold.")
-    out.append("        return torch.full((), value, dtype=torch.float32, device=weight_buf.device)")
+    out.append("        # 0-d tensors of the compute dtype: every op sees tensors, so its semantics "
+               "hold.")
+    out.append("        return torch.full((), value, dtype=real, device=weight_buf.device)")
     out.append("")
     out += [f"    {s} = scalar({s})" for s in scalars]
     for const, name in consts.items():
-        text = format_float(const.value)
-        literal = f"float({text!r})" if text in ("nan", "inf", "-inf") else text
-        out.append(f"    {name} = scalar({literal})")
-    out += plan.body("    ", "{name} = {name}_buf", render, "{name}_buf.copy_({name})")
+        text = literal(const.value, wide=True)  # the one kernel serves float64 too
+        text = f"float({text!r})" if text in ("nan", "inf", "-inf") else text
+        out.append(f"    {name} = scalar({text})")
+    # .to(real) widens a float16/bfloat16 weight or grad and returns any other buffer itself.
+    out += plan.body("    ", "{name} = {name}_buf.to(real)", render, "{name}_buf.copy_({name})")
     return "\n".join(out) + "\n"

@@ -3,12 +3,17 @@
 Only `tl` functions are used: libdevice calls fail in the interpreter (TRITON_INTERPRET=1), which
 is how the CPU tests run these kernels. Triton has no pow that works there, so `_pow` builds C's
 pow from exp2/log2 with the sign and special cases spelled out.
+
+float16/bfloat16 weights and gradients are widened to float32 on load, and the store rounds the
+weight back once (to nearest even on a GPU; Triton's interpreter truncates to bfloat16, so on the
+CPU a bfloat16 weight can land one unit in the last place off torch's); a float64 plan computes in float64, its scalar arguments typed float64 (Triton would
+otherwise pass a Python float as float32).
 """
 
 from __future__ import annotations
 
-from codegen.ir import Const, Program, format_float
-from codegen.lower import Assign, KernelPlan, lower
+from codegen.ir import Const, Program
+from codegen.lower import Assign, KernelPlan, literal, lower
 
 TEMPLATES: dict[str, str] = {
     "neg": "-{0}",
@@ -61,34 +66,43 @@ def _const_name(index: int) -> str:
 
 def emit(program: Program | KernelPlan) -> str:
     """The source of a module with `kernel(weight, grad, *tensor_states, lr, *scalar_states)`
-    over 1-D contiguous float32 torch tensors (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    (and `decay` last, for a decay plan) over 1-D contiguous torch tensors (CUDA, or CPU under
+    TRITON_INTERPRET=1): the weight and grad of the plan's dtype, the states of its compute
+    dtype."""
     plan = program if isinstance(program, KernelPlan) else lower(program)
     buffers = ("weight", "grad") + plan.tensor_states
-    scalars = ("lr",) + plan.scalar_states
+    scalars = plan.scalars
+    real = f"tl.{plan.compute_dtype}"
+    typed = plan.compute_dtype == "float64"
     consts = {c: _const_name(i) for i, c in enumerate(plan.constants)}
 
     def render(step: Assign) -> str:
         args = [consts[a] if isinstance(a, Const) else a for a in step.args]
-        return f"{step.name} = {TEMPLATES[step.op].format(*args)}"
+        template = TEMPLATES[step.op]
+        if typed:  # sqrt_rn is float32 only; float64 sqrt is correctly rounded as it is
+            template = template.replace("tl.sqrt_rn(", "tl.sqrt(")
+        return f"{step.name} = {template.format(*args)}"
 
     out = ["# " + line for line in plan.header("triton")]
     out += ["", PRELUDE, f"TENSOR_STATES = {plan.tensor_states!r}",
             f"SCALAR_STATES = {plan.scalar_states!r}", "", ""]
     out.append("@triton.jit")
-    params = [f"{b}_ptr" for b in buffers] + list(scalars) + ["n", "BLOCK_SIZE: tl.constexpr"]
+    params = [f"{b}_ptr" for b in buffers] + [f"{s}: tl.float64" if typed else s for s in scalars]
+    params += ["n", "BLOCK_SIZE: tl.constexpr"]
     out.append(f"def _update({', '.join(params)}):")
     out.append("    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)")
     out.append("    mask = offsets < n")
     for scalar in scalars:
-        # Scalars and constants as float32 blocks: every op sees same-shaped tensors.
-        # (times ones, not plus zeros: -0.0 + 0.0 would lose the sign of zero)
-        out.append(f"    {scalar} = tl.full((BLOCK_SIZE,), 1.0, tl.float32) * {scalar}")
+        # Scalars and constants as blocks of the compute dtype: every op sees same-shaped
+        # tensors. (times ones, not plus zeros: -0.0 + 0.0 would lose the sign of zero)
+        out.append(f"    {scalar} = tl.full((BLOCK_SIZE,), 1.0, {real}) * {scalar}")
     for const, name in consts.items():
-        value = format_float(const.value)
-        literal = {"inf": "INF", "-inf": "-INF", "nan": "NAN"}.get(value, value)
-        out.append(f"    {name} = tl.full((BLOCK_SIZE,), {literal}, tl.float32)")
+        value = literal(const.value, wide=typed)
+        value = {"inf": "INF", "-inf": "-INF", "nan": "NAN"}.get(value, value)
+        out.append(f"    {name} = tl.full((BLOCK_SIZE,), {value}, {real})")
     out += plan.body("    ", "{name} = tl.load({name}_ptr + offsets, mask=mask)", render,
-                     "tl.store({name}_ptr + offsets, {name}, mask=mask)")
+                     "tl.store({name}_ptr + offsets, {name}, mask=mask)",
+                     widen="{name} = tl.load({name}_ptr + offsets, mask=mask).to(tl.float32)")
     out += ["", ""]
     out.append(f"def kernel({', '.join(buffers + scalars)}):")
     out.append("    n = weight.numel()")

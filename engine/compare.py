@@ -4,14 +4,16 @@ A fair answer needs the same treatment for everyone, so every optimizer in the t
 the same three steps:
 
 1. Tune: one number per optimizer, its step size, by Optuna's TPE sampler with the same number
-   of trials and the same log-uniform range for all. Each optimizer's sampler has its own seed,
-   derived from the run seed and the optimizer's name (stable across runs): with one shared seed
-   every row would try the same first values, and tuned values would repeat across rows by
-   construction rather than by merit. A tuned value within 5% of the log-range of either end is
-   flagged in the table: the best value may lie outside the range. For Adam, RMSprop and Nesterov
-   it is the learning rate; for an evolved program (whose step size comes from its own evolved
-   constants) it is a global factor on its weight update, run as ``weight: mul(lr, E)``; ADES and
-   Sign, themselves evolved, are scaled by their ``lr`` the same way. Each trial trains once (a
+   of trials and the same log-uniform range for all: the optimizer's own ``lr``. Each optimizer's
+   sampler has its own seed, derived from the run seed and the optimizer's name (stable across
+   runs): with one shared seed every row would try the same first values, and tuned values would
+   repeat across rows by construction rather than by merit. A tuned value within 5% of the
+   log-range of either end is flagged in the table: the best value may lie outside the range. For
+   Adam, AdamW, Lion, RMSprop and Nesterov it is the learning rate; an evolved program (whose step
+   size comes from its own evolved constants) never reads ``lr``, so EvolvedOptimizer scales its
+   weight update by it, a global step factor; ADES and Sign, themselves evolved, read ``lr`` as
+   that factor. AdamW's weight decay is not tuned: it stays at torch.optim.AdamW's default, 0.01
+   (one tuned number per optimizer keeps the budget the same for all). Each trial trains once (a
    fixed tuning seed) and scores the best validation accuracy: tuning never sees the test split,
    which is loaded only in step 2.
 2. Train N seeds (initial weights, batch order, dropout) with the tuned value; every run trains
@@ -52,25 +54,27 @@ from pathlib import Path
 
 import numpy as np
 
-from codegen.ir import Call, ParseError, Program, Var, variables
+from codegen.ir import ParseError, Program
 from engine import heldout, stats
 from engine.cli import Parser, UsageError, positive_int
 from engine.heldout import CompareTask
 from engine.tasks import FLOOR_FITNESS, derive_seed
 
 __all__ = ["BASELINES", "LR_RANGE", "Contender", "Settings", "UsageError", "baseline",
-           "candidate", "main", "resolve_program", "run_compare", "sampler_seed",
-           "step_factor_program"]
+           "candidate", "main", "resolve_program", "run_compare", "sampler_seed"]
 
 FORMAT, VERSION = "autolr-compare", 2  # 2: "comparisons" replace each row's vs/delta/p
-# Lion by default, next to Adam. Adagrad and AdaBelief are one `--optimizers` away rather than in
-# every table: each row costs its own tuning budget (trials + seeds trainings), and neither adds a
-# new kind of update to the default set (AdaBelief is Adam with a centred second moment, Adagrad
-# RMSprop without forgetting).
-BASELINES = ("adam", "lion", "rmsprop", "nesterov", "ades", "sign")
+# AdamW and Lion by default, next to Adam. Adagrad and AdaBelief are one `--optimizers` away
+# rather than in every table: each row costs its own tuning budget (trials + seeds trainings), and
+# neither adds a new kind of update to the default set (AdaBelief is Adam with a centred second
+# moment, Adagrad RMSprop without forgetting).
+BASELINES = ("adam", "adamw", "lion", "rmsprop", "nesterov", "ades", "sign")
+# Baselines that are a zoo program with decoupled weight decay: key -> (zoo key, weight decay).
+# 0.01 is torch.optim.AdamW's default, kept fixed (only lr is tuned, as for every row).
+WEIGHT_DECAY = {"adamw": ("adam", 0.01)}
 LR_RANGE = (1e-5, 10.0)  # log-uniform, the same for every optimizer
-NAMES = {"adam": "Adam", "rmsprop": "RMSprop", "nesterov": "Nesterov", "ades": "ADES",
-         "sign": "Sign", "sgd": "SGD", "momentum": "Momentum", "lion": "Lion",
+NAMES = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "nesterov": "Nesterov",
+         "ades": "ADES", "sign": "Sign", "sgd": "SGD", "momentum": "Momentum", "lion": "Lion",
          "adagrad": "Adagrad", "adabelief": "AdaBelief"}
 _TUNE, _FINAL, _SAMPLER, _BOOTSTRAP = 11, 12, 13, 14  # seed purposes
 ALPHA = 0.05  # family-wise error rate of a table (Holm)
@@ -91,36 +95,33 @@ class Contender:
     role: str
     tuned: str  # "learning rate" or "step factor"
     source: str = ""  # where it came from: a run summary, a file, "text", a zoo call
-
-
-def step_factor_program(program: Program) -> Program:
-    """The program with its weight update multiplied by `lr`: ``weight: mul(lr, E)``.
-
-    A program that already reads `lr` (every zoo program, ADES and Sign included) already has
-    its step factor and is returned as it is; so is one with no weight update."""
-    reads_lr = any("lr" in variables(e) for e in program.deltas().values() if e is not None)
-    if reads_lr or program.weight is None:
-        return program
-    return dataclasses.replace(program, weight=Call("mul", (Var("lr"), program.weight)))
+    weight_decay: float = 0.0  # EvolvedOptimizer's (decoupled), fixed while lr is tuned
 
 
 def candidate(program: Program, source: str = "text") -> Contender:
-    """The row of a program under test: named by its hash, scaled by the tuned step factor."""
-    return Contender(name=f"evolved {program.hash[:8]}", program=str(step_factor_program(program)),
+    """The row of a program under test: named by its hash. Its tuned `lr` is a step factor:
+    EvolvedOptimizer scales the weight update of a program that never reads `lr` by it."""
+    return Contender(name=f"evolved {program.hash[:8]}", program=str(program),
                      role="candidate", tuned="step factor", source=source)
 
 
 def baseline(key: str) -> Contender:
     from kernels import zoo
 
-    if key not in zoo.ZOO:
-        raise UsageError(f"unknown optimizer {key!r}; choose from: {', '.join(zoo.ZOO)}")
-    human = key in ("sgd", "momentum", "nesterov", "rmsprop", "adam", "lion", "adagrad",
-                    "adabelief")
-    return Contender(name=NAMES.get(key, key), program=str(zoo.ZOO[key]()), role="baseline",
-                     tuned="learning rate" if human else "step factor",
-                     source=f"kernels.zoo.{key}() (its defaults for the other settings)"
-                     if human else f"kernels.zoo.{key}() (its constants as evolved)")
+    zoo_key, weight_decay = WEIGHT_DECAY.get(key, (key, 0.0))
+    if zoo_key not in zoo.ZOO:
+        raise UsageError(f"unknown optimizer {key!r}; choose from: "
+                         f"{', '.join([*zoo.ZOO, *WEIGHT_DECAY])}")
+    human = zoo_key in ("sgd", "momentum", "nesterov", "rmsprop", "adam", "lion", "adagrad",
+                        "adabelief")
+    source = f"kernels.zoo.{zoo_key}() (its defaults for the other settings)" if human else \
+        f"kernels.zoo.{zoo_key}() (its constants as evolved)"
+    if weight_decay:
+        source = (f"kernels.zoo.{zoo_key}() with weight_decay={weight_decay:g} (decoupled, "
+                  "torch.optim.AdamW's default; not tuned), its defaults for the rest")
+    return Contender(name=NAMES.get(key, key), program=str(zoo.ZOO[zoo_key]()), role="baseline",
+                     tuned="learning rate" if human else "step factor", source=source,
+                     weight_decay=weight_decay)
 
 
 def resolve_program(arg: str) -> tuple[Program, str]:
@@ -202,7 +203,7 @@ class SeedJob:
     index: int
 
 
-def _train(settings: Settings, program: str, lr: float, init_seed: int, fit_seed: int):
+def _train(settings: Settings, contender: Contender, lr: float, init_seed: int, fit_seed: int):
     """One training run on the train split, validated on the validation split. No test data."""
     from engine.training import fit
     from kernels import EvolvedOptimizer
@@ -210,7 +211,8 @@ def _train(settings: Settings, program: str, lr: float, init_seed: int, fit_seed
     task = settings.task
     splits = heldout.train_val(task, settings.seed)
     model = task.build_model(init_seed)
-    optimizer = EvolvedOptimizer(model.parameters(), program, backend=settings.backend, lr=lr)
+    optimizer = EvolvedOptimizer(model.parameters(), contender.program, lr,
+                                 weight_decay=contender.weight_decay, backend=settings.backend)
     result = fit(model, optimizer, splits.train, splits.val, seed=fit_seed,
                  batch_size=task.batch_size, max_epochs=task.epochs, patience=task.epochs,
                  monitor="val_acc", eval_batch=task.eval_batch)
@@ -231,7 +233,7 @@ def tune(job: TuneJob) -> dict:
     for _ in range(s.trials):
         trial = study.ask()
         lr = trial.suggest_float("lr", *s.lr_range, log=True)
-        _, result = _train(s, job.contender.program, lr, _seed(s, _TUNE, 0), _seed(s, _TUNE, 1))
+        _, result = _train(s, job.contender, lr, _seed(s, _TUNE, 0), _seed(s, _TUNE, 1))
         value = FLOOR_FITNESS if result.reason else max(result.val_acc, default=FLOOR_FITNESS)
         study.tell(trial, value)
         trials.append({"lr": lr, "val_acc": value, "reason": result.reason})
@@ -249,7 +251,7 @@ def train_seed(job: SeedJob) -> dict:
 
     s = job.settings
     start = time.perf_counter()
-    model, result = _train(s, job.contender.program, job.lr, _seed(s, _FINAL, 2 * job.index),
+    model, result = _train(s, job.contender, job.lr, _seed(s, _FINAL, 2 * job.index),
                            _seed(s, _FINAL, 2 * job.index + 1))
     test_acc = FLOOR_FITNESS
     if result.reason is None:
@@ -287,7 +289,8 @@ def run_compare(contenders: Sequence[Contender], settings: Settings, workers: in
     """
     start = time.perf_counter()
     rows = [{"name": c.name, "role": c.role, "tuned": c.tuned, "program": c.program,
-             "source": c.source, "failed": None, "tuning": None, "lr": None, "seeds": []}
+             "source": c.source, "weight_decay": c.weight_decay, "failed": None,
+             "tuning": None, "lr": None, "seeds": []}
             for c in contenders]
     with _executor(workers) as executor:
         jobs = [TuneJob(settings, c) for c in contenders]
@@ -476,8 +479,10 @@ def markdown(report: dict) -> str:
     lines += ["", "Programs (`lr` is the tuned value; compare.json has every program as run):", ""]
     for row in report["rows"]:
         if row["role"] == "candidate":
+            scaled = "" if Program.parse(row["program"]).reads_lr else \
+                ", its weight update scaled by the tuned factor (EvolvedOptimizer's lr)"
             lines += [f"- {row['name']} ({row['source']}), run as: "
-                      f"`{'; '.join(row['program'].splitlines())}`"]
+                      f"`{'; '.join(row['program'].splitlines())}`{scaled}"]
         else:
             lines += [f"- {row['name']}: {row['source']}"]
     s = report["seconds"]

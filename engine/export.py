@@ -21,11 +21,13 @@ from codegen.lower import lower
 __all__ = ["render_alr", "render_dlr", "write_best_optimizer"]
 
 
-def write_best_optimizer(path: str | Path, mode: str, text: str, *, about: str) -> Path:
+def write_best_optimizer(path: str | Path, mode: str, text: str, *, about: str,
+                         lr: float = 1.0) -> Path:
     """Write the standalone file for ``text`` (a program or schedule); ``about`` is a paragraph
-    for its docstring (where it came from, its fitness against the baseline)."""
+    for its docstring (where it came from, its fitness against the baseline); ``lr`` is the ALR
+    optimizer's default learning rate (1.0: the evolved step as it is)."""
     source = render_dlr(Schedule.parse(text), about) if mode == "dlr" else \
-        render_alr(Program.parse(text), about)
+        render_alr(Program.parse(text), about, lr)
     path = Path(path)
     path.write_text(source, encoding="utf-8")
     return path
@@ -52,8 +54,10 @@ def _string_literal(text: str, *, continued: bool = False) -> str:
 # -- ALR: an optimizer class -------------------------------------------------------------------
 
 
-def render_alr(program: Program, about: str) -> str:
-    plan = lower(program)
+def render_alr(program: Program, about: str, lr: float = 1.0) -> str:
+    # The decay kernel, called with decay = 1 when there is no weight decay (x * 1 is exact):
+    # one kernel in the file instead of two.
+    plan = lower(program, decay=True)
     canonical = plan.program
     tensors, scalars = plan.tensor_states, plan.scalar_states
     math_lines = []
@@ -61,17 +65,22 @@ def render_alr(program: Program, about: str) -> str:
         delta = getattr(canonical, target)
         if delta is not None and (target == "weight" or target in tensors + scalars):
             name = "p" if target == "weight" else target
+            if target == "weight":
+                math_lines.append("p     <- p * (1 - lr * weight_decay)")
+                delta = delta if canonical.reads_lr else f"lr * {delta}"
             math_lines.append(f"{name:<6}<- {name} - {delta}")
     state_doc = _state_doc(tensors, scalars)
     doc = (f"The best optimizer of an AutoLR run, as a standalone torch optimizer.\n\n"
            f"{about}\n\n"
-           "The update, elementwise in float32 for every parameter p with gradient g (written\n"
-           "`grad`); the states start at 0 and are updated in this order, each line seeing the new\n"
-           "values of the lines above it:\n\n"
+           "The update, elementwise for every parameter p with gradient g (written `grad`,\n"
+           "negated under maximize=True); the states start at 0 and are updated in this order,\n"
+           "each line seeing the new values of the lines above it:\n\n"
            + textwrap.indent("\n".join(math_lines), "    ") + "\n\n"
            f"{state_doc}\n\n"
            "The program (AutoLR's text form, canonical):\n\n"
            + textwrap.indent(str(canonical), "    ") + "\n\n"
+           "The math is float32 (float64 for float64 parameters; float16/bfloat16 parameters\n"
+           "are widened to float32 and rounded back once per step, their states float32).\n"
            "Needs only torch. Where numba imports, CPU float32 parameters are updated by one\n"
            "fused Numba loop per parameter (the kernel AutoLR evaluated the program with);\n"
            "elsewhere by the same math in torch ops, on any device.\n\n"
@@ -96,6 +105,7 @@ def render_alr(program: Program, about: str) -> str:
         numba_helpers=textwrap.indent(prelude.strip() + "\n\n\n" + numba_kernel.strip(), "    "),
         advance=advance,
         params=params,
+        lr=float(lr),
     )
 
 
@@ -108,7 +118,8 @@ def _state_doc(tensors: tuple[str, ...], scalars: tuple[str, ...]) -> str:
                      f"{', '.join(scalars)}.")
     if not parts:
         parts.append("No state: the update reads only the gradient.")
-    parts.append("`lr` is the constructor's lr (default 1.0); evolved programs seldom read it.")
+    parts.append("`lr` is the constructor's lr (default DEFAULT_LR); a program that never reads it "
+                 "has its\nweight update scaled by it, so LR schedulers drive every program.")
     return "\n".join(parts)
 
 
@@ -157,11 +168,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BestOptimizer", "PROGRAM"]
+__all__ = ["BestOptimizer", "DEFAULT_LR", "PROGRAM"]
 
 PROGRAM = {program}
 TENSOR_STATES = {tensors}
 SCALAR_STATES = {scalars}
+DEFAULT_LR = {lr!r}
 
 
 def _f32(value):
@@ -208,21 +220,36 @@ class BestOptimizer(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups, as for any torch optimizer.
-        lr: the value of the program's `lr` input (default 1.0: evolved programs carry their own
-            step sizes); kept in ``param_groups[i]['lr']`` so LR schedulers can drive it.
+        lr: the learning rate, kept in ``param_groups[i]['lr']`` so LR schedulers drive it. A
+            program that reads `lr` uses it where it reads it; one that never reads it has its
+            weight update scaled by it (DEFAULT_LR: the step AutoLR evaluated).
+        weight_decay: decoupled weight decay, as torch.optim.AdamW's: ``p *= 1 - lr *
+            weight_decay`` before the update.
+        maximize: maximize the objective (the gradient negated), as torch's ``maximize``.
         backend: "auto" (numba for CPU float32 tensors when numba imports, else torch ops),
             "numba" or "torch".
     """
 
-    def __init__(self, params, lr: float = 1.0, backend: str = "auto"):
-        if not lr >= 0.0:
+    def __init__(self, params, lr: float = DEFAULT_LR, weight_decay: float = 0.0,
+                 maximize: bool = False, backend: str = "auto"):
+        if not 0.0 <= lr < float("inf"):
             raise ValueError(f"invalid learning rate: {{lr}}")
+        if not 0.0 <= weight_decay < float("inf"):
+            raise ValueError(f"invalid weight_decay value: {{weight_decay}}")
+        if not isinstance(maximize, bool):
+            raise ValueError(f"maximize must be True or False, not {{maximize!r}}")
         if backend not in ("auto", "numba", "torch"):
             raise ValueError(f"backend must be 'auto', 'numba' or 'torch', not {{backend!r}}")
         if backend == "numba" and _numba_update is None:
             raise ValueError("backend='numba' needs numba installed (pip install numba)")
         self.backend = backend
-        super().__init__(params, dict(lr=lr))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, maximize=maximize))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # saved by a version without these options
+            group.setdefault("weight_decay", 0.0)
+            group.setdefault("maximize", False)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -232,26 +259,30 @@ class BestOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr = float(group["lr"])
+            decay = 1.0 - lr * group["weight_decay"]  # exactly 1.0 without weight decay
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("BestOptimizer does not support sparse gradients")
+                grad = -p.grad if group["maximize"] else p.grad
                 state = self.state[p]
                 if not state:
+                    real = torch.float64 if p.dtype == torch.float64 else torch.float32
                     for name in TENSOR_STATES:
-                        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state[name] = torch.zeros_like(p, dtype=real,
+                                                       memory_format=torch.preserve_format)
                     for name in SCALAR_STATES:
                         state[name] = torch.zeros((), dtype=torch.float32)
                 scalars = _advance(lr, *(float(state[name]) for name in SCALAR_STATES))
                 tensors = [state[name] for name in TENSOR_STATES]
-                if not self._numba_step(p, p.grad, tensors, lr, scalars):
-                    _torch_update(p, p.grad, *tensors, lr, *scalars)
+                if not self._numba_step(p, grad, tensors, lr, scalars, decay):
+                    _torch_update(p, grad, *tensors, lr, *scalars, decay)
                 for name, value in zip(SCALAR_STATES, scalars):
                     state[name].fill_(value)
         return loss
 
-    def _numba_step(self, p, grad, tensors, lr, scalars) -> bool:
+    def _numba_step(self, p, grad, tensors, lr, scalars, decay) -> bool:
         """Run the fused Numba loop when it applies; False to fall back to torch ops."""
         if self.backend == "torch" or _numba_update is None:
             return False
@@ -262,7 +293,7 @@ class BestOptimizer(torch.optim.Optimizer):
         flat = [_flat(t) for t in group]
         if any(f is None for f in flat):
             return False
-        _numba_update(*(f.detach().numpy() for f in flat), lr, *scalars)
+        _numba_update(*(f.detach().numpy() for f in flat), lr, *scalars, decay)
         bump = getattr(torch.autograd.graph, "increment_version", None)
         if bump is not None:  # the arrays changed behind autograd's back
             bump(p)

@@ -1,7 +1,8 @@
 """The arena behind EvolvedOptimizer: one param group's flat buffers, and its step.
 
-Layout ("arena"): per param group, the parameters' `.data` become views of one flat float32
-buffer, and so do their gradients and every tensor state of the program. The generated kernels are
+Layout ("arena"): per param group, the parameters' `.data` become views of one flat buffer (of
+their dtype: one per group), and so do their gradients and every tensor state of the program (of
+the kernel's compute dtype: float32, or float64 for float64 parameters). The generated kernels are
 elementwise, so one launch over a contiguous range of the arena updates every parameter in that
 range: the common step is *one* launch for the whole group, whatever the number of tensors.
 
@@ -51,7 +52,8 @@ DIRECT_MIN = 1 << 16
 # Each parameter starts on a 64-byte boundary of the arena (16 float32): cache lines on the CPU,
 # and the alignment cuBLAS/cuDNN and Triton's vectorised loads want on a GPU. The few elements in
 # between belong to no parameter; launches sweep over them harmlessly.
-ALIGN = 16
+ALIGN_BYTES = 64
+ALIGN = ALIGN_BYTES // 4  # in float32 elements
 
 
 def host_scalar(value: float) -> torch.Tensor:
@@ -105,6 +107,7 @@ class Arena:
     groups: tuple[int, ...] | None = None  # which parameters share uniform states (None: all)
     advanced: dict = field(default_factory=dict)  # (old states, lr) -> new states, see advance
     last_lr: str = ""  # the lr (hex) of the last memo miss
+    options: tuple[bool, bool] = (False, False)  # the kernel's (maximize, decay)
 
     @property
     def grad(self) -> torch.Tensor:
@@ -116,22 +119,35 @@ class Arena:
         self.scalars_np: np.ndarray = self.scalars.numpy()
         program = self.kernel.plan.program
         self.uniform = tuple((s, getattr(program, s)) for s in self.scalar_states)  # (state, delta)
+        self.options = (self.kernel.plan.maximize, self.kernel.plan.decay)
+
+    def use(self, kernel: UpdateKernel) -> None:
+        """Run another variant of the program's kernel (maximize or weight decay switched on or
+        off by the user): same states and layout, so only the launch plans go."""
+        self.kernel = kernel
+        self.options = (kernel.plan.maximize, kernel.plan.decay)
+        self.plans.clear()
 
     @classmethod
     def build(cls, params: list[torch.Tensor], state: dict, kernel: UpdateKernel,
               scalar_states: tuple[str, ...]) -> "Arena":
-        device = params[0].device
+        device, dtype = params[0].device, params[0].dtype
+        itemsize = params[0].element_size()
+        align = ALIGN_BYTES // itemsize
         offsets, total = [], 0
         for p in params:
             offsets.append(total)
-            total = -(-(total + p.numel()) // ALIGN) * ALIGN
+            total = -(-(total + p.numel()) // align) * align
         names = ("weight", "grad") + kernel.tensor_states
-        buffers = {n: torch.zeros(total, dtype=torch.float32, device=device) for n in names}
+        state_dtype = getattr(torch, kernel.plan.compute_dtype)
+        buffers = {n: torch.zeros(total, dtype=dtype if n in ("weight", "grad") else state_dtype,
+                                  device=device) for n in names}
         # The uniform states of every parameter, on the host: row k holds scalar state k.
         scalars = torch.zeros((len(scalar_states), len(params)), dtype=torch.float32)
         slots = []
         for index, (p, offset) in enumerate(zip(params, offsets)):
-            slot = _Slot(p, index, offset, p.numel(), p.shape, _dense_strides(p), ptr=4 * offset)
+            slot = _Slot(p, index, offset, p.numel(), p.shape, _dense_strides(p),
+                         ptr=itemsize * offset)
             slot.views = {n: buffers[n].as_strided(p.shape, slot.stride, offset) for n in names}
             slot.views.update({s: scalars[k, index] for k, s in enumerate(scalar_states)})
             slot.state_views = [slot.views[s] for s in kernel.tensor_states + scalar_states]
@@ -204,34 +220,37 @@ class Arena:
 
     def _call(self, start: int, end: int) -> Callable[..., None]:
         """A launch over a fixed arena range, its buffers sliced once: `call(lr, scalars,
-        grad=None)`, where `grad` is a flat gradient outside the arena to read instead of the
-        arena's. For numba, the generated function itself on cached numpy views: the kernel ABI
-        (`kernel(weight, grad, *tensor states, lr, *scalar states)`) without UpdateKernel's
-        per-call conversions, which cost as much as a small parameter's update."""
+        grad=None, extra=())`, where `grad` is a flat gradient outside the arena to read instead
+        of the arena's and `extra` is `(decay,)` for a decay kernel. For numba, the generated
+        function itself on cached numpy views: the kernel ABI (`kernel(weight, grad, *tensor
+        states, lr, *scalar states, [decay])`) without UpdateKernel's per-call conversions, which
+        cost as much as a small parameter's update."""
         names = ("weight", "grad") + self.kernel.tensor_states
         views = [self.buffers[n][start:end] for n in names]
         if self.kernel.backend == "numba":
             module, order = self.kernel.module, self.scalar_states
             weight, grad, *states = [v.numpy() for v in views]
 
-            def call(lr: float, scalars: dict[str, float], outside: torch.Tensor | None = None
-                     ) -> None:
+            def call(lr: float, scalars: dict[str, float], outside: torch.Tensor | None = None,
+                     extra: tuple[float, ...] = ()) -> None:
                 g = grad if outside is None else outside.detach().numpy()
-                kernel_fn(module)(weight, g, *states, lr, *(scalars[s] for s in order))
+                kernel_fn(module)(weight, g, *states, lr, *(scalars[s] for s in order), *extra)
             return call
         named = dict(zip(names[2:], views[2:]))
-        return lambda lr, scalars, outside=None: self.kernel(
-            views[0], views[1] if outside is None else outside, named, lr, scalars)
+        kernel = self.kernel
+        return lambda lr, scalars, outside=None, extra=(): kernel(
+            views[0], views[1] if outside is None else outside, named, lr, scalars, *extra)
 
     def grad_slots(self, params: list[torch.Tensor]) -> set[int]:
         base = self.grad.data_ptr()
         return {i for i, slot in enumerate(self.slots) if slot.holds(slot.param.grad, base)}
 
-    def step(self, state: dict, lr: float, where: tuple[int, ...]) -> None:
+    def step(self, state: dict, lr: float, where: tuple[int, ...],
+             extra: tuple[float, ...] = ()) -> None:
         """Given the survey's `where`, place fresh gradients (creating missing state), then run
         the launch plan for that placement: one launch per run of neighbouring parameters that
         step together (gradient in the arena, same uniform states), one per large gradient
-        outside it.
+        outside it. `extra` is the decay kernel's `(decay,)`, else empty.
 
         Plans are cached by placement, so a step that looks like the last one (the common case,
         whichever zero_grad a loop uses) costs a few microseconds of Python per parameter on top
@@ -260,7 +279,7 @@ class Arena:
             new = self.advance(scalars[:, launch.first].tobytes(), lr) if self.scalar_states \
                 else {}
             if launch.end > launch.start:
-                self.launch(launch, outside.get(launch.first), lr, new)
+                self.launch(launch, outside.get(launch.first), lr, new, extra)
             for k, s in enumerate(self.scalar_states):
                 scalars[k, launch.first:launch.last + 1] = new[s]
         # After one launch over every parameter they all still agree; after anything else the
@@ -272,9 +291,9 @@ class Arena:
         _bump_versions(plan.params)
 
     def launch(self, launch: _Launch, grad: torch.Tensor | None, lr: float,
-               scalars: dict[str, float]) -> None:
+               scalars: dict[str, float], extra: tuple[float, ...] = ()) -> None:
         """One kernel launch; `grad` is the gradient when it lies outside the arena."""
-        launch.call(lr, scalars, grad)
+        launch.call(lr, scalars, grad, extra)
 
     def _place_gradients(self, state: dict, surveyed: tuple[int, ...]
                          ) -> tuple[tuple[int, ...], dict[int, torch.Tensor]]:
@@ -351,7 +370,7 @@ class _Launch:
     last: int
     group: int
     arena: bool
-    call: Callable[..., None] | None = None  # (lr, scalars, grad outside the arena or None)
+    call: Callable[..., None] | None = None  # (lr, scalars, grad outside or None, extra)
 
 
 @dataclass
@@ -373,7 +392,7 @@ def _check_grad(p: torch.Tensor, g: torch.Tensor) -> None:
         raise TypeError(f"EvolvedOptimizer needs dense gradients, got a {g.layout} gradient for a "
                         f"parameter of shape {tuple(p.shape)}: use dense gradients (e.g. "
                         "nn.Embedding(..., sparse=False)) or torch.optim.SparseAdam for this one")
-    if g.dtype != torch.float32 or g.device != p.device or g.shape != p.shape:
-        raise TypeError(f"a gradient must match its float32 parameter: got {g.dtype} "
-                        f"{tuple(g.shape)} on {g.device} for a parameter of shape "
-                        f"{tuple(p.shape)} on {p.device}")
+    if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+        raise TypeError(f"a gradient must match its parameter: got {g.dtype} {tuple(g.shape)} on "
+                        f"{g.device} for a {p.dtype} parameter of shape {tuple(p.shape)} on "
+                        f"{p.device}")

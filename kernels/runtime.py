@@ -20,19 +20,43 @@ from codegen.ir import Program
 from codegen.lower import KernelPlan, lower
 from codegen.numba_emit import kernel_fn
 
+# Parameter dtypes each backend updates (codegen.lower.DTYPES says how each computes). Numba has
+# no float16/bfloat16 arithmetic on the CPU.
+BACKEND_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
+    "numba": (torch.float32, torch.float64),
+    "torch": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
 
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here (no CUDA for Triton, say)."""
 
 
-def resolve_backend(backend: str, device: torch.device | None = None) -> str:
+def resolve_backend(backend: str, device: torch.device | None = None,
+                    dtype: torch.dtype = torch.float32) -> str:
     """`auto` is triton for CUDA tensors (or when CUDA is available and no device is given),
-    numba otherwise."""
+    numba for other float32/float64 ones, torch for other float16/bfloat16 ones."""
     if backend == "auto":
         on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-        return "triton" if on_cuda else "numba"
+        if on_cuda:
+            return "triton"
+        return "numba" if dtype in BACKEND_DTYPES["numba"] else "torch"
     cache.check_backend(backend)
     return backend
+
+
+def check_dtype(backend: str, dtype: torch.dtype, where: str = "these parameters") -> str:
+    """The plan dtype name for `dtype` on `backend`, or a TypeError naming what it takes and
+    which backend takes `dtype`."""
+    if dtype in BACKEND_DTYPES[backend]:
+        return str(dtype).removeprefix("torch.")
+    takes = ", ".join(str(d).removeprefix("torch.") for d in BACKEND_DTYPES[backend])
+    others = [b for b, dtypes in BACKEND_DTYPES.items() if dtype in dtypes]
+    fix = (f"use backend={others[0]!r}" + (f" (or {others[1]!r} on CUDA)" if len(others) > 1
+                                            else "") if others else "convert them to float32")
+    raise TypeError(f"the {backend} backend updates {takes} parameters, and {where} are "
+                    f"{dtype}: {fix}")
 
 
 def triton_usable_on(device: torch.device) -> bool:
@@ -43,9 +67,11 @@ def triton_usable_on(device: torch.device) -> bool:
 class UpdateKernel:
     """One fused optimizer step for one program on one backend.
 
-    Call it with flat, contiguous float32 tensors: `kernel(weight, grad, states, lr, scalars)`,
-    where `states` holds a tensor for each of `tensor_states` and `scalars` the *new* value of
-    each of `scalar_states` (see `advance_scalars`). Everything is updated in place.
+    Call it with flat, contiguous tensors: `kernel(weight, grad, states, lr, scalars, decay)`,
+    the weight and grad of the plan's dtype and the states of its compute dtype (float32 for
+    float32 parameters), where `states` holds a tensor for each of `tensor_states` and `scalars`
+    the *new* value of each of `scalar_states` (see `advance_scalars`); `decay` (``1 - lr *
+    weight_decay``) is read by a decay plan only. Everything is updated in place.
     """
 
     plan: KernelPlan
@@ -72,26 +98,35 @@ class UpdateKernel:
     def warm_up(self, device: str = "cpu") -> None:
         """Compile now (Numba compiles on first call) by stepping a throwaway one-element
         weight, so the cost is paid and measured before training starts."""
-        one = torch.zeros(1, device=device)
-        states = {s: torch.zeros(1, device=device) for s in self.tensor_states}
-        self(one, torch.zeros(1, device=device), states, 1.0, self.advance_scalars({}, 1.0))
+        dtype = getattr(torch, self.plan.dtype)
+        one = torch.zeros(1, device=device, dtype=dtype)
+        states = {s: torch.zeros(1, device=device, dtype=getattr(torch, self.plan.compute_dtype))
+                  for s in self.tensor_states}
+        self(one, torch.zeros(1, device=device, dtype=dtype), states, 1.0,
+             self.advance_scalars({}, 1.0))
 
     def __call__(self, weight: torch.Tensor, grad: torch.Tensor,
                  states: Mapping[str, torch.Tensor], lr: float,
-                 scalars: Mapping[str, float] | None = None) -> None:
+                 scalars: Mapping[str, float] | None = None, decay: float = 1.0) -> None:
         scalars = scalars or {}
         buffers = [weight, grad, *(states[s] for s in self.plan.tensor_states)]
         values = [float(lr), *(float(scalars[s]) for s in self.plan.scalar_states)]
+        if self.plan.decay:
+            values.append(float(decay))
         self._launch(buffers, values)
 
 
-def compile(program: Program | str, backend: str = "auto") -> UpdateKernel:  # noqa: A001
+def compile(program: Program | str, backend: str = "auto", *,  # noqa: A001
+            maximize: bool = False, decay: bool = False,
+            dtype: torch.dtype = torch.float32) -> UpdateKernel:
     """The update kernel for `program` (a Program or its text) on `backend`
-    (`auto`, `numba`, `triton` or `torch`)."""
+    (`auto`, `numba`, `triton` or `torch`), for parameters of `dtype`; `maximize` and `decay`
+    as codegen.lower describes them."""
     if isinstance(program, str):
         program = Program.parse(program)
-    backend = resolve_backend(backend)
-    return _compile(lower(program), backend)
+    backend = resolve_backend(backend, dtype=dtype)
+    name = check_dtype(backend, dtype)
+    return _compile(lower(program, maximize=maximize, decay=decay, dtype=name), backend)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -99,7 +134,7 @@ def _compile_cached(plan: KernelPlan, backend: str) -> UpdateKernel:
     module = cache.load(plan, backend)
     if backend == "numba":
         def launch(buffers, values):
-            kernel_fn(module)(*(_as_numpy(b) for b in buffers), *values)
+            kernel_fn(module)(*(_as_numpy(b, plan) for b in buffers), *values)
     else:
         fn = module.kernel
 
@@ -117,8 +152,9 @@ def _compile(plan: KernelPlan, backend: str) -> UpdateKernel:
     return _compile_cached(plan, backend)
 
 
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-        raise TypeError(f"the numba backend needs contiguous float32 CPU tensors, got "
+def _as_numpy(t: torch.Tensor, plan: KernelPlan) -> np.ndarray:
+    want = getattr(torch, plan.dtype)
+    if t.device.type != "cpu" or t.dtype != want or not t.is_contiguous():
+        raise TypeError(f"this numba kernel needs contiguous {plan.dtype} CPU tensors, got "
                         f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
     return t.detach().numpy().reshape(-1)

@@ -172,3 +172,133 @@ def test_each_op_on_edge_inputs(backend, op):
                 ok = close(got, ref, rtol) | (got == ref)
                 assert ok.all(), (f"{backend} {text} lr={lr!r} (pieces of {chunk}): grad "
                                   f"{grad[~ok]} got {got[~ok]} want {ref[~ok]}")
+
+
+# ---- kernel options (maximize, weight decay) and parameter dtypes -------------------------------
+# The same random programs, fewer of them (each option set is its own compile), each backend held
+# to the reference evaluated on what the option means: the gradient negated, the weight multiplied
+# by the float32-rounded decay factor first, or every input in float64.
+
+OPTION_PROGRAMS = 24
+
+
+def option_programs() -> list[Program]:
+    return [p for chunk in range(0, CHUNKS, 8) for p in programs(chunk)[:OPTION_PROGRAMS // 2]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_programs_with_maximize_and_weight_decay_match_reference(backend):
+    good = ill = 0
+    for i, program in enumerate(option_programs()):
+        canonical = program.canonical()
+        kernel = kernels.compile(canonical, backend, maximize=True, decay=True)
+        rng = np.random.default_rng(5000 + i)
+        weight, grad = random_inputs(rng, N), random_inputs(rng, N)
+        lr, decay = float(rng.choice([1.0, 0.01, 3.0])), float(rng.choice([0.999, 0.5, 1.0]))
+        state = {s: random_inputs(rng, N) for s in STATES}
+        for s in kernel.scalar_states:
+            state[s] = np.float32(0.0)
+        w = torch.from_numpy(weight.copy())
+        tensors = {s: torch.from_numpy(state[s].copy()) for s in kernel.tensor_states}
+        kernel(w, torch.from_numpy(grad), tensors, lr, kernel.advance_scalars({}, lr), decay)
+        # The option's meaning, written out: decay the weight in float32, negate the gradient.
+        decayed = (weight * np.float32(decay)).astype(np.float32)
+        ref32, ref32_s = reference_step(canonical, decayed, -grad, state, lr)
+        ref64, ref64_s = reference_step(canonical, decayed, -grad, state, lr, dtype=np.float64)
+        outputs = [(w.numpy(), ref32, ref64)]
+        outputs += [(tensors[s].numpy(), ref32_s[s], ref64_s[s]) for s in kernel.tensor_states]
+        for got, r32, r64 in outputs:
+            with np.errstate(over="ignore"):
+                conditioned = close(r32, r64.astype(np.float32), 1e-5)
+            bad = conditioned & ~close(got, r32, RTOL[backend])
+            assert not bad.any(), (f"{backend}: element {np.flatnonzero(bad)[0]} differs, "
+                                   f"program:\n{canonical}")
+            good, ill = good + int(conditioned.sum()), ill + int((~conditioned).sum())
+    assert good > 3 * ill
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_programs_compute_in_float64_for_float64_parameters(backend):
+    """float64 kernels against the float64 reference, held to 1e-9 where float32 arithmetic
+    would only reach 1e-5: the math, the states and the scalars are float64."""
+    checked = 0
+    for i, program in enumerate(option_programs()):
+        canonical = program.canonical()
+        kernel = kernels.compile(canonical, backend, dtype=torch.float64)
+        rng = np.random.default_rng(7000 + i)
+        weight, grad = (random_inputs(rng, N).astype(np.float64) for _ in range(2))
+        weight += rng.standard_normal(N) * 1e-10  # values float32 cannot hold
+        lr = float(rng.choice([1.0, 0.01, 3.0])) + 1e-12
+        state = {s: random_inputs(rng, N).astype(np.float64) for s in STATES}
+        for s in kernel.scalar_states:
+            state[s] = np.float64(np.float32(kernel.advance_scalars({}, lr)[s]))
+        w = torch.from_numpy(weight.copy())
+        tensors = {s: torch.from_numpy(state[s].copy()) for s in kernel.tensor_states}
+        scalars = {s: float(state[s]) for s in kernel.scalar_states}
+        kernel(w, torch.from_numpy(grad), tensors, lr, scalars)
+        assert w.dtype == torch.float64
+        # The kernel receives the uniform states' new values; the reference advances them
+        # itself, so it starts them one step back (their update is exact for these programs:
+        # compare only where the reference reproduces the scalars given).
+        old = dict(state)
+        for s in kernel.scalar_states:
+            old[s] = np.float64(0.0)
+        ref64, ref64_s = reference_step(canonical, weight, grad, old, lr, dtype=np.float64)
+        if any(not np.array_equal(np.broadcast_to(ref64_s[s], (N,)),
+                                  np.full(N, state[s]), equal_nan=True)
+               for s in kernel.scalar_states):
+            continue
+        ref32, _ = reference_step(canonical, weight.astype(np.float32), grad.astype(np.float32),
+                                  {s: np.asarray(v).astype(np.float32) for s, v in old.items()},
+                                  lr)
+        outputs = [(w.numpy(), ref64, ref32)]
+        outputs += [(tensors[s].numpy(), ref64_s[s], None) for s in kernel.tensor_states]
+        for got, r64, r32 in outputs:
+            with np.errstate(over="ignore"):
+                conditioned = close(r64.astype(np.float32).astype(np.float64), r64, 1e-5)
+            bad = conditioned & ~close(got, r64, 1e-9)
+            assert not bad.any(), (f"{backend}: element {np.flatnonzero(bad)[0]}: got "
+                                   f"{got[bad][0]!r}, float64 reference {r64[bad][0]!r}, "
+                                   f"program:\n{canonical}")
+            checked += int(conditioned.sum())
+    assert checked > N * OPTION_PROGRAMS // 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_half_parameters_compute_in_float32_and_round_once(backend, dtype):
+    """A float16/bfloat16 weight and gradient are widened, the float32 reference step runs,
+    and the weight is rounded back once (torch's rounding); float32 states. Triton's interpreter
+    truncates to bfloat16 where a GPU rounds to nearest: one unit in the last place there."""
+    ulp = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    for i, program in enumerate(option_programs()[:12]):
+        canonical = program.canonical()
+        kernel = kernels.compile(canonical, backend, dtype=dtype)
+        rng = np.random.default_rng(9000 + i)
+        w16 = torch.from_numpy(random_inputs(rng, N)).to(dtype)
+        g16 = torch.from_numpy(random_inputs(rng, N)).to(dtype)
+        state = {s: random_inputs(rng, N) for s in STATES}
+        tensors = {s: torch.from_numpy(state[s].copy()) for s in kernel.tensor_states}
+        for s in kernel.scalar_states:
+            state[s] = np.float32(0.0)
+        w = w16.clone()
+        kernel(w, g16, tensors, 0.5, kernel.advance_scalars({}, 0.5))
+        assert w.dtype == dtype and all(t.dtype == torch.float32 for t in tensors.values())
+        ref32, ref_s = reference_step(canonical, w16.float().numpy(), g16.float().numpy(), state,
+                                      0.5)
+        ref64, _ = reference_step(canonical, w16.float().numpy(), g16.float().numpy(), state, 0.5,
+                                  dtype=np.float64)
+        want = torch.from_numpy(ref32).to(dtype).float().numpy()
+        with np.errstate(over="ignore"):
+            conditioned = close(ref32, ref64.astype(np.float32), 1e-5)
+        bad = conditioned & ~close(w.float().numpy(), want, ulp * 1.01)
+        assert not bad.any(), f"{backend} {dtype}: element {np.flatnonzero(bad)[0]}\n{canonical}"
+        for s in kernel.tensor_states:
+            bad = conditioned & ~close(tensors[s].numpy(), ref_s[s], RTOL[backend])
+            assert not bad.any(), f"{backend} {dtype}: state {s}\n{canonical}"
+
+
+def test_numba_refuses_half_parameters_and_names_the_backends_that_take_them():
+    with pytest.raises(TypeError, match=r"numba backend updates float32, float64 parameters.*"
+                                        r"torch.float16.*backend='torch' \(or 'triton' on CUDA\)"):
+        kernels.compile("weight: grad", "numba", dtype=torch.float16)

@@ -19,7 +19,7 @@ import torch
 
 from codegen.ir import Program
 from engine import compare, heldout, stats
-from engine.compare import Settings, baseline, candidate, run_compare, step_factor_program
+from engine.compare import Settings, baseline, candidate, run_compare
 from kernels import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,22 +48,20 @@ def without_times(value):
 
 # -- who competes, and how -------------------------------------------------------------------
 
-def test_evolved_programs_get_a_step_factor_on_the_weight_update():
+def test_evolved_programs_run_as_they_are_their_lr_a_step_factor():
+    """No private wrapping: the candidate runs its own text, and EvolvedOptimizer's `lr` (the
+    tuned value) scales the weight update of a program that never reads it."""
     program = Program.parse("alpha: mul(0.1, sub(alpha, grad))\nweight: mul(0.01, alpha)")
-    scaled = step_factor_program(program)
-    assert str(scaled.weight) == "mul(lr, mul(0.01, alpha))"
-    assert scaled.alpha == program.alpha
-    for name in ("adam", "ades", "sign"):  # zoo programs already read lr: their factor is lr
-        assert step_factor_program(zoo.ZOO[name]()) == zoo.ZOO[name]()
+    assert candidate(program).program == str(program)
     assert candidate(program).tuned == "step factor"
-    assert baseline("adam").tuned == "learning rate"
+    assert baseline("adam").tuned == baseline("adamw").tuned == "learning rate"
     assert baseline("ades").tuned == baseline("sign").tuned == "step factor"
 
 
 def test_lion_is_a_default_row_next_to_adam_and_adagrad_adabelief_are_on_request():
     from engine.compare import BASELINES, build_parser, contenders_from
 
-    assert BASELINES.index("lion") == BASELINES.index("adam") + 1
+    assert BASELINES[:3] == ("adam", "adamw", "lion")
     assert "adagrad" not in BASELINES and "adabelief" not in BASELINES
     args = build_parser().parse_args(["weight: mul(0.1, grad)",
                                       "--optimizers", "lion,adagrad,adabelief"])
@@ -71,6 +69,21 @@ def test_lion_is_a_default_row_next_to_adam_and_adagrad_adabelief_are_on_request
     assert [r.name for r in rows] == ["Lion", "Adagrad", "AdaBelief"]
     for row, key in zip(rows, ("lion", "adagrad", "adabelief")):
         assert row.tuned == "learning rate" and row.program == str(zoo.ZOO[key]())
+
+
+def test_adamw_is_adam_with_torchs_default_weight_decay():
+    adamw, adam = baseline("adamw"), baseline("adam")
+    assert adamw.name == "AdamW" and adamw.program == adam.program == str(zoo.adam())
+    assert (adamw.weight_decay, adam.weight_decay) == (0.01, 0.0)
+    assert "weight_decay=0.01" in adamw.source and "not tuned" in adamw.source
+    # Same lr, same seeds: the training differs by the weight decay alone, and it is applied.
+    s = settings()
+    with_decay, _ = compare._train(s, adamw, 1e-2, 1, 2)
+    without, _ = compare._train(s, adam, 1e-2, 1, 2)
+    assert any(not torch.equal(p, q) for p, q in zip(with_decay.parameters(),
+                                                     without.parameters()))
+    report = run_compare([adam, adamw], settings(trials=1, seeds=1))
+    assert [row["weight_decay"] for row in report["rows"]] == [0.0, 0.01]
 
 
 def test_program_from_text_file_and_run_directory(tmp_path):

@@ -259,6 +259,36 @@ def test_exported_optimizer_saves_and_loads_its_state(tmp_path):
         module.BestOptimizer([w], backend="cuda")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_exported_optimizer_takes_lr_weight_decay_and_maximize_as_evolved_optimizer(tmp_path,
+                                                                                    dtype):
+    """The same options with the same meaning: lr scales a program that never reads it (under a
+    scheduler), decoupled weight decay, maximize; float64 math and float32 states for bfloat16."""
+    for i, program in enumerate([Program.parse("alpha: mul(0.5, sub(alpha, grad))\n"
+                                               "weight: mul(0.1, alpha)"), kernels.zoo.adam()]):
+        path = tmp_path / f"options_{i}.py"
+        path.write_text(render_alr(program, "A test."))
+        module = load_module(path, f"options_{i}_{str(dtype)[6:]}")
+        assert module.DEFAULT_LR == 1.0
+        results = []
+        # The file runs numba's loop on CPU float32 parameters and torch ops on the others.
+        backend = "numba" if dtype == torch.float32 else "torch"
+        for make in (lambda p: kernels.EvolvedOptimizer(p, program, 1e-2, weight_decay=0.3,
+                                                        maximize=True, backend=backend),
+                     lambda p: module.BestOptimizer(p, lr=1e-2, weight_decay=0.3, maximize=True)):
+            w = torch.nn.Parameter(torch.linspace(-1, 1, 64, dtype=dtype))
+            opt = make([w])
+            scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+            for step in range(6):
+                w.grad = torch.sin(w.detach() * (step + 1))
+                opt.step()
+                scheduler.step()
+            results.append(w.detach())
+        assert torch.equal(results[0], results[1]), program
+    with pytest.raises(ValueError, match="weight_decay"):
+        module.BestOptimizer([w], weight_decay=-1.0)
+
+
 # -- best_optimizer.py (DLR) ----------------------------------------------------------------------
 
 def test_exported_schedule_is_the_evolved_schedule(tmp_path):

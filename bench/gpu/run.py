@@ -133,9 +133,10 @@ def reference_step_ftz(program: Program, weight, grad, state, lr):
             with np.errstate(all="ignore"):
                 env[s] = flush(env[s] - evaluate_ftz(delta, env))
     w = flush(weight)
-    if program.weight is not None:
+    if program.weight is not None:  # the IR's lr rule, as reference_step applies it
+        delta = program.weight if program.reads_lr else Call("mul", (Var("lr"), program.weight))
         with np.errstate(all="ignore"):
-            w = flush(w - evaluate_ftz(program.weight, env))
+            w = flush(w - evaluate_ftz(delta, env))
     return w, env
 
 

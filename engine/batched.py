@@ -1,28 +1,31 @@
 """Population-batched training: K candidates with one architecture trained as one stacked model.
 
 Why: at the micro tier a candidate's training is a few hundred steps of a tiny model, where the
-per-step overhead (Python, dispatch, small GEMMs) dominates the arithmetic. Stacking K members
-turns K small passes into one pass over K-times-wider tensors (one `bmm` per linear layer, one
-grouped convolution per conv layer), and the update stays each candidate's own rule.
+per-step overhead (Python, dispatch, small GEMMs) dominates the arithmetic. Stacking K MLP members
+turns K small passes into one `bmm` per layer (measured faster here than `torch.func.vmap` over
+`functional_call`). The CNN is compute bound in its convolutions on this CPU, and neither a
+grouped convolution nor vmap was faster than K separate ones, so its members run their own layers
+in one loop that shares the data, the dropout masks and the bookkeeping (see `_cnn_forward`).
 
 Layout: one flat arena per buffer (weight, grad, each tensor state) of shape (K, P): row k is
-member k's parameters, contiguous, in `model.parameters()` order, so a per-member update kernel
-(or an interpreter) runs on a plain 1-D slice. The stacked parameters the forward pass reads are
-strided views (K, *shape) of the weight arena: the kernels write where the forward reads.
+member k's parameters, contiguous, in `model.parameters()` order and memory layout, so a
+per-member update kernel (or an interpreter) runs on a plain 1-D slice. The stacked parameters
+the forward pass reads are strided views (K, *shape) of the weight arena: the kernels write where
+the forward reads.
 
 What "the same as alone" means here (tests/test_batched.py holds it):
 - Initial weights: member k is `spec.build(init_seed_k)`, built by the one-model code and copied
   in, so bit for bit what it gets alone.
 - Data order and dropout masks: ONE shuffle and dropout stream for the whole batch, drawn exactly
   as `engine.training.fit` draws them for that seed, and shared by every member (a dropout mask of
-  one member's shape broadcast over K). That is what makes stacking possible, and it is also what
-  a fair comparison of optimizers wants: every candidate sees the same minibatches and masks, as
+  one member's shape used by all). That is what makes stacking possible, and it is also what a
+  fair comparison of optimizers wants: every candidate sees the same minibatches and masks, as
   one-at-a-time evaluation already does (the training seed depends on the run seed, not on the
   candidate).
-- Arithmetic: the update is each member's own kernel on its own slice: identical. The forward and
-  backward passes compute the same sums, but a batched GEMM or a grouped convolution may add them
-  in another order than the single-model layer, so results agree within float32 reduction-order
-  noise, not bit for bit; the tests measure and bound the difference after full trainings.
+- Arithmetic: the update is each member's own kernel on its own slice. The CNN's members run the
+  one-model ops on the one-model layouts: bit for bit what they are alone. The MLP's batched GEMMs
+  add their products in another order than `nn.Linear`'s: within float32 reduction-order noise
+  (measured on digits, 5 epochs: weights within 4e-7 of the one-model run, same accuracies).
 - Divergence: a member whose training loss is not finite is frozen at once (no more updates, its
   loss left out of the summed loss whose gradient drives the others), with the reason text the
   one-at-a-time trainer gives. Members are independent blocks of the stacked computation (no sum
@@ -105,6 +108,9 @@ class StackedModel:
         models = [spec.build(int(s)) for s in init_seeds]  # the one-model init code, sliced
         params = [list(m.parameters()) for m in models]
         self.shapes = [tuple(p.shape) for p in params[0]]
+        # Each parameter keeps its one-model memory layout (the CNN's are channels_last): a
+        # convolution picks its algorithm, and so its summation order, from the layouts.
+        self.strides = [tuple(p.stride()) for p in params[0]]
         self.offsets, total = [], 0
         for shape in self.shapes:
             self.offsets.append(total)
@@ -112,19 +118,17 @@ class StackedModel:
         self.numel = total
         self.row = -(-total // ALIGN) * ALIGN
         self.weight = torch.zeros((self.k, self.row), dtype=torch.float32)
-        for k, ps in enumerate(params):
-            for p, off in zip(ps, self.offsets):
-                self.weight[k, off:off + p.numel()].view(p.shape).copy_(p.detach())
-        self.leaves = [self._view(self.weight, i).requires_grad_(True)
-                       for i in range(len(self.shapes))]
+        self.leaves = [self._view(self.weight, i) for i in range(len(self.shapes))]
+        with torch.no_grad():
+            torch._foreach_copy_(self.leaves, [torch.stack([ps[i].detach() for ps in params])
+                                               for i in range(len(self.shapes))])
+        for leaf in self.leaves:
+            leaf.requires_grad_(True)
         self.fused_pool = True  # False: torch's pooling ops (same results, slower)
 
     def _view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
-        shape = self.shapes[i]
-        strides = [1] * len(shape)
-        for d in range(len(shape) - 2, -1, -1):
-            strides[d] = strides[d + 1] * shape[d + 1]
-        return buffer.as_strided((self.k, *shape), (self.row, *strides), self.offsets[i])
+        return buffer.as_strided((self.k, *self.shapes[i]), (self.row, *self.strides[i]),
+                                 self.offsets[i])
 
     def grad_views(self, grad: torch.Tensor) -> list[torch.Tensor]:
         """The stacked parameters' places in a (K, P) gradient arena."""
@@ -132,14 +136,16 @@ class StackedModel:
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
         """Member k's weights as its one-model `state_dict` holds them (copies)."""
-        model = self.spec.build(0)
-        return {name: self.weight[k, off:off + p.numel()].view(p.shape).clone()
-                for (name, p), off in zip(model.named_parameters(), self.offsets)}
+        names = [name for name, _ in self.spec.build(0).named_parameters()]
+        return {name: leaf[k].detach().clone() for name, leaf in zip(names, self.leaves)}
 
-    def forward(self, x: torch.Tensor, dropout: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dropout: torch.Generator | None = None,
+                active: np.ndarray | None = None) -> torch.Tensor:
+        """Logits (K, B, classes). Members with `active[k]` False may skip their work (the CNN
+        does): their logits are then meaningless but finite."""
         if isinstance(self.spec, MLPSpec):
             return _mlp_forward(self.leaves, x)
-        return _cnn_forward(self.leaves, x, self.spec, dropout, self.fused_pool)
+        return _cnn_forward(self.leaves, x, self.spec, dropout, self.fused_pool, active)
 
     __call__ = forward
 
@@ -160,53 +166,55 @@ def _mlp_forward(leaves: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 
 def _cnn_forward(leaves: list[torch.Tensor], x: torch.Tensor, spec: ModelSpec,
-                 dropout: torch.Generator | None, fused: bool) -> torch.Tensor:
+                 dropout: torch.Generator | None, fused: bool,
+                 active: np.ndarray | None) -> torch.Tensor:
     """The reference CNN (`engine.training.CNN.forward`) for K members at once.
 
-    conv1 sees the same images in every member: one convolution with K*conv1 filters. conv2 is a
-    grouped convolution (groups=K). Dropout masks are drawn at one member's size from the shared
-    generator, in the one-model order, and broadcast over members."""
+    Every layer runs per member, with the one-model ops: on this CPU the CNN is compute bound
+    in its convolutions, and one grouped convolution (groups=K, conv2) or one K-times-wider
+    conv1 measured no faster than K separate ones (their backward passes slower), and `bmm`
+    for the small dense layers gains little. Per-member ops make a member bit-for-bit what it
+    is alone, and let frozen members skip their work (zero logits). What the batch shares is
+    the data, the dropout masks (drawn once at one member's size from the shared generator, in
+    the one-model order) and the loop around them."""
     w1, b1, w2, b2, wf1, bf1, wf2, bf2 = leaves
-    k, c1, c2 = w1.shape[0], spec.conv1, spec.conv2
-    cl = torch.channels_last
-    x = x.contiguous(memory_format=cl)
-    h = F.relu(F.conv2d(x, w1.reshape(k * c1, *w1.shape[2:]).contiguous(memory_format=cl),
-                        b1.reshape(-1)), inplace=True)
-    h = F.conv2d(h, w2.reshape(k * c2, *w2.shape[2:]).contiguous(memory_format=cl),
-                 b2.reshape(-1), groups=k)
-    h = _pool_relu_dropout(h, k, spec.dropout1, dropout, fused)  # (B, K*c2, p, p) channels_last
-    n, p = h.shape[0], h.shape[2]
-    h = h.permute(0, 2, 3, 1).reshape(n, p, p, k, c2).permute(3, 0, 1, 2, 4).reshape(k, n, -1)
-    h = _linear(h, wf1, bf1)
-    if dropout is None or spec.dropout2 == 0.0:
-        h = torch.relu(h)
-    else:
-        mask = _scaled_mask(n * spec.dense, spec.dropout2, dropout).view(n, spec.dense)
-        h = _ReluDropout.apply(h, mask, 1.0 / (1.0 - spec.dropout2))
-    return _linear(h, wf2, bf2)
-
-
-def _pool_relu_dropout(x: torch.Tensor, k: int, p: float, generator: torch.Generator | None,
-                       allow_fused: bool) -> torch.Tensor:
-    """`engine.training._pool_relu_dropout` with one member's mask repeated for all K."""
-    n, kc, h, w = x.shape
-    c = kc // k
-    keep = _keep_below(p)
-    train = generator is not None and p != 0.0
-    fused = (allow_fused and keep is not None and _pool_kernels() is not None
-             and x.is_contiguous(memory_format=torch.channels_last) and h % 2 == 0 == w % 2)
-    if fused:
-        if not train:
-            return _PoolReluDropout.apply(x, None, 256, 1.0)
-        rnd = _random_bytes(n * c * h * w // 4, generator).view(n, h // 2, w // 2, 1, c)
-        rnd = rnd.expand(n, h // 2, w // 2, k, c).reshape(n, h // 2, w // 2, kc)
-        return _PoolReluDropout.apply(x, rnd, keep, 1.0 / (1.0 - p))
-    x = F.max_pool2d(x, 2)
-    if not train:
-        return torch.relu(x)
-    mask = _scaled_mask(n * c * (h // 2) * (w // 2), p, generator).view(n, h // 2, w // 2, 1, c)
-    mask = mask.expand(n, h // 2, w // 2, k, c).reshape(n, h // 2, w // 2, kc).permute(0, 3, 1, 2)
-    return _ReluDropout.apply(x, mask, 1.0 / (1.0 - p))
+    k, n = w1.shape[0], x.shape[0]
+    x = x.contiguous(memory_format=torch.channels_last)
+    train1 = dropout is not None and spec.dropout1 != 0.0
+    keep = _keep_below(spec.dropout1)
+    fused = fused and keep is not None and _pool_kernels() is not None
+    size = spec.image_size - 4
+    pooled = size // 2
+    drawn = None
+    if train1:
+        if fused:
+            drawn = _random_bytes(n * spec.conv2 * size * size // 4, dropout)
+            drawn = drawn.view(n, pooled, pooled, spec.conv2)
+        else:
+            drawn = _scaled_mask(n * spec.conv2 * pooled * pooled, spec.dropout1, dropout)
+            drawn = drawn.view(n, pooled, pooled, spec.conv2).permute(0, 3, 1, 2)
+    mask2 = None
+    if dropout is not None and spec.dropout2 != 0.0:
+        mask2 = _scaled_mask(n * spec.dense, spec.dropout2, dropout).view(n, spec.dense)
+    scale1, scale2 = 1.0 / (1.0 - spec.dropout1), 1.0 / (1.0 - spec.dropout2)
+    logits = []
+    for j in range(k):
+        if active is not None and not active[j]:
+            logits.append(x.new_zeros(n, spec.classes))
+            continue
+        h = F.relu(F.conv2d(x, w1[j], b1[j]), inplace=True)
+        h = F.conv2d(h, w2[j], b2[j])
+        if fused:
+            h = _PoolReluDropout.apply(h, drawn, keep if train1 else 256,
+                                       scale1 if train1 else 1.0)
+        elif train1:
+            h = _ReluDropout.apply(F.max_pool2d(h, 2), drawn, scale1)
+        else:
+            h = torch.relu(F.max_pool2d(h, 2))
+        h = F.linear(h.permute(0, 2, 3, 1).reshape(n, -1), wf1[j], bf1[j])  # Keras's flatten
+        h = torch.relu(h) if mask2 is None else _ReluDropout.apply(h, mask2, scale2)
+        logits.append(F.linear(h, wf2[j], bf2[j]))
+    return torch.stack(logits)
 
 
 # --- the update -------------------------------------------------------------------------------
@@ -299,20 +307,34 @@ class KernelUpdate:
 
 
 def evaluate_batched(model: StackedModel, x: torch.Tensor, y: torch.Tensor,
-                     batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """Per member (mean cross-entropy, accuracy), as `engine.training.evaluate` gives one model."""
+                     batch_size: int = 1000, active: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Per member (mean cross-entropy, accuracy), as `engine.training.evaluate` gives one model.
+    Members with `active[k]` False get meaningless numbers (their work may be skipped)."""
     loss_sum = np.zeros(model.k)
     correct = np.zeros(model.k, dtype=np.int64)
     with torch.inference_mode():
         for start in range(0, len(y), batch_size):
-            logits = model(x[start:start + batch_size])
+            logits = model(x[start:start + batch_size], active=active)
             target = y[start:start + batch_size]
-            flat = logits.reshape(-1, logits.shape[-1])
-            losses = F.cross_entropy(flat, target.repeat(model.k), reduction="none")
-            loss_sum += losses.view(model.k, -1).sum(1).double().numpy()
+            loss_sum += _member_losses(model, logits, target, "sum").double().numpy()
             correct += (logits.argmax(2) == target).sum(1).numpy()
     n = max(len(y), 1)
     return loss_sum / n, correct / n
+
+
+def _member_losses(model: StackedModel, logits: torch.Tensor, target: torch.Tensor,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Each member's cross-entropy (K,), reduced as `reduction` says. The CNN's members take the
+    one-model call (its sum order too: K calls are nothing next to its convolutions), so that
+    its losses and gradients are bit for bit; the MLP's take one vectorised call (K small calls
+    would cost as much as its whole step)."""
+    if isinstance(model.spec, ModelSpec):
+        return torch.stack([F.cross_entropy(member, target, reduction=reduction)
+                            for member in logits])
+    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.repeat(model.k),
+                           reduction="none").view(model.k, -1)
+    return flat.mean(1) if reduction == "mean" else flat.sum(1)
 
 
 @dataclass
@@ -377,10 +399,8 @@ def fit_batched(model: StackedModel, update: MemberUpdate, lrs: Sequence[float],
         trained = active.copy()  # who this epoch's curves are for
         for first in range(0, n, batch_size):
             idx = order[first:first + batch_size]
-            logits = model(x[idx], dropout=dropout_gen)
-            target = y[idx].repeat(k)
-            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target,
-                                     reduction="none").view(k, -1).mean(1)
+            logits = model(x[idx], dropout=dropout_gen, active=active)
+            losses = _member_losses(model, logits, y[idx])
             values = losses.detach().numpy().astype(np.float64)
             for j in np.flatnonzero(active & ~np.isfinite(values)):
                 stop(j, f"diverged: training loss {float(values[j])} at epoch {epoch}, step "
@@ -406,10 +426,10 @@ def fit_batched(model: StackedModel, update: MemberUpdate, lrs: Sequence[float],
         done = trained & active
         if not done.any():
             continue
-        val_loss, val_acc = evaluate_batched(model, *val, batch_size=eval_batch)
+        val_loss, val_acc = evaluate_batched(model, *val, batch_size=eval_batch, active=done)
         for j in np.flatnonzero(done):
             t = tracks[j]
-            t.train_loss.append(loss_sum[j] / n)
+            t.train_loss.append(float(loss_sum[j] / n))
             t.val_acc.append(float(val_acc[j]))
             t.val_loss.append(float(val_loss[j]))
             if not math.isfinite(val_loss[j]):

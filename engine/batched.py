@@ -46,33 +46,25 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from codegen.ir import Call, Program, Var, variables
+from codegen.ir import Program
+from engine.compare import step_factor_program
 from engine.heldout import MLPSpec
 from engine.training import (FitResult, ModelSpec, _keep_below, _pool_kernels, _PoolReluDropout,
                              _random_bytes, _ReluDropout, _scaled_mask)
 
-__all__ = ["BatchResult", "KernelUpdate", "Member", "MemberUpdate", "StackedModel",
-           "evaluate_batched", "fit_batched", "step_factor", "train_batch"]
+__all__ = ["ArenaViews", "BatchResult", "KernelUpdate", "Member", "MemberUpdate", "StackedModel",
+           "evaluate_batched", "fit_batched", "train_batch"]
 
 ALIGN = 16  # each member's row starts on a 64-byte boundary: cache lines, vector loads
 TENSOR_STATES = ("alpha", "beta", "sigma")
 
 
-def step_factor(program: Program) -> Program:
-    """The project's lr rule: a program that never reads `lr` gets its weight update scaled by
-    it (``weight: mul(lr, E)``); one that reads `lr` uses it as it stands."""
-    reads = any("lr" in variables(e) for e in program.deltas().values() if e is not None)
-    if reads or program.weight is None:
-        return program
-    return Program(program.alpha, program.beta, program.sigma,
-                   Call("mul", (Var("lr"), program.weight)))
-
-
 @dataclass(frozen=True)
 class Member:
-    """One member of a batch: a program at one learning-rate scale (the value of its `lr`)."""
+    """One member of a batch: a program at one learning-rate scale, the value of its `lr` (a
+    program that never reads `lr` gets its weight update scaled by it: the project's rule,
+    `engine.compare.step_factor_program`)."""
 
     program: Program
     lr: float = 1.0
@@ -258,7 +250,7 @@ class KernelUpdate:
             raise ValueError(f"KernelUpdate runs numba kernels on CPU arenas; got backend "
                              f"{backend!r}")
         self._kernel_fn = kernel_fn
-        self.kernels = [kernels.compile(step_factor(p), backend) for p in programs]
+        self.kernels = [kernels.compile(step_factor_program(p), backend) for p in programs]
         self.tensor_states = tuple(s for s in TENSOR_STATES
                                    if any(s in kn.tensor_states for kn in self.kernels))
         self.scalars = [dict.fromkeys(kn.scalar_states, 0.0) for kn in self.kernels]

@@ -14,7 +14,8 @@ import torch
 
 from codegen.ir import Program
 from engine.batched import (ArenaViews, KernelUpdate, Member, StackedModel, fit_batched,
-                            step_factor, train_batch)
+                            train_batch)
+from engine.compare import step_factor_program
 from engine.heldout import MLPSpec, get_task, train_val
 from engine.training import ModelSpec, fit
 from kernels import EvolvedOptimizer, zoo
@@ -42,17 +43,19 @@ def _images(pair):
     return x.view(-1, 1, 8, 8), y
 
 
-def _alone(spec, member, init_seed, train, val, batch_size):
+def _alone(spec, member, init_seed, train, val, batch_size, fused=True):
     model = spec.build(init_seed)
-    optimizer = EvolvedOptimizer(model.parameters(), step_factor(member.program),
+    model.fused_pool = fused  # the CNN's: torch's pooling ops when False
+    optimizer = EvolvedOptimizer(model.parameters(), step_factor_program(member.program),
                                  backend="numba", lr=member.lr)
     result = fit(model, optimizer, train, val, seed=SEED, batch_size=batch_size,
                  max_epochs=EPOCHS, patience=EPOCHS)
     return result, model.state_dict()
 
 
-def _batched(spec, members, init_seeds, train, val, batch_size):
+def _batched(spec, members, init_seeds, train, val, batch_size, fused=True):
     model = StackedModel(spec, init_seeds)
+    model.fused_pool = fused
     fits = fit_batched(model, KernelUpdate([m.program for m in members]),
                        [m.lr for m in members], train, val, seed=SEED, batch_size=batch_size,
                        max_epochs=EPOCHS, patience=EPOCHS)
@@ -97,13 +100,14 @@ def test_mlp_batch_equals_one_at_a_time_within_reduction_noise(digits, one_torch
             assert diff <= 1e-5 * scale + 1e-7, (k, name, diff, scale)
 
 
-def test_cnn_batch_equals_one_at_a_time_bit_for_bit(digits, one_torch_thread):
+@pytest.mark.parametrize("fused", [True, False], ids=["numba-pool", "torch-pool"])
+def test_cnn_batch_equals_one_at_a_time_bit_for_bit(digits, fused, one_torch_thread):
     spec = ModelSpec(4, 8, 16, image_size=8)  # with both dropouts, on 8x8 digits
     train, val = _images(digits[0]), _images(digits[1])
-    fits, states = _batched(spec, MEMBERS, INIT_SEEDS, train, val, 32)
+    fits, states = _batched(spec, MEMBERS, INIT_SEEDS, train, val, 32, fused)
     assert fits[4].reason is not None and fits[4].reason.startswith("diverged: training loss")
     for k, member in enumerate(MEMBERS):
-        alone, alone_state = _alone(spec, member, INIT_SEEDS[k], train, val, 32)
+        alone, alone_state = _alone(spec, member, INIT_SEEDS[k], train, val, 32, fused)
         _same_fit(fits[k], alone, exact_losses=True)
         for name, value in alone_state.items():
             assert torch.equal(states[k][name], value), (k, name)

@@ -31,6 +31,11 @@ What "the same as alone" means here (tests/test_batched.py holds it):
   one-at-a-time trainer gives. Members are independent blocks of the stacked computation (no sum
   crosses members), so a frozen member's NaNs never reach another member's numbers.
 
+Measured (one thread, forward + backward per step, a shared 2-core machine): MLP 64-32-10 at
+batch 32, K=32: 16.9 ms one at a time, 2.1 ms stacked with bmm, 3.0 ms with vmap; MLP 196-64-10
+at batch 100, K=32: 34.8 / 9.6 / 12.4 ms. Quick CNN (16/32/64) at batch 100, K=8: 546 ms one at a
+time, 612 ms with grouped convolutions, 1047 ms with vmap. Whole trainings: bench/bench_batched.py.
+
 Public API: `Member`, `StackedModel`, `MemberUpdate` (the update interface), `KernelUpdate` (the
 generated kernels behind it), `fit_batched`, `evaluate_batched`, `train_batch`, `BatchResult`.
 """

@@ -8,6 +8,8 @@ relative to the weights' size after full trainings.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -167,7 +169,7 @@ def test_any_update_behind_the_interface(digits, one_torch_thread):
         results.append(fit_batched(model, update, [0.1, 0.05], train, val, seed=SEED,
                                    batch_size=32, max_epochs=2, patience=2))
         results.append(model.weight.clone())
-    assert results[0] == [r.__class__(**{**r.__dict__, "seconds": a.seconds})
+    assert results[0] == [dataclasses.replace(r, seconds=a.seconds)
                           for r, a in zip(results[2], results[0])]
     assert torch.equal(results[1], results[3])
 

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from engine.batched import KernelUpdate, Member, train_batch
-from engine.compare import step_factor_program
 from engine.data import DataNotFoundError
 from engine.heldout import MLPSpec, get_task, train_val
 from engine.tasks import PRESETS, prepare
@@ -63,7 +62,7 @@ def fmnist(size: int) -> tuple:
 def one_at_a_time(spec, group, train, val, **protocol) -> None:
     for member in group:
         model = spec.build(INIT)
-        optimizer = EvolvedOptimizer(model.parameters(), step_factor_program(member.program),
+        optimizer = EvolvedOptimizer(model.parameters(), member.program,
                                      backend="numba", lr=member.lr)
         fit(model, optimizer, train, val, seed=SEED, **protocol)
         evaluate(model, *val)

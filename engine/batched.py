@@ -53,7 +53,6 @@ import torch
 import torch.nn.functional as F
 
 from codegen.ir import STATES, Program, evaluate
-from engine.compare import step_factor_program
 from engine.heldout import MLPSpec
 from engine.training import (FitResult, ModelSpec, _keep_below, _pool_kernels, _PoolReluDropout,
                              _random_bytes, _ReluDropout, _scaled_mask)
@@ -69,8 +68,8 @@ CHAIN = 64  # uniform-state steps worked out per memo miss (see KernelUpdate._ad
 @dataclass(frozen=True)
 class Member:
     """One member of a batch: a program at one learning-rate scale, the value of its `lr` (a
-    program that never reads `lr` gets its weight update scaled by it: the project's rule,
-    `engine.compare.step_factor_program`)."""
+    program that never reads `lr` gets its weight update scaled by it: the project's rule, applied
+    by the kernel's lowering)."""
 
     program: Program
     lr: float = 1.0
@@ -256,7 +255,7 @@ class KernelUpdate:
             raise ValueError(f"KernelUpdate runs numba kernels on CPU arenas; got backend "
                              f"{backend!r}")
         self._kernel_fn = kernel_fn
-        self.kernels = [kernels.compile(step_factor_program(p), backend) for p in programs]
+        self.kernels = [kernels.compile(p, backend) for p in programs]
         self.tensor_states = tuple(s for s in TENSOR_STATES
                                    if any(s in kn.tensor_states for kn in self.kernels))
         self.scalars = [dict.fromkeys(kn.scalar_states, 0.0) for kn in self.kernels]

@@ -17,7 +17,6 @@ import torch
 from codegen.ir import Program
 from engine.batched import (ArenaViews, KernelUpdate, Member, StackedModel, fit_batched,
                             train_batch)
-from engine.compare import step_factor_program
 from engine.heldout import MLPSpec, get_task, train_val
 from engine.training import ModelSpec, fit
 from kernels import EvolvedOptimizer, zoo
@@ -48,7 +47,7 @@ def _images(pair):
 def _alone(spec, member, init_seed, train, val, batch_size, fused=True):
     model = spec.build(init_seed)
     model.fused_pool = fused  # the CNN's: torch's pooling ops when False
-    optimizer = EvolvedOptimizer(model.parameters(), step_factor_program(member.program),
+    optimizer = EvolvedOptimizer(model.parameters(), member.program,
                                  backend="numba", lr=member.lr)
     result = fit(model, optimizer, train, val, seed=SEED, batch_size=batch_size,
                  max_epochs=EPOCHS, patience=EPOCHS)

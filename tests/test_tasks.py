@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
 import math
 import os
 import resource
 import struct
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -206,16 +209,22 @@ def test_fast_cnn_computes_the_reference_math():
 
 BUFFER = 200 * 2**20  # bytes: one big activation's worth
 
+# Run in a fresh process: the heap of a test process that already ran hundreds of tests is
+# fragmented in ways no training worker's is, and a freed block may then never fit the next one.
+_KEPT_AFTER_FREE = """
+import json, resource, sys
+import torch
+from engine import training
 
-def resident_bytes() -> int:
+BUFFER = int(sys.argv[1])
+
+def resident_bytes():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
-
-def kept_after_free() -> tuple[int, int]:
-    """(bytes the process still holds after a filled BUFFER is freed, bytes the allocation
-    added to the resident set): in memory terms, not page-fault counts, which depend on the
-    kernel's page size (transparent huge pages fault 512 times less)."""
+def kept_after_free():
+    # (bytes still held after a filled BUFFER is freed, bytes the allocation added to the
+    # resident set): memory, not page-fault counts, which depend on the kernel's page size.
     before = resident_bytes()
     buffer = torch.empty(BUFFER // 4).fill_(1.0)
     grown = resident_bytes() - before
@@ -223,24 +232,28 @@ def kept_after_free() -> tuple[int, int]:
     del buffer
     return BUFFER - (peak - resident_bytes()), grown
 
+assert training.retain_heap(False)
+off = kept_after_free()
+assert training.retain_heap(True)
+print(json.dumps({"off": off, "on": [kept_after_free() for _ in range(8)]}))
+"""
+
 
 @pytest.mark.skipif(training._libc() is None or not os.path.exists("/proc/self/statm"),
                     reason="no glibc mallopt or /proc here")
 def test_retain_heap_keeps_freed_memory_for_the_next_step():
     """What configure_process is for: a big buffer freed stays in the process, and the next one
     of the same size is served from it instead of being mapped (and page-faulted) in afresh."""
-    try:
-        assert training.retain_heap(False)
-        kept, grown = kept_after_free()
-        assert kept < BUFFER / 10 and grown > BUFFER * 0.9  # glibc's default: unmapped on free
-        assert training.retain_heap(True)
-        rounds = [kept_after_free() for _ in range(8)]
-        assert all(kept > BUFFER * 0.9 for kept, _ in rounds)
-        # The kept heap needs a few rounds of fragmentation before a freed block fits the next
-        # request (torch allocates 64-byte aligned), then it is reused for good.
-        assert all(grown < BUFFER / 10 for _, grown in rounds[-3:]), rounds
-    finally:
-        training.retain_heap(True)
+    done = subprocess.run([sys.executable, "-c", _KEPT_AFTER_FREE, str(BUFFER)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    found = json.loads(done.stdout)
+    kept, grown = found["off"]
+    assert kept < BUFFER / 10 and grown > BUFFER * 0.9  # glibc's default: unmapped on free
+    rounds = found["on"]
+    assert all(kept > BUFFER * 0.9 for kept, _ in rounds)
+    # The kept heap needs a few rounds of fragmentation before a freed block fits the next
+    # request (torch allocates 64-byte aligned), then it is reused for good.
+    assert all(grown < BUFFER / 10 for _, grown in rounds[-3:]), rounds
 
 
 @pytest.mark.skipif(training._pool_kernels() is None, reason="numba not installed")

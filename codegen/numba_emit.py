@@ -66,8 +66,9 @@ def _pow(a, b):
 
 @numba.njit(inline="always", error_model="numpy")
 def _sign(a):
-    # sign(NaN) = NaN and sign(0) = 0, as numpy defines it.
-    return f32(1.0) if a > 0 else (f32(-1.0) if a < 0 else a)
+    # sign(NaN) = NaN and sign(+-0) = +0, as numpy defines it: a - a is NaN for NaN and +0 for
+    # either zero (returning `a` kept -0's sign, which pow(sign(x), -1) turns into -inf).
+    return f32(1.0) if a > 0 else (f32(-1.0) if a < 0 else a - a)
 '''
 
 

@@ -25,7 +25,8 @@ TEMPLATES: dict[str, str] = {
     "square": "{0} * {0}",
     "sqrt": "tl.sqrt_rn({0})",
     "abs": "tl.abs({0})",
-    "sign": "tl.where({0} > 0.0, 1.0, tl.where({0} < 0.0, -1.0, {0}))",
+    # {0} - {0}: NaN stays NaN and either zero gives +0, as numpy's sign (not -0).
+    "sign": "tl.where({0} > 0.0, 1.0, tl.where({0} < 0.0, -1.0, {0} - {0}))",
     "exp": "tl.exp({0})",
     "log": "tl.log({0})",
     # NaN-propagating min/max (torch.minimum semantics); tl.minimum's default drops NaNs.

@@ -174,6 +174,19 @@ def test_each_op_on_edge_inputs(backend, op):
                                   f"{grad[~ok]} got {got[~ok]} want {ref[~ok]}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sign_of_negative_zero_is_positive_zero(backend):
+    """sign(-0) is +0 (numpy's answer, the reference's). The edge test cannot see a zero's sign
+    (its weights start at 0 and it compares values), so the sign shows through pow(., -1) here:
+    pow(+0, -1) = +inf, pow(-0, -1) = -inf."""
+    program = Program.parse("weight: pow(sign(grad), -1.0)")
+    grad = np.array([-0.0, 0.0, -2.0, 3.0], np.float32)
+    ref, _ = reference_step(program, np.zeros(4, np.float32), grad, {}, 1.0)
+    assert list(ref) == [-np.inf, -np.inf, 1.0, -1.0]  # weight - (+inf), twice
+    got = run_edge(kernels.compile(program, backend), grad, 1.0, len(grad))
+    assert list(got) == list(ref), got
+
+
 # ---- kernel options (maximize, weight decay) and parameter dtypes -------------------------------
 # The same random programs, fewer of them (each option set is its own compile), each backend held
 # to the reference evaluated on what the option means: the gradient negated, the weight multiplied

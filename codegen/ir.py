@@ -47,7 +47,8 @@ SYMBOL_COMPARISONS = {v: k for k, v in COMPARISON_SYMBOLS.items()}
 
 STATES = ("alpha", "beta", "sigma")
 TARGETS = STATES + ("weight",)
-# What each update may read (REFERENCE.md): a state sees the states updated before it and itself.
+# What each update may read (docs/protocol.md, "Program forms"): a state sees the states updated
+# before it and itself, the weight sees every state.
 VISIBLE: dict[str, frozenset[str]] = {
     "alpha": frozenset({"alpha", "grad", "lr"}),
     "beta": frozenset({"alpha", "beta", "grad", "lr"}),

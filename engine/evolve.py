@@ -64,7 +64,9 @@ class EvolutionConfig:
 
     ``generations`` counts evaluated populations, the random initial one being generation 0. It
     is the only field that may change when resuming (to extend a run). Depths follow
-    engine.grammar: the start symbol is at depth 1. Defaults are the reference's example config.
+    engine.grammar: the start symbol is at depth 1. Defaults follow the original system
+    (docs/protocol.md, "Search settings"): its example config's elitism, tournament, rates and
+    depths, the population of 20 of its real ALR runs, and the 100 generations of its later work.
     """
 
     population: int = 20

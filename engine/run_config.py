@@ -50,7 +50,10 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
         "dlr": dict(population=10, generations=6, elitism=1, tournament=3, min_depth=2,
                     max_depth=8, time_limit=300.0),
     },
-    "paper": {  # REFERENCE.md's example config; run it on a GPU or a cluster (--executor ray)
+    # The original system's search (docs/protocol.md, "Search settings"): its example config with
+    # the population of 20 of its real ALR runs; the DLR values are ours. For a GPU or a cluster
+    # (--executor ray).
+    "paper": {
         "alr": dict(population=20, generations=250, elitism=1, tournament=5, min_depth=6,
                     max_depth=17, time_limit=None),
         "dlr": dict(population=20, generations=100, elitism=1, tournament=5, min_depth=2,

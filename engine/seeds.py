@@ -1,9 +1,9 @@
 """Seed programs: hand-written optimizers and schedules made derivable in a grammar, by snapping.
 
-Evolution can start from known-good programs (REFERENCE.md: later AutoLR work pre-populates with
-Adam, RMSprop and momentum; the Lion search warm-starts from AdamW). But the paper's ALR grammar
-has no ``lr`` input and only 100 fixed constants, so a program such as ``str(kernels.zoo.adam())``
-is not a phenotype it can produce. Snapping makes it one:
+Evolution can start from known-good programs (later AutoLR work pre-populates with Adam, RMSprop
+and momentum: docs/protocol.md, "Search settings"; the Lion search warm-starts from AdamW). But
+the paper's ALR grammar has no ``lr`` input and only 100 fixed constants, so a program such as
+``str(kernels.zoo.adam())`` is not a phenotype it can produce. Snapping makes it one:
 
 - in ALR programs ``lr`` becomes a constant (``--seed-lr``, 0.001 by default, Adam's and Keras's
   step size), since an evolved optimizer carries its own step sizes;
@@ -17,10 +17,11 @@ The result is then derived in the grammar (``engine.sge.individual_from_text``);
 uses an op or an input the grammar lacks is an error naming it. ``kernels.zoo.adam()`` is such a
 program (its float32-accurate bias correction uses ``exp``, ``log`` and ``max``), so the zoo seeds
 below write Adam and AdaBelief in the paper's ops: bias corrections as ``1 - pow(b, sigma)`` over
-a step counter ``sigma`` (REFERENCE.md's own recipe). ``kernels.zoo.lion()`` needs ``sign``, which
-the paper's grammar lacks too; its seed writes ``sign(c)`` as ``div(c, sqrt(square(c)))``, the
-same value in float32 (with a correctly rounded sqrt) for every c whose square neither overflows
-nor underflows, and 0 at c = 0, as ``div`` by zero gives 0. RMSprop, momentum and Adagrad come from the zoo as they are.
+a step counter ``sigma`` (the recipe of docs/protocol.md, "Named optimizers").
+``kernels.zoo.lion()`` needs ``sign``, which the paper's grammar lacks too; its seed writes
+``sign(c)`` as ``div(c, sqrt(square(c)))``, the same value in float32 (with a correctly rounded
+sqrt) for every c whose square neither overflows nor underflows, and 0 at c = 0, as ``div`` by
+zero gives 0. RMSprop, momentum and Adagrad come from the zoo as they are.
 
 Seed files (``--seed-programs FILE``) hold one program per block; blocks are separated by blank
 lines, and a ``# name`` comment line at the top of a block names it (other ``#`` comments are

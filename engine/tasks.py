@@ -1,7 +1,8 @@
 """Tasks: a data set, a model and a training protocol, and the fitness they give a candidate.
 
 A `Task` is plain frozen data (picklable, hashable), so it travels to worker processes and keys
-caches. The `paper` preset is the reference ALR/DLR protocol of REFERENCE.md with its flaws fixed:
+caches. The `paper` preset is the original AutoLR system's ALR/DLR protocol (docs/protocol.md,
+"Evaluation protocol", which also says why `smoke` and `quick` shrink it) with its flaws fixed:
 - one stratified split per run seed, the same for every evaluation (it was redrawn each time);
 - one normalisation (minus the mean image of the training pool) for every split;
 - the same initial weights for every candidate, derived from the seed;
@@ -495,7 +496,8 @@ PRESETS: Mapping[str, Task] = types.MappingProxyType(
             alr=AlrProtocol(trials=2, batch_size=100, max_epochs=4, patience=2, abort_below=0.7),
             dlr=DlrProtocol(batch_size=100, max_epochs=8, patience=3, chunks=1),
         ),
-        # The reference protocol (REFERENCE.md), for a GPU or a long CPU run.
+        # The original protocol (docs/protocol.md, "Evaluation protocol"), for a GPU or a long
+        # CPU run.
         "paper": Task(
             name="paper", data=DataSpec(), model=ModelSpec(), alr=AlrProtocol(), dlr=DlrProtocol()
         ),

@@ -183,7 +183,7 @@ def lion(betas: tuple[float, float] = (0.9, 0.99)) -> Program:
 
 
 def ades(beta1: float = 0.08922, beta2: float = 0.0891) -> Program:
-    """ADES, as evolved (REFERENCE.md), one state y in the alpha slot::
+    """ADES, as evolved (docs/protocol.md, "Named optimizers"), one state y in the alpha slot::
 
         y <- y - (1-beta1) * (y + (y + beta2) * (y + g))
         p <- p + lr * y

@@ -1,5 +1,5 @@
-"""The optimizer zoo against torch.optim, against its papers' algorithms, and against REFERENCE.md's
-formulas.
+"""The optimizer zoo against torch.optim, against its papers' algorithms, and against the AutoLR
+papers' formulas (docs/protocol.md, "Named optimizers").
 
 Parity: the same small CNN (1,819 parameters in 6 tensors, biases included), from the same initial
 weights, on the same generated batches (no data set needed), trained for 200 steps by
@@ -166,10 +166,11 @@ def test_small_cnn_is_the_size_the_docstring_says():
     assert len(params) == 6 and sum(p.numel() for p in params) == 1819
 
 
-# ---- REFERENCE.md's own optimizers, step by step against hand-written numpy -------------------
+# ---- the AutoLR papers' own optimizers, step by step against hand-written numpy ---------------
 
 def ades_numpy(y: np.ndarray, w: np.ndarray, g: np.ndarray, beta1: float, beta2: float):
-    """REFERENCE.md: y <- y - (1-beta1)*(y + (y + beta2)*(y + g)); w <- w + y (float32)."""
+    """ADES (docs/protocol.md, "Named optimizers"): y <- y - (1-beta1)*(y + (y + beta2)*(y + g));
+    w <- w + y (float32)."""
     f = np.float32
     y = y - f(1 - beta1) * (y + (y + f(beta2)) * (y + g))
     return y, w + y

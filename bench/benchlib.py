@@ -27,6 +27,10 @@ RATIOS: dict[str, tuple[str, str]] = {
     "recorded_tf_over_ours": ("x", "recorded TF/Keras time / ours (TF not run)"),
     "engine_over_ir_parse": ("", "engine per generation / IR parse of it"),
     "map_over_ir_parse": ("", "mapping / IR parse, same 100 texts"),
+    "speedup_batched_over_one_at_a_time": ("x", "candidates/hour, batched / one at a time"),
+    "interpreter_over_kernels": ("x", "IR interpreter step / generated kernels (one call each)"),
+    "interpreter_over_kernel": ("x", "IR interpreter step / generated kernel"),
+    "compile_over_interpreter": ("x", "new program's first step: compile / interpreter"),
 }
 
 

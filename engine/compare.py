@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from codegen.ir import ParseError, Program
-from engine import heldout, stats
+from engine import heldout, modes, stats
 from engine.cli import Parser, UsageError, positive_int
 from engine.heldout import CompareTask
 from engine.tasks import FLOOR_FITNESS, derive_seed
@@ -138,12 +138,14 @@ def resolve_program(arg: str) -> tuple[Program, str]:
                              "program text")
         try:
             data = json.loads(summary.read_text(encoding="utf-8"))
-            text, mode = data["best"]["program"], data.get("mode", "alr")
+            text, mode = data["best"]["program"], data.get("mode", modes.DEFAULT.name)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise UsageError(f"{summary}: not a run summary with a best program ({err})") from None
-        if mode != "alr":
-            raise UsageError(f"{summary}: a {mode.upper()} run (a learning-rate schedule); "
-                             "compare takes ALR optimizers")
+        kind = modes.find(mode)
+        if kind is None or not kind.compiled:
+            what = kind.candidate if kind else "an unknown mode"
+            raise UsageError(f"{summary}: a {str(mode).upper()} run ({what}); compare takes "
+                             "ALR optimizers")
         source = f"best program of {summary}"
     elif path.is_file():
         text, source = path.read_text(encoding="utf-8"), str(path)

@@ -15,17 +15,17 @@ about the machine or AutoLR (`engine.store.not_reusable`) and is tried again nex
 from __future__ import annotations
 
 import collections
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
-from codegen.ir import ParseError, Program, Schedule
+from codegen.ir import ParseError
+from engine import modes
 from engine.executors import Executor
+from engine.modes import Mode
 from engine.screening import fingerprint, probe_updates, screen
 from engine.store import Record, Store, not_reusable
-from engine.tasks import FLOOR_FITNESS, evaluate_alr, evaluate_dlr, get_task
+from engine.tasks import FLOOR_FITNESS, get_task
 
-Mode = Literal["alr", "dlr"]
 # Hard kill for a worker that stops answering: the in-training deadline should fire first.
 KILL_GRACE = 1.5
 
@@ -34,7 +34,7 @@ KILL_GRACE = 1.5
 class Job:
     """One training, as sent to a worker (picklable, small)."""
 
-    mode: Mode
+    mode: str  # an engine.modes name
     text: str
     task: str
     seed: int
@@ -58,21 +58,11 @@ class Evaluation:
 
 
 def train(job: Job) -> dict:
-    """Worker entry point: compile the candidate's kernel, then train it under the protocol."""
-    task = get_task(job.task)
-    if job.mode == "dlr":
-        result = evaluate_dlr(task, Schedule.parse(job.text), seed=job.seed, time_limit=job.time_limit)
-        compile_seconds = 0.0
-    else:
-        import kernels  # the engine reaches kernels only here, inside the worker
-
-        program = Program.parse(job.text)
-        start = time.perf_counter()
-        kernels.compile(program, job.backend).warm_up()
-        compile_seconds = time.perf_counter() - start
-        result = evaluate_alr(
-            task, lambda params: kernels.EvolvedOptimizer(params, program, backend=job.backend),
-            seed=job.seed, time_limit=job.time_limit)
+    """Worker entry point: compile the candidate's kernel (ALR), then train it under the
+    protocol."""
+    result, compile_seconds = modes.get(job.mode).train(
+        get_task(job.task), job.text, seed=job.seed, time_limit=job.time_limit,
+        backend=job.backend)
     return {"fitness": result.fitness, "reason": result.reason, "accuracies": result.accuracies,
             "seconds": result.seconds, "compile_seconds": compile_seconds,
             "curves": {"train_loss": result.train_loss, "val_acc": result.val_acc}}
@@ -81,26 +71,22 @@ def train(job: Job) -> dict:
 def compile_kernel(job: Job) -> float:
     """Worker entry point of a run's pre-flight check: compile the job's kernel where
     candidates will train, without training; the seconds it took."""
-    import kernels
-
-    start = time.perf_counter()
-    kernels.compile(Program.parse(job.text), job.backend).warm_up()
-    return time.perf_counter() - start
+    return modes.get(job.mode).compile(job.text, job.backend)
 
 
 class Evaluator:
     """Evaluates batches of candidate texts for one (mode, task, seed); keeps counts by source."""
 
-    def __init__(self, mode: Mode, task: str, seed: int, store: Store, executor: Executor, *,
+    def __init__(self, mode: str | Mode, task: str, seed: int, store: Store, executor: Executor, *,
                  time_limit: float | None = None, backend: str = "numba", run: str | None = None,
                  worker: Callable[[Job], dict] = train):
         """`worker` runs one Job in an executor's worker (module-level, so it pickles); tests
         substitute one that misbehaves on purpose."""
         definition = get_task(task)  # an unknown preset fails here, before any work
-        self.mode, self.task, self.seed = mode, task, seed
+        self.mode, self.task, self.seed = modes.get(mode), task, seed
         # The store's protocol key names the task's digest too: the store must not answer from
         # a preset's older definition.
-        self.protocol = f"{mode}/{task}@{definition.digest}"
+        self.protocol = f"{self.mode.name}/{task}@{definition.digest}"
         self.store, self.executor = store, executor
         self.time_limit, self.backend, self.run = time_limit, backend, run
         self.worker = worker
@@ -125,7 +111,7 @@ class Evaluator:
 
         for i, text in enumerate(texts):
             try:
-                program = (Schedule if self.mode == "dlr" else Program).parse(text)
+                program = self.mode.parse(text)
             except ParseError as exc:
                 answer(i, Evaluation(text, None, FLOOR_FITNESS, "failed", f"parse error: {exc}"))
                 continue
@@ -138,7 +124,7 @@ class Evaluator:
                 answer(i, self._from_record(text, known, "store"))
                 continue
             fp = None
-            if self.mode == "alr":
+            if self.mode.screened:
                 updates = probe_updates(program)
                 verdict = screen(program, updates)
                 if verdict is not None:
@@ -161,8 +147,8 @@ class Evaluator:
             to_train[h] = [i]
 
         hashes = list(to_train)
-        jobs = [Job(self.mode, str(parsed[h][0]), self.task, self.seed, self.time_limit, self.backend)
-                for h in hashes]
+        jobs = [Job(self.mode.name, str(parsed[h][0]), self.task, self.seed, self.time_limit,
+                    self.backend) for h in hashes]
         timeout = None if self.time_limit is None else self.time_limit * KILL_GRACE + 30
         for index, outcome in self.executor.run(self.worker, jobs, timeout=timeout):
             h = hashes[index]
@@ -182,7 +168,7 @@ class Evaluator:
                                      trained.accuracies, trained.seconds, trained.compile_seconds,
                                      trained.curves))
             for i in others:
-                twin = (Schedule if self.mode == "dlr" else Program).parse(texts[i])
+                twin = self.mode.parse(texts[i])
                 if twin.hash == h:
                     answer(i, Evaluation(texts[i], h, trained.fitness, "store", trained.reason,
                                          trained.accuracies))

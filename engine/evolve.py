@@ -13,17 +13,16 @@ Reproducibility is the design constraint everything else follows from:
 - Fitness values are placed by index, never by arrival order, so the history does not depend on
   which worker finished first.
 - Checkpoints are JSON with a SHA-256 of their body inside, written to a temporary file and moved
-  into place with ``os.replace``, so a reader sees a whole file or none. The two newest are kept:
-  a corrupt or truncated newest file is refused with a warning and the previous one is used.
+  into place with ``os.replace``, so a reader sees a whole file or none (`engine.rundir`). The two
+  newest are kept: a corrupt or truncated newest file is refused with a warning and the previous
+  one is used.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import operator
-import os
 import random
 import statistics
 import warnings
@@ -32,6 +31,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from engine.grammar import Grammar
+from engine.rundir import CheckpointError, checkpoint_files, load_checkpoint, newest_checkpoint, \
+    write_checkpoint
 from engine.sge import Individual, crossover, individual_from_text, initialise, map_genotype, mutate
 
 __all__ = [
@@ -49,14 +50,8 @@ __all__ = [
 # pairs in any order (e.g. as futures complete).
 FitnessFunction = Callable[[Sequence[str]], Iterable[float] | Iterable[tuple[int, float]]]
 
-_FORMAT = "autolr-evolve-checkpoint"
-_VERSION = 1
-_KEEP = 2  # checkpoints kept on disk: the newest and the one to fall back to
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be trusted or does not belong to this run; the message says why."""
-
+# The checkpoint files themselves (format, checksum, atomic write, the scan for the newest good
+# one) are engine.rundir's; CheckpointError and load_checkpoint are re-exported from here.
 
 @dataclass(frozen=True)
 class EvolutionConfig:
@@ -172,7 +167,7 @@ def evolve(grammar: Grammar, config: EvolutionConfig, fitness: FitnessFunction, 
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
         state = _resume_state(directory, identity, grammar, config) if resume else None
-        if not resume and _checkpoint_files(directory):
+        if not resume and checkpoint_files(directory):
             raise CheckpointError(f"{directory} already holds checkpoints of a run; pass "
                                   "resume=True (--resume) to continue it or use an empty directory")
     if state is None:
@@ -187,29 +182,6 @@ def evolve(grammar: Grammar, config: EvolutionConfig, fitness: FitnessFunction, 
         history.append(_record(generation, population, evaluated))
         _after_generation(directory, identity, population, history, on_generation)
     return RunResult(history=tuple(history), population=tuple(population))
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint file and return its body, refusing anything damaged.
-
-    Raises CheckpointError for a truncated, non-JSON, wrong-format or checksum-failing file.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a complete JSON checkpoint ({err}); the file is "
-                              "truncated or corrupt") from None
-    if not isinstance(data, dict) or "body" not in data or "sha256" not in data:
-        raise CheckpointError(f"{path}: not an AutoLR checkpoint (no body/sha256 fields)")
-    if data["sha256"] != _digest(data["body"]):
-        raise CheckpointError(f"{path}: checksum mismatch; the file was corrupted or edited "
-                              "after it was written")
-    body = data["body"]
-    if body.get("format") != _FORMAT or body.get("version") != _VERSION:
-        raise CheckpointError(f"{path}: format {body.get('format')!r} version "
-                              f"{body.get('version')!r}, expected {_FORMAT!r} version {_VERSION}")
-    return body
 
 
 # -- one generation --------------------------------------------------------------------------
@@ -342,52 +314,28 @@ def _after_generation(directory: Path | None, identity: dict, population: list[S
         on_generation(history[-1])
 
 
-def _digest(body: object) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _checkpoint_files(directory: Path) -> list[Path]:
-    """Checkpoint files, newest generation first."""
-    return sorted(directory.glob("gen-*.json"), reverse=True)
-
-
 def _write_checkpoint(directory: Path, identity: dict, population: list[Scored],
                       history: list[GenerationRecord]) -> None:
     generation = history[-1].generation
-    body = {"format": _FORMAT, "version": _VERSION, **identity, "generation": generation,
-            "population": [{"genotype": [list(g) for g in s.individual.genotype],
-                            "fitness": s.fitness} for s in population],
-            "history": [r.to_json() for r in history]}
-    text = json.dumps({"sha256": _digest(body), "body": body}, allow_nan=False)
-    final = directory / f"gen-{generation:06d}.json"
-    temp = directory / f".{final.name}.{os.getpid()}.tmp"
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, final)
-    for old in _checkpoint_files(directory)[_KEEP:]:
-        old.unlink(missing_ok=True)
+    write_checkpoint(directory, generation, {
+        **identity, "generation": generation,
+        "population": [{"genotype": [list(g) for g in s.individual.genotype],
+                        "fitness": s.fitness} for s in population],
+        "history": [r.to_json() for r in history]})
 
 
 def _resume_state(directory: Path, identity: dict, grammar: Grammar,
                   config: EvolutionConfig) -> tuple[list[Scored], list[GenerationRecord]] | None:
     """The newest good checkpoint's population and history; None when there is none yet."""
-    files = _checkpoint_files(directory)
-    refused = []
-    for path in files:
-        try:
-            body = load_checkpoint(path)
-        except CheckpointError as err:
-            refused.append(str(err))
-            warnings.warn(f"refusing checkpoint {err}; trying the previous one", stacklevel=3)
-            continue
-        _check_identity(path, body, identity)
-        return _restore(path, body, grammar, config)
-    if refused:
+    scan = newest_checkpoint(directory)
+    for err in scan.refused:
+        warnings.warn(f"refusing checkpoint {err}; trying the previous one", stacklevel=3)
+    if scan.body is not None:
+        _check_identity(scan.path, scan.body, identity)
+        return _restore(scan.path, scan.body, grammar, config)
+    if scan.refused:
         raise CheckpointError("no usable checkpoint in " + str(directory) + ": "
-                              + "; ".join(refused))
+                              + "; ".join(map(str, scan.refused)))
     return None
 
 

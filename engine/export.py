@@ -17,17 +17,18 @@ from pathlib import Path
 from codegen import numba_emit, torch_emit
 from codegen.ir import COMPARISON_SYMBOLS, STATES, Call, Const, Node, Program, Schedule, Var
 from codegen.lower import lower
+from engine import modes
+from engine.modes import Mode
 
 __all__ = ["render_alr", "render_dlr", "write_best_optimizer"]
 
 
-def write_best_optimizer(path: str | Path, mode: str, text: str, *, about: str,
+def write_best_optimizer(path: str | Path, mode: str | Mode, text: str, *, about: str,
                          lr: float = 1.0) -> Path:
     """Write the standalone file for ``text`` (a program or schedule); ``about`` is a paragraph
     for its docstring (where it came from, its fitness against the baseline); ``lr`` is the ALR
     optimizer's default learning rate (1.0: the evolved step as it is)."""
-    source = render_dlr(Schedule.parse(text), about) if mode == "dlr" else \
-        render_alr(Program.parse(text), about, lr)
+    source = modes.get(mode).render(text, about, lr)
     path = Path(path)
     path.write_text(source, encoding="utf-8")
     return path

@@ -21,20 +21,20 @@ Files written into the run directory:
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codegen.ir import Program, Schedule, size as node_size
-from engine import outcomes
+from codegen.ir import Program, Schedule
+from engine import modes, outcomes
 from engine.evolve import GenerationRecord
 from engine.export import write_best_optimizer
+from engine.modes import Mode
 from engine.outcomes import detail as reason_kind
+from engine.rundir import write_json
 from engine.store import not_reusable
 from engine.tasks import FLOOR_FITNESS
 
@@ -63,66 +63,44 @@ class Outcome:
 # -- small pure helpers ------------------------------------------------------------------------
 
 
-def parse(mode: str, text: str) -> Program | Schedule:
-    return Schedule.parse(text) if mode == "dlr" else Program.parse(text)
+def parse(mode: str | Mode, text: str) -> Program | Schedule:
+    return modes.get(mode).parse(text)
 
 
-def program_size(mode: str, text: str) -> int:
+def program_size(mode: str | Mode, text: str) -> int:
     """Nodes of the canonical program: what a reader has to understand."""
-    canonical = parse(mode, text).canonical()
-    if isinstance(canonical, Schedule):
-        return node_size(canonical.expr)
-    return sum(node_size(e) for e in canonical.deltas().values() if e is not None)
+    return modes.get(mode).size(text)
 
 
 def one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def behaviour(mode: str, program: Program | Schedule, preset: str | None = None) -> str:
-    """What a program does, as a key: two programs with the same key are one optimizer to a
-    reader even when their texts differ (``square(grad)`` and ``mul(grad, grad)``). ALR: the
-    screening fingerprint (weight updates on fixed probe inputs); DLR: the learning rates the
-    schedule gives over the protocol's epochs."""
-    if mode != "dlr":
-        from engine.screening import fingerprint
-
-        return fingerprint(program)
-    from engine.tasks import DlrProtocol, get_task
-
-    protocol = get_task(preset).dlr if preset is not None else DlrProtocol()
-    lr, lrs = protocol.initial_lr, []
-    for epoch in range(protocol.max_epochs):
-        lr = program(epoch, lr)
-        lrs.append(repr(lr))
-        if not math.isfinite(lr):
-            break  # training stops at a non-finite lr: nothing after it is behaviour
-    return ",".join(lrs)
-
-
-def hall_of_fame(mode: str, history: Sequence[GenerationRecord], k: int = HALL_OF_FAME,
+def hall_of_fame(mode: str | Mode, history: Sequence[GenerationRecord], k: int = HALL_OF_FAME,
                  preset: str | None = None) -> list[dict]:
     """The ``k`` fittest distinct programs ever in the population, earliest first on ties, each
     with its canonical text, size and the generation it first appeared in. Distinct means a
-    different canonical hash *and* a different behaviour (`behaviour`): of programs that behave
-    alike only the fittest (earliest on ties) is listed, the others' hashes in its ``twins``.
-    Programs at the floor fitness (broken, diverged, timed out) are not famous."""
+    different canonical hash *and* a different behaviour (`engine.modes.Mode.behaviour`: ALR,
+    the screening fingerprint; DLR, the learning rates over the protocol's epochs): of programs
+    that behave alike only the fittest (earliest on ties) is listed, the others' hashes in its
+    ``twins``. Programs at the floor fitness (broken, diverged, timed out) are not famous."""
+    mode = modes.get(mode)
     seen: dict[str, dict] = {}
     for record in history:
         for text, fitness in zip(record.phenotypes, record.fitness):
-            program = parse(mode, text)
+            program = mode.parse(text)
             entry = seen.get(program.hash)
             if entry is None:
                 seen[program.hash] = {"hash": program.hash, "fitness": fitness, "program": text,
                                       "canonical": str(program.canonical()),
-                                      "size": program_size(mode, text),
+                                      "size": mode.size(text),
                                       "generation": record.generation, "twins": []}
     ranked = sorted((e for e in seen.values() if e["fitness"] > FLOOR_FITNESS),
                     key=lambda e: -e["fitness"])  # stable: earliest on ties
     fame: list[dict] = []
     by_behaviour: dict[str, dict] = {}
     for entry in ranked:
-        key = behaviour(mode, parse(mode, entry["program"]), preset)
+        key = mode.behaviour(mode.parse(entry["program"]), preset)
         if key in by_behaviour:
             by_behaviour[key]["twins"].append(entry["hash"])
             continue
@@ -192,23 +170,23 @@ def wall_seconds(events: Sequence[dict]) -> tuple[float, int]:
 
 
 def summary(outcome: Outcome) -> dict:
-    cfg, history, mode = outcome.config, outcome.history, outcome.config["mode"]
+    cfg, history, mode = outcome.config, outcome.history, modes.get(outcome.config["mode"])
     best_text, best_fitness = max(((r.best_phenotype, r.best) for r in history),
                                   key=lambda pair: pair[1])  # max keeps the earliest maximum
-    best = parse(mode, best_text)
+    best = mode.parse(best_text)
     first = next(r.generation for r in history if best_text in r.phenotypes)
     seconds = {e["generation"]: e["seconds"] for e in outcome.events
                if e.get("event") == "generation"}
     wall, sessions = wall_seconds(outcome.events)
     baseline = outcome.baseline or {}
     return {
-        "run": cfg["name"], "status": outcome.status, "mode": mode, "preset": cfg["preset"],
+        "run": cfg["name"], "status": outcome.status, "mode": mode.name, "preset": cfg["preset"],
         "seed": cfg["seed"], "command": cfg["command"], "reproduce": cfg["reproduce"],
         "versions": outcome.versions,
         "generations_done": len(history), "generations": cfg["evolution"]["generations"],
         "population": cfg["evolution"]["population"],
         "best": {"program": best_text, "canonical": str(best.canonical()), "hash": best.hash,
-                 "fitness": best_fitness, "size": program_size(mode, best_text),
+                 "fitness": best_fitness, "size": mode.size(best_text),
                  "generation": first},
         "baseline": baseline,
         "best_minus_baseline": (round(best_fitness - baseline["fitness"], 6)
@@ -221,9 +199,9 @@ def summary(outcome: Outcome) -> dict:
     }
 
 
-def write_history(path: Path, mode: str, history: Sequence[GenerationRecord],
+def write_history(path: Path, mode: str | Mode, history: Sequence[GenerationRecord],
                   events: Sequence[dict], elitism: int) -> None:
-    answers = _answers(events)
+    mode, answers = modes.get(mode), _answers(events)
     sizes: dict[str, int] = {}
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -233,9 +211,9 @@ def write_history(path: Path, mode: str, history: Sequence[GenerationRecord],
                 elite = record.generation > 0 and index < elitism
                 answer = answers.get((record.generation, text), {})
                 if text not in sizes:
-                    sizes[text] = program_size(mode, text)
+                    sizes[text] = mode.size(text)
                 writer.writerow([record.generation, index, int(elite),
-                                 answer.get("hash") or parse(mode, text).hash, repr(fitness),
+                                 answer.get("hash") or mode.parse(text).hash, repr(fitness),
                                  "elite" if elite else answer.get("source", ""),
                                  answer.get("reason") or "", sizes[text], one_line(text)])
 
@@ -268,18 +246,18 @@ def curves_figure(outcome: Outcome, best_hash: str, best_fitness: float | None =
     curves, baseline = outcome.curves, outcome.baseline or {}
     if best_hash not in curves and baseline.get("hash") not in curves:
         return None
-    mode = outcome.config["mode"]
+    per_trial = modes.get(outcome.config["mode"]).min_over_trials
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     for color, key, label, fitness, style in (
             ("C0", best_hash, "best", best_fitness, "-"),
             ("C1", baseline.get("hash"), baseline.get("name", "baseline"),
              baseline.get("fitness"), "--")):
         for trial, values in enumerate((curves.get(key) or {}).get("val_acc", [])):
-            name = f"{label}, trial {trial}" if trial or mode == "alr" else label
+            name = f"{label}, trial {trial}" if trial or per_trial else label
             ax.plot(range(1, len(values) + 1), values, style, marker=".", color=color,
                     alpha=1.0 if trial == 0 else 0.5, label=f"{name}: validation split")
         if key in curves and fitness is not None:
-            what = "min over trials, " if mode == "alr" else ""
+            what = "min over trials, " if per_trial else ""
             ax.axhline(fitness, color=color, ls=":",
                        label=f"{label}: fitness {fitness:.4f} ({what}fitness split)")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -295,7 +273,7 @@ def write_plots(directory: Path, outcome: Outcome, fame: Sequence[dict], best_ha
     """fitness.png, curves.png (when curves are known) and size.png; returns name -> path."""
     plt = _pyplot()
     directory.mkdir(exist_ok=True)
-    mode, history = outcome.config["mode"], outcome.history
+    mode, history = modes.get(outcome.config["mode"]), outcome.history
     baseline = outcome.baseline or {}
     made = {}
 
@@ -317,9 +295,9 @@ def write_plots(directory: Path, outcome: Outcome, fame: Sequence[dict], best_ha
     points: dict[str, tuple[int, float]] = {}
     for record in history:
         for text, fitness in zip(record.phenotypes, record.fitness):
-            h = parse(mode, text).hash
+            h = mode.parse(text).hash
             if h not in points:
-                points[h] = (program_size(mode, text), fitness)
+                points[h] = (mode.size(text), fitness)
     fig, ax = plt.subplots(figsize=(6.4, 4))
     ax.scatter([p[0] for p in points.values()], [p[1] for p in points.values()], s=14,
                alpha=0.6, label="programs")
@@ -354,22 +332,22 @@ def _save(fig, path: Path) -> str:
 
 def write_all(outcome: Outcome) -> dict:
     """Write every output file; returns the summary (also written as summary.json)."""
-    run_dir, cfg, mode = outcome.run_dir, outcome.config, outcome.config["mode"]
+    run_dir, cfg, mode = outcome.run_dir, outcome.config, modes.get(outcome.config["mode"])
     data = summary(outcome)
     fame = hall_of_fame(mode, outcome.history, preset=cfg["preset"])
     best = data["best"]
     # The one text form every reader of programs accepts (Program.parse, Schedule.parse,
     # EvolvedOptimizer, codegen show, --seed-programs).
-    (run_dir / "best_program.txt").write_text(str(parse(mode, best["program"])) + "\n",
+    (run_dir / "best_program.txt").write_text(str(mode.parse(best["program"])) + "\n",
                                               encoding="utf-8")
     write_history(run_dir / "history.csv", mode, outcome.history, outcome.events,
                   cfg["evolution"]["elitism"])
-    _write_json(run_dir / "hall_of_fame.json", fame)
-    (run_dir / "hall_of_fame.md").write_text(_fame_markdown(fame, mode), encoding="utf-8")
-    kernels = write_kernels(run_dir / "kernels", fame) if mode == "alr" else []
+    write_json(run_dir / "hall_of_fame.json", fame)
+    (run_dir / "hall_of_fame.md").write_text(_fame_markdown(fame), encoding="utf-8")
+    kernels = write_kernels(run_dir / "kernels", fame) if mode.compiled else []
     plots = write_plots(run_dir / "plots", outcome, fame, best["hash"], best["fitness"])
     baseline = outcome.baseline or {}
-    about = (f"Run {cfg['name']} (mode {mode}, preset {cfg['preset']}, seed {cfg['seed']}): "
+    about = (f"Run {cfg['name']} (mode {mode.name}, preset {cfg['preset']}, seed {cfg['seed']}): "
              f"fitness {best['fitness']:.4f}"
              + (f" against {baseline['fitness']:.4f} for {baseline['name']} on the same protocol"
                 if "fitness" in baseline else "") + ".")
@@ -379,19 +357,13 @@ def write_all(outcome: Outcome) -> dict:
                      "report": "report.md", "best_optimizer": "best_optimizer.py",
                      "plots": {k: f"plots/{v}" for k, v in plots.items()},
                      "kernels": [f"kernels/{k}" for k in kernels]}
-    _write_json(run_dir / "summary.json", data)
+    write_json(run_dir / "summary.json", data)
     (run_dir / "report.md").write_text(_report_markdown(data, fame, plots, mode),
                                        encoding="utf-8")
     return data
 
 
-def _write_json(path: Path, data: object) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(temp, path)
-
-
-def _fame_markdown(fame: Sequence[dict], mode: str) -> str:
+def _fame_markdown(fame: Sequence[dict]) -> str:
     lines = ["# Hall of fame", "",
              f"The {len(fame)} fittest distinct programs of the run: different canonical forms "
              "that also behave differently (programs that behave alike are listed once, as "
@@ -408,11 +380,10 @@ def _fame_markdown(fame: Sequence[dict], mode: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: str) -> str:
+def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) -> str:
     best, baseline, counts = data["best"], data["baseline"], data["evaluations"]
-    what = "an optimizer (ALR)" if mode == "alr" else "a learning-rate schedule (DLR)"
     lines = [f"# AutoLR run {data['run']}", "",
-             f"Evolved {what} on the `{data['preset']}` preset, seed {data['seed']}: "
+             f"Evolved {mode.evolves} on the `{data['preset']}` preset, seed {data['seed']}: "
              f"{data['generations_done']} of {data['generations']} generations of "
              f"{data['population']}, status **{data['status']}**, "
              f"{_duration(data['wall_seconds'])} of wall time over {data['sessions']} "
@@ -430,13 +401,8 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: str) -
     lines += ["", "## The best program", "", *_fenced(best["canonical"]), "",
               "`best_optimizer.py` is a standalone copy of it for your own project "
               "(needs only torch):", "", "```python",
-              *(["from best_optimizer import BestOptimizer",
-                 "optimizer = BestOptimizer(model.parameters())"] if mode == "alr" else
-                ["from best_optimizer import BestSchedule, INITIAL_LR",
-                 "optimizer = torch.optim.SGD(model.parameters(), lr=INITIAL_LR)",
-                 "scheduler = BestSchedule(optimizer)  # scheduler.step() after every epoch"]),
-              "```", ""]
-    if mode == "alr":
+              *mode.usage, "```", ""]
+    if mode.compiled:
         lines += ["Its generated kernels (and those of the whole hall of fame) are in `kernels/`: "
                   f"`kernels/01-{best['hash']}.numba.py` and `.triton.py`.", ""]
     lines += ["## Fitness per generation", "", f"![fitness per generation](plots/{plots['fitness']})",
@@ -452,7 +418,7 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: str) -
                   "watches) of the best program and the baseline, retrained (or recorded when "
                   "first trained) under the fitness protocol. The fitness is measured on a "
                   "different split, the fitness split, with the best epoch's weights restored "
-                  + ("(the minimum over trials)" if mode == "alr" else "")
+                  + ("(the minimum over trials)" if mode.min_over_trials else "")
                   + ": it is drawn as a dotted level line, and a curve's peak need not equal it.",
                   "",
                   f"![training curves](plots/{plots['curves']})"]

@@ -15,7 +15,9 @@ results store keeps every candidate already trained, so ``--resume`` after Ctrl-
 a time budget replays the interrupted generation mostly from the store and carries on exactly as
 an uninterrupted run would (same seed, same history).
 
-The settings (presets, flags, config.json) live in `engine.run_config`; this module runs them.
+The settings (presets, flags, config.json) live in `engine.run_config`, how the directory's files
+are written and read in `engine.rundir`, what ALR and DLR do differently in `engine.modes`; this
+module runs them.
 Errors a user can make (a bad flag, preset, grammar, seed file, output directory, missing data)
 are one line on stderr and exit status 2. Ctrl-C exits with 130 after saying how to resume.
 
@@ -41,14 +43,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from codegen.ir import Program, Schedule
+from engine import modes
 from engine.cli import UsageError
-from engine.evolve import CheckpointError, EvolutionConfig, GenerationRecord, evolve, \
-    load_checkpoint
+from engine.evolve import CheckpointError, EvolutionConfig, GenerationRecord, evolve
 from engine.grammar import Grammar
 from engine.run_config import build_parser, check_out_dir, new_config, resumed_config
+from engine.rundir import CHECKPOINTS, EVENTS, append_event, end_line, newest_checkpoint, \
+    read_events, write_atomic, write_json
 from engine.runlock import RunLock, RunLocked
-from engine.seeds import baseline
 from engine.store import StoreError
 
 __all__ = ["main"]
@@ -71,20 +73,6 @@ def _python() -> str:
         return str(exe.relative_to(Path.cwd()))
     except ValueError:
         return str(exe)
-
-
-def _checkpoints(out: Path) -> Path:
-    return out / "checkpoints"
-
-
-def latest_checkpoint(out: Path) -> dict | None:
-    """The newest checkpoint that loads (as evolve resumes from it), or None."""
-    for path in sorted(_checkpoints(out).glob("gen-*.json"), reverse=True):
-        try:
-            return load_checkpoint(path)
-        except CheckpointError:
-            continue
-    return None
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -171,7 +159,8 @@ class Session:
 
     def __init__(self, out: Path, config: dict, resumed: bool) -> None:
         self.out, self.config, self.resumed = out, config, resumed
-        self.mode, self.preset, self.seed = config["mode"], config["preset"], config["seed"]
+        self.mode = modes.get(config["mode"])
+        self.preset, self.seed = config["preset"], config["seed"]
         self.evolution = EvolutionConfig(**config["evolution"])
         self.started = time.time()
         self.budget = config.get("time_budget")
@@ -179,39 +168,27 @@ class Session:
         self.generation = 0  # the one being evaluated
         self.generation_started = time.time()
         self.last_generation_seconds = 0.0
-        self.events_path = out / "events.jsonl"
+        self.events_path = out / EVENTS
         self.tracker = None  # engine.tracking.TensorBoardLog with --tensorboard
         self.curves_dir = Path(config["store"]).parent / "curves" / \
-            f"{self.mode}-{self.preset}-seed{self.seed}"
+            f"{self.mode.name}-{self.preset}-seed{self.seed}"
 
     # -- events and curves ---------------------------------------------------------------------
 
     def log(self, event: dict) -> None:
         event.setdefault("time", round(time.time(), 3))
-        with open(self.events_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(event, allow_nan=False) + "\n")
+        append_event(self.events_path, event)
 
     def events(self) -> list[dict]:
-        try:
-            lines = self.events_path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass  # a line cut short by a kill: the rest of the log is still good
-        return out
+        # A line cut short by a kill is skipped: the rest of the log is still good.
+        return read_events(self.events_path).events
 
     def save_curves(self, program_hash: str | None, curves: dict) -> None:
         if not program_hash or not curves or not curves.get("val_acc"):
             return
         self.curves_dir.mkdir(parents=True, exist_ok=True)
-        final = self.curves_dir / f"{program_hash}.json"
-        temp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        temp.write_text(json.dumps({k: [list(t) for t in v] for k, v in curves.items()}))
-        os.replace(temp, final)
+        write_atomic(self.curves_dir / f"{program_hash}.json",
+                     json.dumps({k: [list(t) for t in v] for k, v in curves.items()}))
 
     def load_curves(self, program_hash: str) -> dict | None:
         try:
@@ -278,7 +255,7 @@ class Session:
                                           or os.environ.get("TRITON_INTERPRET") == "1"):
             raise UsageError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1 to "
                              "run it, slowly, in Triton's interpreter); use numba on the CPU")
-        if self.mode == "alr" and not config["ray_address"]:
+        if self.mode.compiled and not config["ray_address"]:
             _check_kernel_cache()
         initializer = functools.partial(configure_process, threads=1)
         try:
@@ -309,10 +286,10 @@ class Session:
         """One compile of the baseline's kernel where candidates will train."""
         from engine.evaluate import Job, compile_kernel
 
-        if self.mode != "alr":
-            return  # schedules train with torch's SGD: nothing is generated or compiled
-        name, text = baseline(self.mode)
-        job = Job(self.mode, text, self.preset, self.seed, self.config["time_limit"], backend)
+        if not self.mode.compiled:
+            return  # nothing is generated or compiled
+        name, text = self.mode.baseline()
+        job = Job(self.mode.name, text, self.preset, self.seed, self.config["time_limit"], backend)
         for _, outcome in executor.run(compile_kernel, [job]):
             if not outcome.ok:
                 raise UsageError(f"the baseline {name} does not compile in a worker "
@@ -325,21 +302,21 @@ class Session:
         from engine.store import versions
 
         out, config = self.out, self.config
-        done = latest_checkpoint(out) if self.resumed else None
+        done = newest_checkpoint(out / CHECKPOINTS).body if self.resumed else None
         self.history = [GenerationRecord.from_json(r) for r in done["history"]] if done else []
         self.generation = len(self.history)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", config)  # a resume may have extended or moved it
+        write_json(out / "config.json", config, allow_nan=True)  # a resume may have changed it
         (out / "grammar.bnf").write_text(config["grammar_text"], encoding="utf-8")
-        _end_line(self.events_path)  # a kill may have cut the last line short
+        end_line(self.events_path)  # a kill may have cut the last line short
         self.log({"event": "session", "resumed": self.resumed, "pid": os.getpid(),
                   "command": shlex.join(["python", "-m", "engine.run", *sys.argv[1:]]),
                   "executor": config["executor"], "workers": executor.workers})
         self.evaluator = Evaluator(self.mode, self.preset, self.seed, store, executor,
                                    time_limit=config["time_limit"], backend=backend,
                                    run=config["name"])
-        base_name, base_text = baseline(self.mode)
-        known = store.lookup((Schedule if self.mode == "dlr" else Program).parse(base_text).hash,
+        base_name, base_text = self.mode.baseline()
+        known = store.lookup(self.mode.parse(base_text).hash,
                              self.preset, self.evaluator.protocol, self.seed)
         self.display = Display(config, self.history, self.events(),
                                None if known is None else (base_name, known.fitness),
@@ -391,7 +368,7 @@ class Session:
         """Run evolve; the reason it stopped early, or None when it finished."""
         try:
             evolve(grammar, self.evolution, self.fitness, seeds=self.config["seeds"],
-                   checkpoint_dir=_checkpoints(self.out), resume=self.resumed,
+                   checkpoint_dir=self.out / CHECKPOINTS, resume=self.resumed,
                    on_generation=self.generation_done)
         except BudgetExhausted as err:
             reason = str(err)
@@ -405,10 +382,10 @@ class Session:
         from engine.evaluate import Evaluator, Job, train
         from engine.report import Outcome, write_all
 
-        body = latest_checkpoint(self.out)
+        body = newest_checkpoint(self.out / CHECKPOINTS).body
         history = [GenerationRecord.from_json(r) for r in body["history"]]
         best_text, _ = max(((r.best_phenotype, r.best) for r in history), key=lambda p: p[1])
-        parse = Schedule.parse if self.mode == "dlr" else Program.parse
+        parse = self.mode.parse
         base_eval = Evaluator(self.mode, self.preset, self.seed, self.evaluator.store, executor,
                               time_limit=self.config["time_limit"],
                               backend=self.evaluator.backend, run=self.config["name"])
@@ -418,12 +395,10 @@ class Session:
                             "cannot be measured against it; no report was written")
         if answer.source == "trained":
             self.save_curves(answer.hash, answer.curves)
-        from engine.report import program_size
-
         base = {"name": base_name, "program": base_text, "hash": answer.hash,
                 "fitness": answer.fitness, "accuracies": list(answer.accuracies),
                 "source": answer.source, "reason": answer.reason,
-                "size": program_size(self.mode, base_text)}
+                "size": self.mode.size(base_text)}
         self.log({"event": "baseline", **{k: base[k] for k in ("hash", "fitness", "source")}})
         curves = {}
         missing = []
@@ -437,7 +412,7 @@ class Session:
         if missing:
             self.display.message(f"Retraining {len(missing)} program(s) once for their training "
                                  "curves...")
-            jobs = [Job(self.mode, text, self.preset, self.seed, self.config["time_limit"],
+            jobs = [Job(self.mode.name, text, self.preset, self.seed, self.config["time_limit"],
                         self.evaluator.backend) for _, text in missing]
             for index, outcome in executor.run(train, jobs):
                 if outcome.ok:
@@ -484,22 +459,6 @@ def _check_kernel_cache() -> None:
         raise UsageError(f"the kernel cache {named} is not a directory this user can write "
                          f"({why}); point AUTOLR_CACHE at one (or unset it for "
                          "~/.cache/autolr)") from None
-
-
-def _end_line(path: Path) -> None:
-    try:
-        with open(path, "rb+") as handle:
-            handle.seek(0, os.SEEK_END)
-            if handle.tell() and (handle.seek(-1, os.SEEK_END), handle.read(1))[1] != b"\n":
-                handle.write(b"\n")
-    except FileNotFoundError:
-        pass
-
-
-def _write_json(path: Path, data: object) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(temp, path)
 
 
 if __name__ == "__main__":

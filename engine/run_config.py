@@ -15,12 +15,14 @@ from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
-from codegen.ir import ParseError, Program, Schedule
+from codegen.ir import ParseError
+from engine import modes
 from engine.cli import Parser, UsageError, positive_int
 from engine.evolve import EvolutionConfig
-from engine.grammar import ALR_GRAMMAR, DLR_GRAMMAR, Grammar, GrammarError, load_grammar
+from engine.grammar import Grammar, GrammarError, load_grammar
+from engine.modes import MODES, Mode
 from engine.runlock import LOCK_NAME
-from engine.seeds import DEFAULT_SEED_LR, SeedError, read_seed_file, snap_all, zoo_seeds
+from engine.seeds import DEFAULT_SEED_LR, SeedError, read_seed_file, snap_all
 from engine.store import versions
 from engine.tasks import PRESETS
 
@@ -98,10 +100,11 @@ def _seed(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     rows = []
     for name, d in PRESET_DEFAULTS.items():
-        a, b = d["alr"], d["dlr"]
-        limit = "none" if a["time_limit"] is None else f"{a['time_limit']:.0f} s"
-        rows.append(f"  {name:<7} ALR {a['population']}x{a['generations']}, DLR "
-                    f"{b['population']}x{b['generations']}, time limit {limit}")
+        limit = d[modes.DEFAULT.name]["time_limit"]
+        sizes = ", ".join(f"{m.title} {d[m.name]['population']}x{d[m.name]['generations']}"
+                          for m in MODES.values())
+        rows.append(f"  {name:<7} {sizes}, time limit "
+                    + ("none" if limit is None else f"{limit:.0f} s"))
     presets = "/".join(PRESET_DEFAULTS)
     p = Parser(
         prog="python -m engine.run",
@@ -113,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                "Ctrl-C saves and prints the command that resumes the run. Watch or inspect a run "
                "with:\n  python -m engine.show RUN_DIR",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("alr", "dlr"), default=None,
+    p.add_argument("--mode", choices=tuple(MODES), default=None,
                    help="alr: a per-weight optimizer; dlr: an SGD learning-rate schedule "
-                        "(default: alr)")
+                        f"(default: {modes.DEFAULT.name})")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help=f"task and search size, {presets}; see below (default: quick)")
     p.add_argument("--seed", type=_seed, default=None,
@@ -137,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=positive_int, default=None,
                    help="population size (default: the preset's)")
     p.add_argument("--grammar", type=Path, default=None,
-                   help=f"BNF grammar file (default: {ALR_GRAMMAR.name} or {DLR_GRAMMAR.name} "
-                        "in engine/grammars)")
+                   help="BNF grammar file (default: "
+                        f"{' or '.join(m.grammar.name for m in MODES.values())} in "
+                        "engine/grammars)")
     p.add_argument("--seed-programs", type=Path, default=None, metavar="FILE",
                    help="start from these programs: one per block, blocks separated by blank "
                         "lines, an optional '# name' line first; lr and constants are snapped "
@@ -185,7 +189,7 @@ def _fresh_dir(mode: str, preset: str, seed: int) -> Path:
     return out
 
 
-def _load_grammar(path: Path, mode: str) -> Grammar:
+def _load_grammar(path: Path, mode: Mode) -> Grammar:
     try:
         grammar = load_grammar(path)
     except GrammarError as err:
@@ -197,18 +201,17 @@ def _load_grammar(path: Path, mode: str) -> Grammar:
 
     sample = initialise(grammar, random.Random(0), 1, max(grammar.shortest[grammar.start], 6))
     try:
-        (Schedule if mode == "dlr" else Program).parse(sample.phenotype)
+        mode.parse(sample.phenotype)
     except (ParseError, ValueError) as err:
-        what = "schedules" if mode == "dlr" else "ALR programs"
-        raise UsageError(f"{path}: its phenotypes are not {what} (--mode {mode}), e.g. "
-                         f"{sample.phenotype[:60]!r}: {' '.join(str(err).split())}") from None
+        raise UsageError(f"{path}: its phenotypes are not {mode.programs} (--mode {mode.name}), "
+                         f"e.g. {sample.phenotype[:60]!r}: {' '.join(str(err).split())}") from None
     return grammar
 
 
 def new_config(args: argparse.Namespace, argv: list[str]) -> dict:
-    mode, preset = args.mode or "alr", args.preset or "quick"
+    mode, preset = modes.get(args.mode or modes.DEFAULT), args.preset or "quick"
     seed = 0 if args.seed is None else args.seed
-    d = PRESET_DEFAULTS[preset][mode]
+    d = PRESET_DEFAULTS[preset][mode.name]
     population = args.population or d["population"]
     try:
         evolution = EvolutionConfig(
@@ -218,10 +221,10 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> dict:
             min_depth=d["min_depth"], max_depth=d["max_depth"], seed=seed)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    grammar_path = args.grammar or (DLR_GRAMMAR if mode == "dlr" else ALR_GRAMMAR)
+    grammar_path = args.grammar or mode.grammar
     grammar = _load_grammar(grammar_path, mode)
     seed_lr = DEFAULT_SEED_LR if args.seed_lr is None else args.seed_lr
-    programs = zoo_seeds(mode) if args.seed_zoo is not False else []
+    programs = mode.zoo_seeds() if args.seed_zoo is not False else []
     try:
         if args.seed_programs is not None:
             programs += read_seed_file(args.seed_programs, seed_lr)
@@ -231,8 +234,8 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> dict:
     if len(seeds) > population:
         raise UsageError(f"{len(seeds)} seed programs do not fit in a population of "
                          f"{population}; raise --population or seed fewer")
-    out = args.out or _fresh_dir(mode, preset, seed)
-    reproduce = ["-m", "engine.run", "--mode", mode, "--preset", preset, "--seed", str(seed),
+    out = args.out or _fresh_dir(mode.name, preset, seed)
+    reproduce = ["-m", "engine.run", "--mode", mode.name, "--preset", preset, "--seed", str(seed),
                  "--population", str(evolution.population), "--generations",
                  str(evolution.generations)]
     if args.grammar:
@@ -243,7 +246,7 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> dict:
         reproduce.append("--no-seed-zoo")
     return {
         "format": FORMAT, "version": VERSION, "name": out.name, "out": str(out),
-        "mode": mode, "preset": preset, "seed": seed, "evolution": asdict(evolution),
+        "mode": mode.name, "preset": preset, "seed": seed, "evolution": asdict(evolution),
         "grammar": str(Path(grammar_path).resolve()), "grammar_text": grammar.text,
         "seeds": seeds, "seed_zoo": args.seed_zoo is not False,
         "seed_programs": None if args.seed_programs is None else str(args.seed_programs),

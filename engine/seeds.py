@@ -35,9 +35,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from codegen.ir import COMPARISON_SYMBOLS, TARGETS, Call, Const, Node, ParseError, Program, \
-    Schedule, Var
+from codegen.ir import COMPARISON_SYMBOLS, TARGETS, Call, Const, Node, ParseError, Var
+from engine import modes
 from engine.grammar import Grammar
+from engine.modes import Mode
 from engine.sge import individual_from_text
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "read_seed_file",
     "snap",
     "snap_all",
+    "with_lr",
     "zoo_seeds",
 ]
 
@@ -102,40 +104,16 @@ class SeedProgram:
     where: str = ""
 
 
-def zoo_seeds(mode: str) -> list[SeedProgram]:
-    """The default seeds: Adam, RMSprop, momentum, Adagrad, AdaBelief and Lion (ALR); constant and
-    step schedules (DLR).
-
-    Each ALR seed snaps ``lr`` to the step size it is usually run with (torch's default for
-    Adagrad; for Lion 3e-4, at the top of its paper's advice of a step 3-10x smaller than Adam's:
-    the short budgets of a search reward the larger step).
-    """
-    if mode == "dlr":
-        return [SeedProgram("constant 0.01", "0.01", where="zoo"),
-                SeedProgram("step decay", "if(epoch < 4, 0.05, 0.01)", where="zoo")]
-    from kernels import zoo  # the engine reaches kernels only where it needs a program from it
-
-    return [SeedProgram("adam", ADAM_PAPER_OPS, 0.001, "zoo (Adam in the paper's ops)"),
-            SeedProgram("rmsprop", str(zoo.rmsprop()), 0.001, "kernels.zoo.rmsprop()"),
-            SeedProgram("momentum", str(zoo.momentum()), 0.01, "kernels.zoo.momentum()"),
-            SeedProgram("adagrad", str(zoo.adagrad()), 0.01, "kernels.zoo.adagrad()"),
-            SeedProgram("adabelief", ADABELIEF_PAPER_OPS, 0.001,
-                        "zoo (AdaBelief in the paper's ops)"),
-            SeedProgram("lion", LION_PAPER_OPS, 0.0003, "zoo (Lion in the paper's ops)")]
+def zoo_seeds(mode: str | Mode) -> list[SeedProgram]:
+    """The default seeds of ``mode`` (`engine.modes`): Adam, RMSprop, momentum, Adagrad,
+    AdaBelief and Lion (ALR); constant and step schedules (DLR)."""
+    return modes.get(mode).zoo_seeds()
 
 
-def baseline(mode: str) -> tuple[str, str]:
+def baseline(mode: str | Mode) -> tuple[str, str]:
     """(name, program text) of the reference each run is compared with, on the same protocol:
-    Adam at lr=1e-3 for ALR (lr written in as a constant: evaluated programs run at lr=1), plain
-    SGD at 0.01 (a constant schedule) for DLR."""
-    if mode == "dlr":
-        return "SGD, constant lr 0.01", "0.01"
-    from kernels import zoo
-
-    program = zoo.adam()
-    fixed = Program(**{t: (None if e is None else _replace_lr(e, 1e-3))
-                       for t, e in program.deltas().items()})
-    return "Adam (lr=1e-3)", str(fixed)
+    Adam at lr=1e-3 for ALR, plain SGD at 0.01 (a constant schedule) for DLR."""
+    return modes.get(mode).baseline()
 
 
 def read_seed_file(path: str | Path, lr: float = DEFAULT_SEED_LR) -> list[SeedProgram]:
@@ -156,7 +134,7 @@ def read_seed_file(path: str | Path, lr: float = DEFAULT_SEED_LR) -> list[SeedPr
     return seeds
 
 
-def snap_all(seeds: list[SeedProgram], grammar: Grammar, mode: str,
+def snap_all(seeds: list[SeedProgram], grammar: Grammar, mode: str | Mode,
              max_depth: int) -> dict[str, str]:
     """name -> snapped, derivable text for every seed, in order; names made unique."""
     out: dict[str, str] = {}
@@ -168,21 +146,14 @@ def snap_all(seeds: list[SeedProgram], grammar: Grammar, mode: str,
     return out
 
 
-def snap(seed: SeedProgram, grammar: Grammar, mode: str, max_depth: int) -> str:
+def snap(seed: SeedProgram, grammar: Grammar, mode: str | Mode, max_depth: int) -> str:
     """The seed with ``lr`` (ALR) and every constant snapped, checked derivable in ``grammar``."""
     label = f"seed program {seed.name!r}" + (f" ({seed.where})" if seed.where else "")
     if not (isinstance(seed.lr, (int, float)) and math.isfinite(seed.lr) and seed.lr > 0):
         raise SeedError(f"{label}: the lr to snap to must be a positive number, not {seed.lr!r}")
-    snapper = _Snapper(grammar)
+    kind, snapper = modes.get(mode), _Snapper(grammar)
     try:
-        if mode == "dlr":
-            schedule = Schedule.parse(" ".join(seed.text.split()))
-            candidates = [snapper.render(snapper.schedule(schedule.expr))]
-        else:
-            program = Program.parse(seed.text)
-            snapped = {t: (None if e is None else snapper.alr(_replace_lr(e, seed.lr)))
-                       for t, e in program.deltas().items()}
-            candidates = [snapper.program(snapped, fill=False), snapper.program(snapped, fill=True)]
+        candidates = kind.snap_candidates(snapper, seed)
     except (ParseError, ValueError) as err:
         raise SeedError(f"{label}: {' '.join(str(err).split())}") from None
     errors = []
@@ -199,11 +170,12 @@ def snap(seed: SeedProgram, grammar: Grammar, mode: str, max_depth: int) -> str:
 # -- the snapping itself ---------------------------------------------------------------------
 
 
-def _replace_lr(node: Node, lr: float) -> Node:
+def with_lr(node: Node, lr: float) -> Node:
+    """``node`` with the input ``lr`` written in as the constant ``lr``."""
     if isinstance(node, Var) and node.name == "lr":
         return Const(lr)
     if isinstance(node, Call):
-        return Call(node.op, tuple(_replace_lr(a, lr) for a in node.args))
+        return Call(node.op, tuple(with_lr(a, lr) for a in node.args))
     return node
 
 

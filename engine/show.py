@@ -23,9 +23,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
-from engine import outcomes
+from engine import modes, outcomes
 from engine.evolve import GenerationRecord
-from engine.report import evaluation_counts, hall_of_fame, one_line, program_size, wall_seconds
+from engine.report import evaluation_counts, hall_of_fame, one_line, wall_seconds
+from engine.rundir import CHECKPOINTS, EVENTS, newest_checkpoint, read_events
 
 __all__ = ["Display", "main", "print_summary"]
 
@@ -48,7 +49,7 @@ class Display:
     def __init__(self, config: dict, history: list[GenerationRecord], events: list[dict],
                  baseline: tuple[str, float] | None, workers: int,
                  console: Console | None = None) -> None:
-        self.config, self.mode = config, config["mode"]
+        self.config, self.mode = config, modes.get(config["mode"])
         self.console = console or Console()
         self.live_mode = self.console.is_terminal
         self.baseline = baseline
@@ -73,7 +74,7 @@ class Display:
         self.generation = len(history)
         self.live: Live | None = None
         where = (f"{config['executor']} executor, {workers} worker{'s' * (workers != 1)}")
-        self.message(f"AutoLR {self.mode.upper()} run [bold]{escape(config['name'])}[/] "
+        self.message(f"AutoLR {self.mode.title} run [bold]{escape(config['name'])}[/] "
                      f"(preset {config['preset']}, seed {config['seed']}, population "
                      f"{config['evolution']['population']}, {self.generations} generations, "
                      f"{where})\nwriting to {escape(config['out'])}"
@@ -127,17 +128,13 @@ class Display:
 
     def _note(self, h: str | None, text: str, fitness: float) -> None:
         if h is None:
-            from engine.report import parse
-
             try:
-                h = parse(self.mode, text).hash
+                h = self.mode.parse(text).hash
             except ValueError:
                 return
         old = self.best.get(h)
         if old is None or fitness > old[0]:
-            from engine.report import parse
-
-            self.best[h] = (fitness, str(parse(self.mode, text).canonical()))
+            self.best[h] = (fitness, str(self.mode.parse(text).canonical()))
 
     def _detail(self) -> str:
         return outcomes.describe(self.counts)
@@ -150,7 +147,7 @@ class Display:
                              max_width=width if column == "program" else None)
         ranked = sorted(self.best.items(), key=lambda kv: -kv[1][0])[:TOP]
         for i, (h, (fitness, text)) in enumerate(ranked, 1):
-            table.add_row(str(i), f"{fitness:.4f}", str(program_size(self.mode, text)), h[:10],
+            table.add_row(str(i), f"{fitness:.4f}", str(self.mode.size(text)), h[:10],
                           _short(text, width))
         if self.baseline is not None:
             table.caption = f"baseline {self.baseline[0]}: {self.baseline[1]:.4f}"
@@ -175,8 +172,8 @@ class Display:
             who = ("in this process" if serial else f"on {self.workers} "
                    f"{self.config['executor']} worker{'s' * (self.workers != 1)}")
             waits = ", ".join((["worker start-up"] if not serial else []) + ["data loading"]
-                              + (["kernel compiles"] if self.mode == "alr" else []))
-            screening = "screening candidates, then " if self.mode == "alr" else ""
+                              + (["kernel compiles"] if self.mode.compiled else []))
+            screening = "screening candidates, then " if self.mode.screened else ""
             self.status(f"generation {generation}: {screening}the first trainings {who} "
                         f"({waits})")
         else:
@@ -226,9 +223,10 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
     wall = summary.get("wall_seconds")
     table.add_row("wall time", "?" if wall is None else
                   f"{wall:.0f} s over {summary.get('sessions', 1)} session(s)")
+    mode = modes.find(summary["mode"])
     table.add_row("outputs", escape(f"{out}/report.md, best_program.txt, best_optimizer.py, "
                                     "summary.json, history.csv"
-                                    + (", kernels/" if summary["mode"] == "alr" else "")))
+                                    + (", kernels/" if mode and mode.compiled else "")))
     console.print(table)
 
 
@@ -291,60 +289,33 @@ class _Files:
         config = self.json("config.json", instead)
         if config is None or (_has(config, "name", "mode", "preset", "seed", "evolution")
                               and _has(config["evolution"], "generations")
-                              and config["mode"] in ("alr", "dlr")):
+                              and modes.find(config["mode"]) is not None):
             return config
         self.warn(self.run_dir / "config.json", "not an AutoLR run config", instead)
         return None
 
     def history(self) -> list[GenerationRecord]:
         """The newest checkpoint's history, as a resume would continue from it."""
-        from engine.evolve import CheckpointError, load_checkpoint
-
-        first_error = None
-        for path in sorted((self.run_dir / "checkpoints").glob("gen-*.json"), reverse=True):
-            try:
-                body = load_checkpoint(path)
-            except CheckpointError as err:
-                first_error = first_error or str(err)
-                continue
-            return [GenerationRecord.from_json(r) for r in body["history"]]
-        if first_error:
-            self.warn(self.run_dir / "checkpoints", first_error,
+        scan = newest_checkpoint(self.run_dir / CHECKPOINTS)
+        if scan.body is not None:
+            return [GenerationRecord.from_json(r) for r in scan.body["history"]]
+        if scan.refused:
+            self.warn(self.run_dir / CHECKPOINTS, str(scan.refused[0]),
                       "no generation can be shown from them")
         return []
 
     def events(self) -> list[dict]:
-        path = self.run_dir / "events.jsonl"
-        if not path.is_file():
-            return []
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        events, bad = [], []
-        for number, line in enumerate(lines, 1):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            if _is_event(event):
-                events.append(event)
-            else:
-                bad.append(number)
-        if bad and bad != [len(lines)]:  # a kill cuts the last line short: that one is expected
-            self.warn(path, f"{len(bad)} of {len(lines)} lines are not events, the first line "
-                            f"{bad[0]}", "they are skipped: the counts and times may fall short")
-        return events
+        path = self.run_dir / EVENTS
+        log = read_events(path)
+        if log.damaged:
+            self.warn(path, f"{len(log.bad)} of {log.lines} lines are not events, the first "
+                            f"line {log.bad[0]}",
+                      "they are skipped: the counts and times may fall short")
+        return log.events
 
 
 def _has(data: object, *keys: str) -> bool:
     return isinstance(data, dict) and all(key in data for key in keys)
-
-
-def _is_event(event: object) -> bool:
-    """Whether a parsed line is an event that the counts and times can read."""
-    if not (_has(event, "event", "time") and isinstance(event["time"], (int, float))):
-        return False
-    return event["event"] != "evaluation" or (
-        isinstance(event.get("source"), str) and isinstance(event.get("reason"), (str, type(None)))
-        and isinstance(event.get("seconds", 0.0), (int, float)))
 
 
 def show(run_dir: Path, console: Console | None = None) -> int:
@@ -414,7 +385,7 @@ def _show_fame(files: _Files, mode: object, history: list[GenerationRecord],
                console: Console, preset: str | None = None) -> None:
     """The hall of fame from its file, else recomputed from the checkpoint (noted)."""
     path = files.run_dir / "hall_of_fame.json"
-    can_rebuild = bool(history) and mode in ("alr", "dlr")
+    can_rebuild = bool(history) and modes.find(mode) is not None
     instead = (f"recomputed from the checkpoint ({files.resume} rewrites it)" if can_rebuild
                else "no checkpoint to recompute it from")
     fame = files.json(path.name, instead)

@@ -28,6 +28,7 @@ from engine import run as run_module
 from engine import show as show_module
 from engine.data import DataNotFoundError, find_data_dir
 from engine.grammar import ALR_GRAMMAR, load_grammar
+from engine.rundir import end_line
 from engine.seeds import SeedError, SeedProgram, read_seed_file, snap, zoo_seeds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -431,8 +432,8 @@ def test_time_budget_stops_cleanly_and_resume_continues(env, tmp_path):
 def test_a_line_cut_short_by_a_kill_is_ended_before_the_next_session(tmp_path):
     log = tmp_path / "events.jsonl"
     log.write_text('{"event": "session"}\n{"event": "evalu')
-    run_module._end_line(log)
-    run_module._end_line(log)
+    end_line(log)
+    end_line(log)
     assert log.read_text() == '{"event": "session"}\n{"event": "evalu\n'
 
 

@@ -6,6 +6,9 @@ Per candidate, cheapest answer first:
            updates on probe inputs)
         -> fingerprint (behaves identically on probe inputs to one already answered)
         -> training on the executor (the only expensive step) -> store.
+`Evaluator.evaluate` is the two halves in turn: `answer_cheaply` (everything up to the
+fingerprint) and `train` (the executor and the store writes); what passes between them is a
+`Batch`, whose `pending` candidates are the ones still to train.
 Any failure -- a parse error, an exception, NaN, a hang past the time limit, a dead worker -- gets
 the floor fitness and a recorded reason, and the run goes on. Only the candidate's own failures
 (screened, diverged) are stored for later runs; an exception, a hang or a dead worker says more
@@ -15,16 +18,17 @@ about the machine or AutoLR (`engine.store.not_reusable`) and is tried again nex
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from codegen.ir import ParseError
+from codegen.ir import ParseError, Program, Schedule
 from engine import modes
-from engine.executors import Executor
+from engine.executors import Executor, Outcome
 from engine.modes import Mode
 from engine.screening import fingerprint, probe_updates, screen
 from engine.store import Record, Store, not_reusable
-from engine.tasks import FLOOR_FITNESS, get_task
+from engine.tasks import FLOOR_FITNESS, EvalResult, Task, get_task
 
 # Hard kill for a worker that stops answering: the in-training deadline should fire first.
 KILL_GRACE = 1.5
@@ -32,14 +36,23 @@ KILL_GRACE = 1.5
 
 @dataclass(frozen=True)
 class Job:
-    """One training, as sent to a worker (picklable, small)."""
+    """One training, as sent to a worker. It carries the parsed program and the Task itself, so
+    a worker neither parses text nor looks a preset up; both are frozen dataclasses of small
+    trees and numbers, so the job pickles in a few KB, the same way each time."""
 
     mode: str  # an engine.modes name
-    text: str
-    task: str
+    program: Program | Schedule
+    task: Task
     seed: int
     time_limit: float | None
     backend: str
+
+    @classmethod
+    def build(cls, mode: str | Mode, text: str, preset: str, seed: int,
+              time_limit: float | None, backend: str) -> Job:
+        """The job for a candidate given as text, on the preset called `preset`."""
+        mode = modes.get(mode)
+        return cls(mode.name, mode.parse(text), get_task(preset), seed, time_limit, backend)
 
 
 @dataclass(frozen=True)
@@ -57,21 +70,42 @@ class Evaluation:
     curves: dict = field(default_factory=dict, compare=False, repr=False)
 
 
-def train(job: Job) -> dict:
+def train(job: Job) -> EvalResult:
     """Worker entry point: compile the candidate's kernel (ALR), then train it under the
     protocol."""
-    result, compile_seconds = modes.get(job.mode).train(
-        get_task(job.task), job.text, seed=job.seed, time_limit=job.time_limit,
-        backend=job.backend)
-    return {"fitness": result.fitness, "reason": result.reason, "accuracies": result.accuracies,
-            "seconds": result.seconds, "compile_seconds": compile_seconds,
-            "curves": {"train_loss": result.train_loss, "val_acc": result.val_acc}}
+    return modes.get(job.mode).train(job.task, job.program, seed=job.seed,
+                                     time_limit=job.time_limit, backend=job.backend)
 
 
 def compile_kernel(job: Job) -> float:
     """Worker entry point of a run's pre-flight check: compile the job's kernel where
     candidates will train, without training; the seconds it took."""
-    return modes.get(job.mode).compile(job.text, job.backend)
+    return modes.get(job.mode).compile(job.program, job.backend)
+
+
+@dataclass
+class Pending:
+    """A candidate that must train: its program, its fingerprint (None where the mode does not
+    screen), and the batch indices its one training answers."""
+
+    program: Program | Schedule
+    fingerprint: str | None
+    indices: list[int]
+
+
+@dataclass
+class Batch:
+    """One `evaluate` call between its halves: the answers so far, by index, and what is still
+    to train, by program hash (in first-seen order)."""
+
+    texts: Sequence[str]
+    on_result: Callable[[Evaluation], object] | None = None
+    answers: dict[int, Evaluation] = field(default_factory=dict)
+    pending: dict[str, Pending] = field(default_factory=dict)
+    by_fingerprint: dict[str, str] = field(default_factory=dict)  # -> hash training in this batch
+
+    def results(self) -> list[Evaluation]:
+        return [self.answers[i] for i in range(len(self.texts))]
 
 
 class Evaluator:
@@ -79,14 +113,14 @@ class Evaluator:
 
     def __init__(self, mode: str | Mode, task: str, seed: int, store: Store, executor: Executor, *,
                  time_limit: float | None = None, backend: str = "numba", run: str | None = None,
-                 worker: Callable[[Job], dict] = train):
+                 worker: Callable[[Job], EvalResult] = train):
         """`worker` runs one Job in an executor's worker (module-level, so it pickles); tests
         substitute one that misbehaves on purpose."""
-        definition = get_task(task)  # an unknown preset fails here, before any work
+        self.definition = get_task(task)  # an unknown preset fails here, before any work
         self.mode, self.task, self.seed = modes.get(mode), task, seed
         # The store's protocol key names the task's digest too: the store must not answer from
         # a preset's older definition.
-        self.protocol = f"{self.mode.name}/{task}@{definition.digest}"
+        self.protocol = f"{self.mode.name}/{task}@{self.definition.digest}"
         self.store, self.executor = store, executor
         self.time_limit, self.backend, self.run = time_limit, backend, run
         self.worker = worker
@@ -95,90 +129,119 @@ class Evaluator:
 
     def evaluate(self, texts: Sequence[str], on_result=None) -> list[Evaluation]:
         """Fitness of every text, in order. `on_result(evaluation)` is called as answers arrive."""
-        answers: dict[int, Evaluation] = {}
-        to_train: dict[str, list[int]] = {}  # hash -> indices waiting for that training
-        by_fingerprint: dict[str, str] = {}  # fingerprint -> hash being trained in this batch
-        parsed = {}
+        batch = self.answer_cheaply(texts, on_result)
+        self.train(batch)
+        return batch.results()
 
-        def answer(i: int, evaluation: Evaluation) -> None:
-            answers[i] = evaluation
-            self.counts[evaluation.source] += 1
-            self.counts["requested"] += 1
-            if evaluation.reason:
-                self.failures[evaluation.reason.split(":")[0]] += 1
-            if on_result:
-                on_result(evaluation)
+    def job(self, program: Program | Schedule) -> Job:
+        """The training job for `program` under this evaluator's mode, task and seed."""
+        return Job(self.mode.name, program, self.definition, self.seed, self.time_limit,
+                   self.backend)
 
+    # -- the cheap half ------------------------------------------------------------------------
+
+    def answer_cheaply(self, texts: Sequence[str], on_result=None) -> Batch:
+        """Answer every text that needs no training: a parse error, the store (this program or,
+        for a screened mode, a behavioural twin), or screening. The rest end up in the batch's
+        `pending`, one entry per program hash (and per fingerprint within the batch), each with
+        the indices its training will answer."""
+        batch = Batch(texts, on_result)
         for i, text in enumerate(texts):
             try:
                 program = self.mode.parse(text)
             except ParseError as exc:
-                answer(i, Evaluation(text, None, FLOOR_FITNESS, "failed", f"parse error: {exc}"))
+                self._answer(batch, i, Evaluation(text, None, FLOOR_FITNESS, "failed",
+                                                  f"parse error: {exc}"))
                 continue
             h = program.hash
-            if h in to_train:
-                to_train[h].append(i)
+            if h in batch.pending:
+                batch.pending[h].indices.append(i)
                 continue
             known = self.store.lookup(h, self.task, self.protocol, self.seed)
             if known is not None:
-                answer(i, self._from_record(text, known, "store"))
+                self._answer(batch, i, self._from_record(text, known, "store"))
                 continue
             fp = None
             if self.mode.screened:
-                updates = probe_updates(program)
-                verdict = screen(program, updates)
-                if verdict is not None:
-                    evaluation = Evaluation(text, h, FLOOR_FITNESS, "screened", verdict)
-                    self._put(evaluation, program, None)
-                    answer(i, evaluation)
+                fp = self._screen(batch, i, text, program)
+                if fp is None:
                     continue
-                fp = fingerprint(program)
-                twin = self.store.lookup_fingerprint(fp, self.task, self.protocol, self.seed)
-                if twin is not None:
-                    evaluation = self._from_record(text, twin, "fingerprint", h)
-                    self._put(evaluation, program, fp)
-                    answer(i, evaluation)
-                    continue
-                if fp in by_fingerprint:
-                    to_train[by_fingerprint[fp]].append(i)
-                    continue
-                by_fingerprint[fp] = h
-            parsed[h] = (program, fp)
-            to_train[h] = [i]
+            batch.pending[h] = Pending(program, fp, [i])
+        return batch
 
-        hashes = list(to_train)
-        jobs = [Job(self.mode.name, str(parsed[h][0]), self.task, self.seed, self.time_limit,
-                    self.backend) for h in hashes]
+    def _screen(self, batch: Batch, i: int, text: str, program: Program) -> str | None:
+        """Screening and the fingerprint for candidate `i`: None when that answered it (or
+        joined it to a twin already pending in this batch), else its fingerprint."""
+        h = program.hash
+        verdict = screen(program, probe_updates(program))
+        if verdict is not None:
+            evaluation = Evaluation(text, h, FLOOR_FITNESS, "screened", verdict)
+            self._put(evaluation, program, None)
+            self._answer(batch, i, evaluation)
+            return None
+        fp = fingerprint(program)
+        twin = self.store.lookup_fingerprint(fp, self.task, self.protocol, self.seed)
+        if twin is not None:
+            evaluation = self._from_record(text, twin, "fingerprint", h)
+            self._put(evaluation, program, fp)
+            self._answer(batch, i, evaluation)
+            return None
+        if fp in batch.by_fingerprint:
+            batch.pending[batch.by_fingerprint[fp]].indices.append(i)
+            return None
+        batch.by_fingerprint[fp] = h
+        return fp
+
+    # -- the training half ---------------------------------------------------------------------
+
+    def train(self, batch: Batch) -> None:
+        """Train every pending program of `batch` on the executor, one job per program, and
+        answer all the indices each one stands for as its outcome arrives. What a training says
+        about the candidate itself is stored; a machine's failure (`not_reusable`) is not."""
+        hashes = list(batch.pending)
+        jobs = [self.job(batch.pending[h].program) for h in hashes]
         timeout = None if self.time_limit is None else self.time_limit * KILL_GRACE + 30
         for index, outcome in self.executor.run(self.worker, jobs, timeout=timeout):
-            h = hashes[index]
-            program, fp = parsed[h]
-            if outcome.ok:
-                value = outcome.value
-                trained = Evaluation(
-                    str(program), h, float(value["fitness"]), "trained", value["reason"],
-                    tuple(value["accuracies"]), value["seconds"], value["compile_seconds"],
-                    value["curves"])
-            else:
-                trained = Evaluation(str(program), h, FLOOR_FITNESS, "trained", outcome.reason)
+            self._trained(batch, hashes[index], outcome)
+
+    def _trained(self, batch: Batch, h: str, outcome: Outcome[EvalResult]) -> None:
+        """Answer, and store, every index that program `h`'s training stands for."""
+        pending = batch.pending[h]
+        program, fp = pending.program, pending.fingerprint
+        texts = batch.texts
+        if outcome.ok:
+            result = outcome.value
+            trained = Evaluation(str(program), h, float(result.fitness), "trained", result.reason,
+                                 result.accuracies, result.seconds, result.compile_seconds,
+                                 result.curves)
+        else:
+            trained = Evaluation(str(program), h, FLOOR_FITNESS, "trained", outcome.reason)
+        if not not_reusable(trained.reason):
+            self._put(trained, program, fp)
+        first, *others = pending.indices
+        self._answer(batch, first, dataclasses.replace(trained, text=texts[first]))
+        for i in others:
+            twin = self.mode.parse(texts[i])
+            if twin.hash == h:
+                self._answer(batch, i, Evaluation(texts[i], h, trained.fitness, "store",
+                                                  trained.reason, trained.accuracies))
+                continue
+            evaluation = Evaluation(texts[i], twin.hash, trained.fitness, "fingerprint",
+                                    trained.reason, trained.accuracies)
             if not not_reusable(trained.reason):
-                self._put(trained, program, fp)
-            first, *others = to_train[h]
-            answer(first, Evaluation(texts[first], h, trained.fitness, "trained", trained.reason,
-                                     trained.accuracies, trained.seconds, trained.compile_seconds,
-                                     trained.curves))
-            for i in others:
-                twin = self.mode.parse(texts[i])
-                if twin.hash == h:
-                    answer(i, Evaluation(texts[i], h, trained.fitness, "store", trained.reason,
-                                         trained.accuracies))
-                    continue
-                evaluation = Evaluation(texts[i], twin.hash, trained.fitness, "fingerprint",
-                                        trained.reason, trained.accuracies)
-                if not not_reusable(trained.reason):
-                    self._put(evaluation, twin, fp)
-                answer(i, evaluation)
-        return [answers[i] for i in range(len(texts))]
+                self._put(evaluation, twin, fp)
+            self._answer(batch, i, evaluation)
+
+    # -- both halves ---------------------------------------------------------------------------
+
+    def _answer(self, batch: Batch, i: int, evaluation: Evaluation) -> None:
+        batch.answers[i] = evaluation
+        self.counts[evaluation.source] += 1
+        self.counts["requested"] += 1
+        if evaluation.reason:
+            self.failures[evaluation.reason.split(":")[0]] += 1
+        if batch.on_result:
+            batch.on_result(evaluation)
 
     def _from_record(self, text: str, record: Record, source: str, h: str | None = None) -> Evaluation:
         return Evaluation(text, h or record.hash, record.fitness, source, record.reason,

@@ -375,6 +375,11 @@ class LocalExecutor(_Closing):
         return self._run(fn, list(jobs), timeout)
 
     def _run(self, fn, jobs, timeout):
+        """The pool's event loop: hand out jobs, wait for a message, a death or a deadline, and
+        yield each answer. Over 60 lines because it is one generator whose every branch may
+        yield or change the loop's state (pending jobs, first deaths, start failures in a row);
+        split, each helper would take and hand back all of it, and the order of a kill, a yield
+        and a retry -- what the fault tests pin down -- would be spread over several places."""
         self._running = True
         pending = deque(range(len(jobs)))
         deaths: dict[int, str] = {}  # job index -> how its worker died on the first attempt

@@ -74,13 +74,13 @@ class Mode:
         """The seed's snapped texts to try deriving in the grammar, in order."""
         raise NotImplementedError
 
-    def compile(self, text: str, backend: str) -> float:
+    def compile(self, program: Program | Schedule, backend: str) -> float:
         """Compile the candidate's kernel where it will train; the seconds it took."""
         return 0.0
 
-    def train(self, task: Task, text: str, *, seed: int, time_limit: float | None,
-              backend: str) -> tuple[EvalResult, float]:
-        """The candidate's fitness under the task's protocol, and its compile seconds."""
+    def train(self, task: Task, program: Program | Schedule, *, seed: int,
+              time_limit: float | None, backend: str) -> EvalResult:
+        """The candidate's fitness under the task's protocol, with its compile seconds."""
         raise NotImplementedError
 
     def behaviour(self, program: Program | Schedule, preset: str | None = None) -> str:
@@ -144,28 +144,25 @@ class _Alr(Mode):
                    for t, e in program.deltas().items()}
         return [snapper.program(snapped, fill=False), snapper.program(snapped, fill=True)]
 
-    def compile(self, text: str, backend: str) -> float:
-        return self._compile(Program.parse(text), backend)
-
-    @staticmethod
-    def _compile(program: Program, backend: str) -> float:
+    def compile(self, program: Program, backend: str) -> float:
         import kernels  # the engine reaches kernels only in a worker
 
         start = time.perf_counter()
         kernels.compile(program, backend).warm_up()
         return time.perf_counter() - start
 
-    def train(self, task: Task, text: str, *, seed: int, time_limit: float | None,
-              backend: str) -> tuple[EvalResult, float]:
+    def train(self, task: Task, program: Program, *, seed: int, time_limit: float | None,
+              backend: str) -> EvalResult:
+        import dataclasses
+
         import kernels
         from engine.tasks import evaluate_alr
 
-        program = Program.parse(text)
-        compile_seconds = self._compile(program, backend)
+        compile_seconds = self.compile(program, backend)
         result = evaluate_alr(
             task, lambda params: kernels.EvolvedOptimizer(params, program, backend=backend),
             seed=seed, time_limit=time_limit)
-        return result, compile_seconds
+        return dataclasses.replace(result, compile_seconds=compile_seconds)
 
     def behaviour(self, program: Program | Schedule, preset: str | None = None) -> str:
         """The screening fingerprint: weight updates on fixed probe inputs."""
@@ -210,11 +207,11 @@ class _Dlr(Mode):
         schedule = Schedule.parse(" ".join(seed.text.split()))
         return [snapper.render(snapper.schedule(schedule.expr))]
 
-    def train(self, task: Task, text: str, *, seed: int, time_limit: float | None,
-              backend: str) -> tuple[EvalResult, float]:
+    def train(self, task: Task, program: Schedule, *, seed: int, time_limit: float | None,
+              backend: str) -> EvalResult:
         from engine.tasks import evaluate_dlr
 
-        return evaluate_dlr(task, Schedule.parse(text), seed=seed, time_limit=time_limit), 0.0
+        return evaluate_dlr(task, program, seed=seed, time_limit=time_limit)
 
     def behaviour(self, program: Program | Schedule, preset: str | None = None) -> str:
         """The learning rates the schedule gives over the protocol's epochs."""

@@ -289,7 +289,7 @@ class Session:
         if not self.mode.compiled:
             return  # nothing is generated or compiled
         name, text = self.mode.baseline()
-        job = Job(self.mode.name, text, self.preset, self.seed, self.config["time_limit"], backend)
+        job = Job.build(self.mode, text, self.preset, self.seed, self.config["time_limit"], backend)
         for _, outcome in executor.run(compile_kernel, [job]):
             if not outcome.ok:
                 raise UsageError(f"the baseline {name} does not compile in a worker "
@@ -379,7 +379,7 @@ class Session:
         return reason
 
     def finish(self, status: str, base_name: str, base_text: str, executor, versions) -> dict:
-        from engine.evaluate import Evaluator, Job, train
+        from engine.evaluate import Evaluator, train
         from engine.report import Outcome, write_all
 
         body = newest_checkpoint(self.out / CHECKPOINTS).body
@@ -412,11 +412,10 @@ class Session:
         if missing:
             self.display.message(f"Retraining {len(missing)} program(s) once for their training "
                                  "curves...")
-            jobs = [Job(self.mode.name, text, self.preset, self.seed, self.config["time_limit"],
-                        self.evaluator.backend) for _, text in missing]
+            jobs = [base_eval.job(parse(text)) for _, text in missing]
             for index, outcome in executor.run(train, jobs):
                 if outcome.ok:
-                    self.save_curves(missing[index][0], outcome.value["curves"])
+                    self.save_curves(missing[index][0], outcome.value.curves)
                     curves[missing[index][0]] = self.load_curves(missing[index][0])
         outcome = Outcome(run_dir=self.out, config=self.config, history=history,
                           events=self.events(), status=status, baseline=base,

@@ -291,12 +291,15 @@ class EvalResult:
     """A candidate's fitness and how it got it. `reason` is None unless it failed.
 
     On failure (divergence, timeout) fitness is FLOOR_FITNESS and the trials so far are kept.
+    This is what an evaluation worker sends back (it pickles small: floats and short tuples);
+    `compile_seconds` is the kernel compile that preceded training, 0 where nothing compiles.
     """
 
     fitness: float
     trials: tuple[TrialResult, ...]
     seconds: float
     reason: str | None = None
+    compile_seconds: float = 0.0
 
     @property
     def accuracies(self) -> tuple[float, ...]:
@@ -314,12 +317,18 @@ class EvalResult:
     def val_acc(self) -> tuple[tuple[float, ...], ...]:
         return tuple(t.fit.val_acc for t in self.trials)
 
+    @property
+    def curves(self) -> dict[str, tuple[tuple[float, ...], ...]]:
+        """Per-trial training loss and validation accuracy, as a run's curves files hold them."""
+        return {"train_loss": self.train_loss, "val_acc": self.val_acc}
+
     def to_dict(self) -> dict[str, object]:
         """JSON-ready, for the store and reports."""
         return {
             "fitness": self.fitness,
             "reason": self.reason,
             "seconds": self.seconds,
+            "compile_seconds": self.compile_seconds,
             "accuracies": list(self.accuracies),
             "epochs": self.epochs,
             "trials": [

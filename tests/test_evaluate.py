@@ -89,3 +89,48 @@ def test_faults_get_the_floor_and_a_reason_and_the_rest_finish(tmp_path):
     # trouble is "diverged", not an exception); a store that kept them floored those candidates
     # in every later run once a Numba set-up bug had made every training raise.
     assert stored == {SGDISH}
+
+
+def _record_job(job):
+    """A training stand-in that reports what reached it: the objects, not text and a name."""
+    from codegen.ir import Program
+    from engine.tasks import EvalResult, Task
+
+    assert isinstance(job.program, Program) and isinstance(job.task, Task), job
+    return EvalResult(fitness=0.5, trials=(), seconds=1.0, compile_seconds=0.25)
+
+
+def test_a_job_carries_the_program_and_task_and_pickles_small_and_stable():
+    import pickle
+
+    from codegen.ir import Program
+    from engine.evaluate import Job
+    from engine.tasks import get_task
+
+    job = Job.build("alr", ADAMISH, "smoke", 0, 60.0, "numba")
+    assert job.program == Program.parse(ADAMISH) and job.task is get_task("smoke")
+    data = pickle.dumps(job)
+    assert len(data) < 8192, len(data)  # Ray and the local pool send one per candidate
+    assert pickle.dumps(Job.build("alr", ADAMISH, "smoke", 0, 60.0, "numba")) == data
+    back = pickle.loads(data)
+    assert back == job and back.program.hash == job.program.hash
+    assert back.task.digest == job.task.digest  # the worker trains the task the store key names
+
+
+def test_the_cheap_half_leaves_only_what_must_train(tmp_path):
+    """A later tier can act between the halves: the batch says what is pending and for whom."""
+    texts = [SGDISH, "weight: mul(0.5, alpha)", "weight: mul(grad, 0.05)",
+             "weight: mul(0.025, add(grad, grad))"]
+    with make_executor("serial") as executor, Store(tmp_path / "store.sqlite") as store:
+        evaluator = Evaluator("alr", "smoke", 0, store, executor, worker=_record_job)
+        batch = evaluator.answer_cheaply(texts)
+        assert sorted(batch.answers) == [1] and batch.answers[1].source == "screened"
+        [pending] = batch.pending.values()
+        assert pending.indices == [0, 2, 3] and pending.fingerprint is not None
+        assert evaluator.counts["trained"] == 0
+        evaluator.train(batch)
+        results = batch.results()
+    assert [r.source for r in results] == ["trained", "screened", "store", "fingerprint"]
+    # The worker's EvalResult reaches the answer as it is: fitness, seconds, compile seconds.
+    assert (results[0].fitness, results[0].seconds, results[0].compile_seconds) == (0.5, 1.0, 0.25)
+    assert results[0].curves == {"train_loss": (), "val_acc": ()}

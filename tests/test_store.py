@@ -300,14 +300,13 @@ def test_schema_file_is_wal(tmp_path):
 
 # -- the task's definition is part of the key ---------------------------------------------------
 
-def _fitness_by_definition(job) -> dict:
-    """A training stand-in whose answer depends on the task's current definition (its epochs),
-    so a stale answer shows as a wrong number. What is under test is the key, not training."""
-    from engine.tasks import get_task
+def _fitness_by_definition(job):
+    """A training stand-in whose answer depends on the task's definition the job carries (its
+    epochs), so a stale answer shows as a wrong number. What is under test is the key, not
+    training."""
+    from engine.tasks import EvalResult
 
-    epochs = get_task(job.task).alr.max_epochs
-    return {"fitness": epochs / 10, "reason": None, "accuracies": (epochs / 10,), "seconds": 0.0,
-            "compile_seconds": 0.0, "curves": {}}
+    return EvalResult(fitness=job.task.alr.max_epochs / 10, trials=(), seconds=0.0)
 
 
 @pytest.mark.parametrize("lookup", ["hash", "fingerprint"])

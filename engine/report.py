@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from codegen.ir import Program, Schedule
 from engine import modes, outcomes
@@ -38,6 +39,9 @@ from engine.rundir import write_json
 from engine.store import not_reusable
 from engine.tasks import FLOOR_FITNESS
 
+if TYPE_CHECKING:  # run_config imports the grammar and the seeds: not needed to report
+    from engine.run_config import RunConfig
+
 __all__ = ["HALL_OF_FAME", "Outcome", "hall_of_fame", "program_size", "reason_kind", "write_all"]
 
 HALL_OF_FAME = 10
@@ -47,11 +51,12 @@ HISTORY_COLUMNS = ("generation", "index", "elite", "hash", "fitness", "source", 
 
 @dataclass
 class Outcome:
-    """Everything the outputs are made of. ``config`` is config.json; ``baseline`` and ``curves``
-    come from the end of the run (``curves``: program hash -> {'val_acc': per-trial lists, ...})."""
+    """Everything the outputs are made of. ``config`` is the run's settings; ``baseline`` and
+    ``curves`` come from the end of the run (``curves``: program hash -> {'val_acc': per-trial
+    lists, ...})."""
 
     run_dir: Path
-    config: dict
+    config: RunConfig
     history: list[GenerationRecord]
     events: list[dict]
     status: str
@@ -170,7 +175,7 @@ def wall_seconds(events: Sequence[dict]) -> tuple[float, int]:
 
 
 def summary(outcome: Outcome) -> dict:
-    cfg, history, mode = outcome.config, outcome.history, modes.get(outcome.config["mode"])
+    cfg, history, mode = outcome.config, outcome.history, outcome.config.mode
     best_text, best_fitness = max(((r.best_phenotype, r.best) for r in history),
                                   key=lambda pair: pair[1])  # max keeps the earliest maximum
     best = mode.parse(best_text)
@@ -180,11 +185,11 @@ def summary(outcome: Outcome) -> dict:
     wall, sessions = wall_seconds(outcome.events)
     baseline = outcome.baseline or {}
     return {
-        "run": cfg["name"], "status": outcome.status, "mode": mode.name, "preset": cfg["preset"],
-        "seed": cfg["seed"], "command": cfg["command"], "reproduce": cfg["reproduce"],
+        "run": cfg.name, "status": outcome.status, "mode": mode.name, "preset": cfg.preset,
+        "seed": cfg.seed, "command": cfg.command, "reproduce": cfg.reproduce,
         "versions": outcome.versions,
-        "generations_done": len(history), "generations": cfg["evolution"]["generations"],
-        "population": cfg["evolution"]["population"],
+        "generations_done": len(history), "generations": cfg.evolution.generations,
+        "population": cfg.evolution.population,
         "best": {"program": best_text, "canonical": str(best.canonical()), "hash": best.hash,
                  "fitness": best_fitness, "size": mode.size(best_text),
                  "generation": first},
@@ -246,7 +251,7 @@ def curves_figure(outcome: Outcome, best_hash: str, best_fitness: float | None =
     curves, baseline = outcome.curves, outcome.baseline or {}
     if best_hash not in curves and baseline.get("hash") not in curves:
         return None
-    per_trial = modes.get(outcome.config["mode"]).min_over_trials
+    per_trial = outcome.config.mode.min_over_trials
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     for color, key, label, fitness, style in (
             ("C0", best_hash, "best", best_fitness, "-"),
@@ -273,7 +278,7 @@ def write_plots(directory: Path, outcome: Outcome, fame: Sequence[dict], best_ha
     """fitness.png, curves.png (when curves are known) and size.png; returns name -> path."""
     plt = _pyplot()
     directory.mkdir(exist_ok=True)
-    mode, history = modes.get(outcome.config["mode"]), outcome.history
+    mode, history = outcome.config.mode, outcome.history
     baseline = outcome.baseline or {}
     made = {}
 
@@ -332,22 +337,22 @@ def _save(fig, path: Path) -> str:
 
 def write_all(outcome: Outcome) -> dict:
     """Write every output file; returns the summary (also written as summary.json)."""
-    run_dir, cfg, mode = outcome.run_dir, outcome.config, modes.get(outcome.config["mode"])
+    run_dir, cfg, mode = outcome.run_dir, outcome.config, outcome.config.mode
     data = summary(outcome)
-    fame = hall_of_fame(mode, outcome.history, preset=cfg["preset"])
+    fame = hall_of_fame(mode, outcome.history, preset=cfg.preset)
     best = data["best"]
     # The one text form every reader of programs accepts (Program.parse, Schedule.parse,
     # EvolvedOptimizer, codegen show, --seed-programs).
     (run_dir / "best_program.txt").write_text(str(mode.parse(best["program"])) + "\n",
                                               encoding="utf-8")
     write_history(run_dir / "history.csv", mode, outcome.history, outcome.events,
-                  cfg["evolution"]["elitism"])
+                  cfg.evolution.elitism)
     write_json(run_dir / "hall_of_fame.json", fame)
     (run_dir / "hall_of_fame.md").write_text(_fame_markdown(fame), encoding="utf-8")
     kernels = write_kernels(run_dir / "kernels", fame) if mode.compiled else []
     plots = write_plots(run_dir / "plots", outcome, fame, best["hash"], best["fitness"])
     baseline = outcome.baseline or {}
-    about = (f"Run {cfg['name']} (mode {mode.name}, preset {cfg['preset']}, seed {cfg['seed']}): "
+    about = (f"Run {cfg.name} (mode {mode.name}, preset {cfg.preset}, seed {cfg.seed}): "
              f"fitness {best['fitness']:.4f}"
              + (f" against {baseline['fitness']:.4f} for {baseline['name']} on the same protocol"
                 if "fitness" in baseline else "") + ".")

@@ -43,11 +43,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine import modes
 from engine.cli import UsageError
-from engine.evolve import CheckpointError, EvolutionConfig, GenerationRecord, evolve
+from engine.evolve import CheckpointError, GenerationRecord, evolve
 from engine.grammar import Grammar
-from engine.run_config import build_parser, check_out_dir, new_config, resumed_config
+from engine.run_config import RunConfig, build_parser, check_out_dir, new_config, \
+    resumed_config
 from engine.rundir import CHECKPOINTS, EVENTS, append_event, end_line, newest_checkpoint, \
     read_events, write_atomic, write_json
 from engine.runlock import RunLock, RunLocked
@@ -107,36 +107,29 @@ def _main(argv: list[str]) -> int:
     if args.resume:
         if args.out is None:
             raise UsageError("--resume needs --out RUN_DIR, the directory of the run to continue")
-        config = resumed_config(args, args.out)
-        out = args.out
         # A copied or moved run continues where it now is: say so, and save it so.
-        config["out"] = str(out)
+        config = resumed_config(args, args.out)
     else:
         config = new_config(args, argv)
-        out = Path(config["out"])
-        check_out_dir(out, config)
-    if config["executor"] != "ray" and config["ray_address"]:
-        raise UsageError("--ray-address applies to --executor ray")
-    if config["executor"] == "serial" and config["workers"] not in (None, 1):
-        raise UsageError("--executor serial runs one candidate at a time; drop --workers")
-    if config.get("tensorboard"):
+        check_out_dir(config.out, config)
+    if config.tensorboard is not None:
         from engine.tracking import TrackingUnavailable, check_available
 
         try:
             check_available()
-            Path(config["tensorboard"]).mkdir(parents=True, exist_ok=True)
+            config.tensorboard.mkdir(parents=True, exist_ok=True)
         except TrackingUnavailable as err:
             raise UsageError(str(err)) from None
         except OSError as err:  # now, not after the first generation
-            raise UsageError(f"--tensorboard {config['tensorboard']}: cannot write there "
+            raise UsageError(f"--tensorboard {config.tensorboard}: cannot write there "
                              f"({err.strerror}); choose another directory") from None
-    if not config.get("ray_address"):
+    if not config.ray_address:
         _check_data()
-    _check_store(config["store"])
-    return Session(out, config, resumed=args.resume).run()
+    _check_store(config.store)
+    return Session(config.out, config, resumed=args.resume).run()
 
 
-def _check_store(path: str) -> None:
+def _check_store(path: Path) -> None:
     """Open the store once before the run directory is made: a damaged or foreign file must
     not leave a half-made run behind that a retry then refuses."""
     from engine.store import Store
@@ -157,20 +150,19 @@ class Session:
     """One process's share of a run: sets up the store and executor, drives evolve, logs each
     answer to events.jsonl, keeps the display current, and writes the outputs at the end."""
 
-    def __init__(self, out: Path, config: dict, resumed: bool) -> None:
+    def __init__(self, out: Path, config: RunConfig, resumed: bool) -> None:
         self.out, self.config, self.resumed = out, config, resumed
-        self.mode = modes.get(config["mode"])
-        self.preset, self.seed = config["preset"], config["seed"]
-        self.evolution = EvolutionConfig(**config["evolution"])
+        self.mode, self.preset, self.seed = config.mode, config.preset, config.seed
+        self.evolution = config.evolution
         self.started = time.time()
-        self.budget = config.get("time_budget")
+        self.budget = config.time_budget
         self.history: list[GenerationRecord] = []  # read in `run`, once the run is ours
         self.generation = 0  # the one being evaluated
         self.generation_started = time.time()
         self.last_generation_seconds = 0.0
         self.events_path = out / EVENTS
         self.tracker = None  # engine.tracking.TensorBoardLog with --tensorboard
-        self.curves_dir = Path(config["store"]).parent / "curves" / \
+        self.curves_dir = config.store.parent / "curves" / \
             f"{self.mode.name}-{self.preset}-seed{self.seed}"
 
     # -- events and curves ---------------------------------------------------------------------
@@ -245,8 +237,8 @@ class Session:
         from engine.training import configure_process
 
         config = self.config
-        grammar = parse_grammar(config["grammar_text"], source=config["grammar"])
-        backend = config["backend"]
+        grammar = parse_grammar(config.grammar_text, source=str(config.grammar))
+        backend = config.backend
         import torch
 
         if backend == "auto":
@@ -255,17 +247,16 @@ class Session:
                                           or os.environ.get("TRITON_INTERPRET") == "1"):
             raise UsageError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1 to "
                              "run it, slowly, in Triton's interpreter); use numba on the CPU")
-        if self.mode.compiled and not config["ray_address"]:
+        if self.mode.compiled and not config.ray_address:
             _check_kernel_cache()
         initializer = functools.partial(configure_process, threads=1)
         try:
-            store = Store(config["store"])
+            store = Store(config.store)
         except StoreError as err:
             raise UsageError(str(err)) from None
-        workers = config["workers"] if config["executor"] != "serial" else None
+        workers = config.workers if config.executor != "serial" else None
         try:
-            executor = make_executor(config["executor"], workers, config["ray_address"],
-                                     initializer)
+            executor = make_executor(config.executor, workers, config.ray_address, initializer)
         except (ExecutorError, ValueError) as err:
             store.close()
             raise UsageError(str(err).splitlines()[0]) from None
@@ -289,7 +280,7 @@ class Session:
         if not self.mode.compiled:
             return  # nothing is generated or compiled
         name, text = self.mode.baseline()
-        job = Job.build(self.mode, text, self.preset, self.seed, self.config["time_limit"], backend)
+        job = Job.build(self.mode, text, self.preset, self.seed, self.config.time_limit, backend)
         for _, outcome in executor.run(compile_kernel, [job]):
             if not outcome.ok:
                 raise UsageError(f"the baseline {name} does not compile in a worker "
@@ -306,25 +297,26 @@ class Session:
         self.history = [GenerationRecord.from_json(r) for r in done["history"]] if done else []
         self.generation = len(self.history)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", config, allow_nan=True)  # a resume may have changed it
-        (out / "grammar.bnf").write_text(config["grammar_text"], encoding="utf-8")
+        # a resume may have changed it
+        write_json(out / "config.json", config.to_json(), allow_nan=True)
+        (out / "grammar.bnf").write_text(config.grammar_text, encoding="utf-8")
         end_line(self.events_path)  # a kill may have cut the last line short
         self.log({"event": "session", "resumed": self.resumed, "pid": os.getpid(),
                   "command": shlex.join(["python", "-m", "engine.run", *sys.argv[1:]]),
-                  "executor": config["executor"], "workers": executor.workers})
+                  "executor": config.executor, "workers": executor.workers})
         self.evaluator = Evaluator(self.mode, self.preset, self.seed, store, executor,
-                                   time_limit=config["time_limit"], backend=backend,
-                                   run=config["name"])
+                                   time_limit=config.time_limit, backend=backend,
+                                   run=config.name)
         base_name, base_text = self.mode.baseline()
         known = store.lookup(self.mode.parse(base_text).hash,
                              self.preset, self.evaluator.protocol, self.seed)
         self.display = Display(config, self.history, self.events(),
                                None if known is None else (base_name, known.fitness),
                                workers=executor.workers)
-        if config.get("tensorboard"):
+        if config.tensorboard is not None:
             from engine.tracking import TensorBoardLog
 
-            self.tracker = TensorBoardLog(config["tensorboard"], self.history)
+            self.tracker = TensorBoardLog(config.tensorboard, self.history)
         status = "finished"
         try:
             with self.display, self.tracker or contextlib.nullcontext():
@@ -367,7 +359,7 @@ class Session:
     def _evolve(self, grammar: Grammar) -> str | None:
         """Run evolve; the reason it stopped early, or None when it finished."""
         try:
-            evolve(grammar, self.evolution, self.fitness, seeds=self.config["seeds"],
+            evolve(grammar, self.evolution, self.fitness, seeds=self.config.seeds,
                    checkpoint_dir=self.out / CHECKPOINTS, resume=self.resumed,
                    on_generation=self.generation_done)
         except BudgetExhausted as err:
@@ -387,8 +379,8 @@ class Session:
         best_text, _ = max(((r.best_phenotype, r.best) for r in history), key=lambda p: p[1])
         parse = self.mode.parse
         base_eval = Evaluator(self.mode, self.preset, self.seed, self.evaluator.store, executor,
-                              time_limit=self.config["time_limit"],
-                              backend=self.evaluator.backend, run=self.config["name"])
+                              time_limit=self.config.time_limit,
+                              backend=self.evaluator.backend, run=self.config.name)
         [answer] = base_eval.evaluate([base_text])
         if answer.reason is not None:
             raise RunFailed(f"the baseline {base_name} failed ({answer.reason}), so the run "

@@ -1,8 +1,9 @@
 """The settings of an `engine.run` run: presets, the command line, and the run's config.json.
 
-`new_config` resolves a fresh run's flags against its preset into the dict saved as
-config.json; `resumed_config` reads that file back and applies what `--resume` may change
-(`RESUMABLE`). Every user error is a `UsageError` (one line, exit 2).
+`RunConfig` is a run's settings, typed and validated in one place, and what config.json holds.
+`new_config` resolves a fresh run's flags against its preset into one; `resumed_config` reads
+a saved config.json back and applies what `--resume` may change (`RESUMABLE`). Every user
+error is a `UsageError` (one line, exit 2).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import json
 import re
 import shlex
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from engine.seeds import DEFAULT_SEED_LR, SeedError, read_seed_file, snap_all
 from engine.store import versions
 from engine.tasks import PRESETS
 
-__all__ = ["PRESET_DEFAULTS", "RESUMABLE", "build_parser", "check_out_dir", "new_config",
-           "resumed_config"]
+__all__ = ["MAX_SEED", "PRESET_DEFAULTS", "RESUMABLE", "RunConfig", "build_parser",
+           "check_out_dir", "check_seed", "new_config", "resumed_config"]
 
 FORMAT = "autolr-run"
 VERSION = 1
@@ -84,17 +85,162 @@ MAX_SEED = 2**63 - 1  # the store keeps seeds as SQLite INTEGERs (64-bit, signed
 
 
 def _seed(text: str) -> int:
-    """A run's seed: checked here, before anything is written, because a seed the store cannot
-    hold (>= 2**63) failed only at its first lookup, leaving a run directory that neither a
-    retry nor --resume would take; a negative one made every training raise."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    try:
+        return check_seed(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def check_seed(value: int) -> int:
+    """A run's seed: checked before anything is written, because a seed the store cannot hold
+    (>= 2**63) failed only at its first lookup, leaving a run directory that neither a retry nor
+    --resume would take; a negative one made every training raise."""
     if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{value} is out of range: a seed is an integer from 0 "
-                                         f"to {MAX_SEED} (2**63 - 1)")
+        raise ValueError(f"{value} is out of range: a seed is an integer from 0 to {MAX_SEED} "
+                         "(2**63 - 1)")
     return value
+
+
+EXECUTORS = ("serial", "local", "ray")
+BACKENDS = ("auto", "numba", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's settings, validated once: what config.json holds, typed.
+
+    Built by `new_config` (flags and preset) or `from_json` (a saved run); `resumed` applies
+    what --resume may change (`RESUMABLE`). `to_json` is config.json exactly as runs have always
+    written it, so runs made before this class existed resume and show unchanged. The fields
+    after `evolution` have defaults only so that tools and tests can build a config by hand; a
+    run always sets them all.
+    """
+
+    name: str
+    out: Path
+    mode: Mode  # a mode's name is accepted and looked up
+    preset: str
+    seed: int
+    evolution: EvolutionConfig
+    grammar: Path | None = None
+    grammar_text: str = ""
+    seeds: dict[str, str] = field(default_factory=dict)  # name -> snapped program text
+    seed_zoo: bool = True
+    seed_programs: Path | None = None
+    seed_lr: float = DEFAULT_SEED_LR
+    time_limit: float | None = None  # per candidate, seconds
+    time_budget: float | None = None  # for the whole run, seconds
+    executor: str = "local"
+    workers: int | None = None
+    ray_address: str | None = None
+    store: Path | None = None
+    backend: str = "auto"
+    tensorboard: Path | None = None
+    command: str = ""
+    reproduce: str = ""
+    created: str = ""
+    versions: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mode, str):
+            found = modes.find(self.mode)
+            if found is None:
+                raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+            object.__setattr__(self, "mode", found)
+        if self.preset not in PRESET_DEFAULTS:
+            raise ValueError(f"preset {self.preset!r} is not one of {', '.join(PRESET_DEFAULTS)}")
+        check_seed(self.seed)
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor {self.executor!r} is not one of {', '.join(EXECUTORS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        for name in ("time_limit", "time_budget"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.executor != "ray" and self.ray_address:
+            raise ValueError("--ray-address applies to --executor ray")
+        if self.executor == "serial" and self.workers not in (None, 1):
+            raise ValueError("--executor serial runs one candidate at a time; drop --workers")
+
+    def resumed(self, out: Path, generations: int | None = None, **changes) -> RunConfig:
+        """This run continued in `out` with some of `RESUMABLE` changed; paths are resolved."""
+        unknown = set(changes) - set(RESUMABLE)
+        if unknown:
+            raise ValueError(f"a resume cannot change {', '.join(sorted(unknown))}; only "
+                             f"{', '.join(RESUMABLE)} may change")
+        for name, value in changes.items():
+            if isinstance(value, Path):
+                changes[name] = value.expanduser().resolve()
+        if generations is not None:
+            changes["evolution"] = replace(self.evolution, generations=generations)
+        return replace(self, out=out, **changes)
+
+    def to_json(self) -> dict:
+        """config.json's object, key for key as engine.run has always written it."""
+        def text(path: Path | None) -> str | None:
+            return None if path is None else str(path)
+
+        return {
+            "format": FORMAT, "version": VERSION, "name": self.name, "out": str(self.out),
+            "mode": self.mode.name, "preset": self.preset, "seed": self.seed,
+            "evolution": asdict(self.evolution), "grammar": text(self.grammar),
+            "grammar_text": self.grammar_text, "seeds": dict(self.seeds),
+            "seed_zoo": self.seed_zoo, "seed_programs": text(self.seed_programs),
+            "seed_lr": self.seed_lr, "time_limit": self.time_limit,
+            "time_budget": self.time_budget, "executor": self.executor, "workers": self.workers,
+            "ray_address": self.ray_address, "store": text(self.store), "backend": self.backend,
+            "tensorboard": text(self.tensorboard), "command": self.command,
+            "reproduce": self.reproduce, "created": self.created, "versions": self.versions,
+        }
+
+    @classmethod
+    def from_json(cls, data: object, source: str = "config.json") -> RunConfig:
+        """A saved run's config; a ValueError naming the first bad key for a damaged or foreign
+        file (one line: `source`, the key, what was wrong)."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT \
+                or data.get("version") != VERSION:
+            raise ValueError(f"{source} is not an AutoLR run config of version {VERSION}")
+        values = {}
+        for key, kinds in _JSON_KEYS.items():
+            if key not in data:
+                raise ValueError(f"{source}: key {key!r} is missing; restore the file from a "
+                                 "copy of the run")
+            value = data[key]
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"{source}: key {key!r} holds {value!r}, not "
+                                 f"{' or '.join(_KIND_NAMES[k] for k in kinds)}; restore the "
+                                 "file from a copy of the run")
+            values[key] = Path(value) if key in _PATH_KEYS and value is not None else value
+        try:
+            values["evolution"] = EvolutionConfig(**values["evolution"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: key 'evolution': {err}") from None
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+
+_NUMBER = (int, float)
+_JSON_KEYS: dict[str, tuple[type, ...]] = {
+    "name": (str,), "out": (str,), "mode": (str,), "preset": (str,), "seed": (int,),
+    "evolution": (dict,), "grammar": (str,), "grammar_text": (str,), "seeds": (dict,),
+    "seed_zoo": (bool,), "seed_programs": (str, type(None)), "seed_lr": _NUMBER,
+    "time_limit": (*_NUMBER, type(None)), "time_budget": (*_NUMBER, type(None)),
+    "executor": (str,), "workers": (int, type(None)), "ray_address": (str, type(None)),
+    "store": (str,), "backend": (str,), "tensorboard": (str, type(None)), "command": (str,),
+    "reproduce": (str,), "created": (str,), "versions": (dict,),
+}
+_PATH_KEYS = ("out", "grammar", "seed_programs", "store", "tensorboard")
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object",
+               bool: "true or false", type(None): "null"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +354,7 @@ def _load_grammar(path: Path, mode: Mode) -> Grammar:
     return grammar
 
 
-def new_config(args: argparse.Namespace, argv: list[str]) -> dict:
+def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
     mode, preset = modes.get(args.mode or modes.DEFAULT), args.preset or "quick"
     seed = 0 if args.seed is None else args.seed
     d = PRESET_DEFAULTS[preset][mode.name]
@@ -244,41 +390,44 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> dict:
         reproduce += ["--seed-programs", str(args.seed_programs), "--seed-lr", repr(seed_lr)]
     if args.seed_zoo is False:
         reproduce.append("--no-seed-zoo")
-    return {
-        "format": FORMAT, "version": VERSION, "name": out.name, "out": str(out),
-        "mode": mode.name, "preset": preset, "seed": seed, "evolution": asdict(evolution),
-        "grammar": str(Path(grammar_path).resolve()), "grammar_text": grammar.text,
-        "seeds": seeds, "seed_zoo": args.seed_zoo is not False,
-        "seed_programs": None if args.seed_programs is None else str(args.seed_programs),
-        "seed_lr": seed_lr,
-        "time_limit": args.time_limit if args.time_limit is not None else d["time_limit"],
-        "time_budget": args.time_budget, "executor": args.executor or "local",
-        "workers": args.workers, "ray_address": args.ray_address,
-        "store": str((args.store or _default_store()).expanduser().resolve()),
-        "backend": args.backend or "auto",
-        "tensorboard": None if args.tensorboard is None else
-        str(args.tensorboard.expanduser().resolve()),
-        "command": shlex.join(["python", "-m", "engine.run", *argv]),
-        "reproduce": shlex.join(["python", *reproduce]),
-        "created": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "versions": versions(),
-    }
+    try:
+        return RunConfig(
+            name=out.name, out=out, mode=mode, preset=preset, seed=seed, evolution=evolution,
+            grammar=Path(grammar_path).resolve(), grammar_text=grammar.text, seeds=seeds,
+            seed_zoo=args.seed_zoo is not False, seed_programs=args.seed_programs,
+            seed_lr=seed_lr,
+            time_limit=args.time_limit if args.time_limit is not None else d["time_limit"],
+            time_budget=args.time_budget, executor=args.executor or "local",
+            workers=args.workers, ray_address=args.ray_address,
+            store=(args.store or _default_store()).expanduser().resolve(),
+            backend=args.backend or "auto",
+            tensorboard=None if args.tensorboard is None else
+            args.tensorboard.expanduser().resolve(),
+            command=shlex.join(["python", "-m", "engine.run", *argv]),
+            reproduce=shlex.join(["python", *reproduce]),
+            created=datetime.now().astimezone().isoformat(timespec="seconds"),
+            versions=versions())
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
-def resumed_config(args: argparse.Namespace, out: Path) -> dict:
+def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
+    """The saved run's settings with what --resume may change applied; it continues in `out`
+    (a copied or moved run continues where it now is)."""
     path = out / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"--resume: {out} holds no run to resume (no checkpoint and no "
                          "config.json); start a run there without --resume") from None
     except (OSError, ValueError) as err:
         raise UsageError(f"--resume: cannot read {path} ({err})") from None
-    if config.get("format") != FORMAT or config.get("version") != VERSION:
-        raise UsageError(f"--resume: {path} is not an AutoLR run config of version {VERSION}")
-    fixed = {"mode": config["mode"], "preset": config["preset"], "seed": config["seed"],
-             "population": config["evolution"]["population"],
-             "seed_zoo": config["seed_zoo"]}
+    try:
+        config = RunConfig.from_json(data, source=str(path))
+    except ValueError as err:
+        raise UsageError(f"--resume: {err}") from None
+    fixed = {"mode": config.mode.name, "preset": config.preset, "seed": config.seed,
+             "population": config.evolution.population, "seed_zoo": config.seed_zoo}
     for name, saved in fixed.items():
         given = getattr(args, name)
         if given is not None and given != saved:
@@ -287,21 +436,14 @@ def resumed_config(args: argparse.Namespace, out: Path) -> dict:
     if args.grammar is not None or args.seed_programs is not None or args.seed_lr is not None:
         raise UsageError("--resume: the run keeps the grammar and seed programs it started "
                          f"with (saved in {out}/config.json); drop --grammar/--seed-programs")
-    config = dict(config)
-    if args.generations is not None:
-        try:
-            EvolutionConfig(**{**config["evolution"], "generations": args.generations})
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        config["evolution"] = {**config["evolution"], "generations": args.generations}
-    for name in RESUMABLE[1:]:
-        value = getattr(args, name)
-        if value is not None:
-            config[name] = str(value.expanduser().resolve()) if isinstance(value, Path) else value
-    return config
+    changes = {name: getattr(args, name) for name in RESUMABLE if getattr(args, name) is not None}
+    try:
+        return config.resumed(out=out, **changes)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
-def check_out_dir(out: Path, config: dict) -> None:
+def check_out_dir(out: Path, config: RunConfig) -> None:
     """A fresh run needs a new or empty directory: never mix two runs' files."""
     if not out.exists():
         return
@@ -311,7 +453,8 @@ def check_out_dir(out: Path, config: dict) -> None:
     if saved.exists():
         try:
             old = json.loads(saved.read_text(encoding="utf-8"))
-            same = all(old.get(k) == config[k] for k in ("mode", "preset", "seed", "evolution"))
+            mine = config.to_json()
+            same = all(old.get(k) == mine[k] for k in ("mode", "preset", "seed", "evolution"))
             what = "this run" if same else (f"a different run ({old.get('mode')}, preset "
                                             f"{old.get('preset')}, seed {old.get('seed')})")
         except (OSError, ValueError):

@@ -12,7 +12,7 @@ import json
 import shlex
 import sys
 import time
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console, Group
@@ -26,7 +26,9 @@ from rich.text import Text
 from engine import modes, outcomes
 from engine.evolve import GenerationRecord
 from engine.report import evaluation_counts, hall_of_fame, one_line, wall_seconds
+from engine.modes import Mode
 from engine.rundir import CHECKPOINTS, EVENTS, newest_checkpoint, read_events
+from engine.run_config import RunConfig
 
 __all__ = ["Display", "main", "print_summary"]
 
@@ -46,15 +48,15 @@ class Display:
     change and one per generation. Counts use engine.outcomes' kinds, as every other output.
     """
 
-    def __init__(self, config: dict, history: list[GenerationRecord], events: list[dict],
+    def __init__(self, config: RunConfig, history: list[GenerationRecord], events: list[dict],
                  baseline: tuple[str, float] | None, workers: int,
                  console: Console | None = None) -> None:
-        self.config, self.mode = config, modes.get(config["mode"])
+        self.config, self.mode = config, config.mode
         self.console = console or Console()
         self.live_mode = self.console.is_terminal
         self.baseline = baseline
         self.workers = workers
-        self.generations = config["evolution"]["generations"]
+        self.generations = config.evolution.generations
         self.best: dict[str, tuple[float, str]] = {}  # hash -> (fitness, text)
         for record in history:
             for text, fitness in zip(record.phenotypes, record.fitness):
@@ -73,11 +75,11 @@ class Display:
         self.gen_task = None
         self.generation = len(history)
         self.live: Live | None = None
-        where = (f"{config['executor']} executor, {workers} worker{'s' * (workers != 1)}")
-        self.message(f"AutoLR {self.mode.title} run [bold]{escape(config['name'])}[/] "
-                     f"(preset {config['preset']}, seed {config['seed']}, population "
-                     f"{config['evolution']['population']}, {self.generations} generations, "
-                     f"{where})\nwriting to {escape(config['out'])}"
+        where = (f"{config.executor} executor, {workers} worker{'s' * (workers != 1)}")
+        self.message(f"AutoLR {self.mode.title} run [bold]{escape(config.name)}[/] "
+                     f"(preset {config.preset}, seed {config.seed}, population "
+                     f"{config.evolution.population}, {self.generations} generations, "
+                     f"{where})\nwriting to {escape(str(config.out))}"
                      + (f"\nresuming after generation {len(history) - 1}" if history else ""),
                      markup=True)
 
@@ -168,9 +170,9 @@ class Display:
                                                detail=self._detail(), eta="")
         self.generation = generation
         if not self.session_seconds:  # the first trainings of a session wait for start-up
-            serial = self.config["executor"] == "serial"
+            serial = self.config.executor == "serial"
             who = ("in this process" if serial else f"on {self.workers} "
-                   f"{self.config['executor']} worker{'s' * (self.workers != 1)}")
+                   f"{self.config.executor} worker{'s' * (self.workers != 1)}")
             waits = ", ".join((["worker start-up"] if not serial else []) + ["data loading"]
                               + (["kernel compiles"] if self.mode.compiled else []))
             screening = "screening candidates, then " if self.mode.screened else ""
@@ -257,6 +259,17 @@ def _fame_table(fame: list[dict], width: int) -> Table:
 _MALFORMED = (KeyError, TypeError, ValueError, AttributeError)  # complete JSON, wrong contents
 
 
+@dataclass(frozen=True)
+class _Header:
+    """The run's identity, as the overview of a run without a summary shows it."""
+
+    name: object
+    mode: Mode
+    preset: object
+    seed: object
+    generations: object
+
+
 class _Files:
     """Reads a run's files, noting each damaged one instead of failing on it."""
 
@@ -284,13 +297,25 @@ class _Files:
             self.warn(path, str(err), instead)
             return None
 
-    def config(self) -> dict | None:
+    def config(self) -> _Header | None:
+        """What the overview needs from config.json: from a RunConfig when the file is whole,
+        else from the few keys it needs, so a file a resume would refuse still shows."""
         instead = "--resume cannot continue the run without it: restore it from a copy of the run"
-        config = self.json("config.json", instead)
-        if config is None or (_has(config, "name", "mode", "preset", "seed", "evolution")
-                              and _has(config["evolution"], "generations")
-                              and modes.find(config["mode"]) is not None):
-            return config
+        data = self.json("config.json", instead)
+        if data is None:
+            return None
+        try:
+            whole = RunConfig.from_json(data)
+        except ValueError:
+            pass
+        else:
+            return _Header(whole.name, whole.mode, whole.preset, whole.seed,
+                           whole.evolution.generations)
+        if (_has(data, "name", "mode", "preset", "seed", "evolution")
+                and _has(data["evolution"], "generations")
+                and modes.find(data["mode"]) is not None):
+            return _Header(data["name"], modes.get(data["mode"]), data["preset"], data["seed"],
+                           data["evolution"]["generations"])
         self.warn(self.run_dir / "config.json", "not an AutoLR run config", instead)
         return None
 
@@ -358,8 +383,8 @@ def _show(files: _Files, console: Console) -> bool:
     events = files.events()
     ago = "" if not events else f", last activity {time.time() - events[-1]['time']:.0f} s ago"
     name, preset, seed, generations = (escape(str(v)) for v in (
-        config["name"], config["preset"], config["seed"], config["evolution"]["generations"]))
-    console.print(f"AutoLR run [bold]{name}[/] ({config['mode']}, preset {preset}, seed {seed}): "
+        config.name, config.preset, config.seed, config.generations))
+    console.print(f"AutoLR run [bold]{name}[/] ({config.mode.name}, preset {preset}, seed {seed}): "
                   f"{len(history)} of {generations} generations checkpointed{ago}; no summary "
                   f"yet (running or stopped: `{escape(files.resume)}` continues it)",
                   highlight=False)
@@ -376,7 +401,7 @@ def _show(files: _Files, console: Console) -> bool:
     wall, sessions = wall_seconds(events)
     console.print(f"evaluations: {escape(_evaluations(counts))}; wall {wall:.0f} s over "
                   f"{sessions} session(s)", highlight=False)
-    console.print(_fame_table(hall_of_fame(config["mode"], history, preset=config["preset"]),
+    console.print(_fame_table(hall_of_fame(config.mode, history, preset=config.preset),
                               console.width))
     return True
 

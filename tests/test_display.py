@@ -9,15 +9,18 @@ test_run.py.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 from rich.console import Console
 
 from engine.evaluate import Evaluation
-from engine.evolve import GenerationRecord
+from engine.evolve import EvolutionConfig, GenerationRecord
+from engine.run_config import RunConfig
 from engine.show import Display
 
-CONFIG = {"mode": "alr", "name": "t", "preset": "smoke", "seed": 0, "out": "runs/t",
-          "executor": "local", "evolution": {"generations": 3, "population": 2}}
+CONFIG = RunConfig(name="t", out=Path("runs/t"), mode="alr", preset="smoke", seed=0,
+                   executor="local", evolution=EvolutionConfig(population=2, generations=3,
+                                                               tournament=2))
 
 
 def display(terminal: bool) -> tuple[Display, io.StringIO]:

@@ -11,6 +11,7 @@ import copy
 import importlib.util
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +20,11 @@ import torch
 import kernels
 from codegen.ir import Program, Schedule
 from engine import outcomes
-from engine.evolve import GenerationRecord
+from engine.evolve import EvolutionConfig, GenerationRecord
 from engine.export import render_alr, render_dlr
 from engine.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
 from engine.report import evaluation_counts, hall_of_fame, reason_kind, wall_seconds
+from engine.run_config import RunConfig
 from engine.seeds import snap, zoo_seeds
 from engine.sge import initialise
 from engine.training import ModelSpec
@@ -153,7 +155,8 @@ def test_the_curves_plot_names_the_split_of_each_line():
 
     from engine import report
 
-    config = {"mode": "alr", "preset": "smoke", "name": "t"}
+    config = RunConfig(name="t", out=Path("t"), mode="alr", preset="smoke", seed=0,
+                       evolution=EvolutionConfig(population=1, elitism=0, tournament=1))
     outcome = report.Outcome(
         run_dir=None, config=config, history=[], events=[], status="finished",
         baseline={"name": "Adam", "hash": "b" * 20, "fitness": 0.385},
@@ -335,9 +338,10 @@ def test_outputs_of_a_run_with_an_odd_name_import_and_quote_it_verbatim(tmp_path
     run_dir = tmp_path / ODD_NAME
     run_dir.mkdir()
     reproduce = f"python -m engine.run --grammar '{tmp_path}/g ```x.bnf'"
-    config = {"name": run_dir.name, "mode": mode, "preset": "smoke", "seed": 3,
-              "command": reproduce, "reproduce": reproduce,
-              "evolution": {"generations": 1, "population": 1, "elitism": 0}}
+    config = RunConfig(name=run_dir.name, out=run_dir, mode=mode, preset="smoke", seed=3,
+                       command=reproduce, reproduce=reproduce,
+                       evolution=EvolutionConfig(population=1, generations=1, elitism=0,
+                                                 tournament=1))
     history = [record(0, [(text, 0.5)])]
     write_all(Outcome(run_dir=run_dir, config=config, history=history, events=[],
                       status="finished"))

@@ -584,7 +584,7 @@ def alr_run_config(tmp_path):
     args = run_module.build_parser().parse_args(["--preset", "smoke", "--out", str(out)])
     config = run_module.new_config(args, [])
     out.mkdir()
-    (out / "config.json").write_text(json.dumps(config))
+    (out / "config.json").write_text(json.dumps(config.to_json()))
     return out
 
 

@@ -11,11 +11,13 @@ import hashlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from engine import run_config
+from engine.run_config import RunConfig
 from engine.evolve import EvolutionConfig, evolve
 from engine.grammar import ALR_GRAMMAR, load_grammar
 from engine.report import Outcome, write_all
@@ -34,9 +36,9 @@ def finished(tmp_path_factory):
                                                  "--store", str(out.parent / "s.sqlite")])
     config = run_config.new_config(args, [])
     out.mkdir()
-    (out / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    result = evolve(load_grammar(ALR_GRAMMAR), EvolutionConfig(**config["evolution"]), fitness,
-                    seeds=config["seeds"], checkpoint_dir=out / "checkpoints")
+    (out / "config.json").write_text(json.dumps(config.to_json()), encoding="utf-8")
+    result = evolve(load_grammar(ALR_GRAMMAR), config.evolution, fitness,
+                    seeds=config.seeds, checkpoint_dir=out / "checkpoints")
     events = [{"event": "session", "time": 1000.0}]
     for record in result.history:
         events += [{"event": "evaluation", "generation": record.generation, "text": text,
@@ -144,8 +146,8 @@ def test_nothing_left_to_show_is_one_line_and_exit_2(run, capsys):
 # -- the live display: paths are text, not markup ------------------------------------------------
 
 def display_config(out):
-    return {"mode": "alr", "name": out.split("/")[-1], "out": out, "preset": "smoke", "seed": 0,
-            "executor": "serial", "evolution": {"generations": 3, "population": 6}}
+    return RunConfig(name=out.split("/")[-1], out=Path(out), mode="alr", preset="smoke", seed=0,
+                     executor="serial", evolution=EvolutionConfig(population=6, generations=3))
 
 
 def test_brackets_in_a_run_path_are_shown_as_written_on_a_terminal():

@@ -1,0 +1,137 @@
+"""engine.run_config.RunConfig: a run's settings typed and validated once, and config.json as
+runs have always written it (runs made before the class existed resume and show unchanged)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from engine import modes
+from engine import run as run_module
+from engine.cli import UsageError
+from engine.evolve import EvolutionConfig
+from engine.run_config import MAX_SEED, RunConfig, build_parser, new_config, resumed_config
+
+# config.json as engine.run wrote it before RunConfig existed (commit 346cc89, `--mode alr
+# --preset smoke --seed 3 --executor serial`), the grammar text and the seeds cut short.
+BEFORE = {
+    "format": "autolr-run", "version": 1, "name": "rc-B", "out": "/tmp/rc-B", "mode": "alr",
+    "preset": "smoke", "seed": 3,
+    "evolution": {"population": 6, "generations": 3, "elitism": 1, "tournament": 2,
+                  "p_cross": 0.9, "p_mut": 0.15, "min_depth": 4, "max_depth": 17, "seed": 3},
+    "grammar": "/tmp/rc-base/engine/grammars/alr.bnf",
+    "grammar_text": "# ALR (adaptive) grammar\n<start> ::= ...\n",
+    "seeds": {"adam": "weight: sub(weight, grad)"}, "seed_zoo": True, "seed_programs": None,
+    "seed_lr": 0.001, "time_limit": 120.0, "time_budget": None, "executor": "serial",
+    "workers": None, "ray_address": None, "store": "/tmp/rc-B.sqlite", "backend": "auto",
+    "tensorboard": None,
+    "command": "python -m engine.run --mode alr --preset smoke --seed 3 --executor serial "
+               "--out /tmp/rc-B --store /tmp/rc-B.sqlite",
+    "reproduce": "python -m engine.run --mode alr --preset smoke --seed 3 --population 6 "
+                 "--generations 3",
+    "created": "2026-11-29T20:50:56+00:00",
+    "versions": {"python": "3.11.7", "autolr": "0.1.0", "torch": "2.13.0+cpu",
+                 "numba": "0.68.1", "numpy": "2.4.6", "triton": "3.6.0"},
+}
+
+
+def test_a_config_written_before_runconfig_reads_back_key_for_key():
+    config = RunConfig.from_json(copy.deepcopy(BEFORE))
+    assert config.mode is modes.get("alr") and config.evolution.population == 6
+    assert config.store == Path("/tmp/rc-B.sqlite") and config.tensorboard is None
+    written = config.to_json()
+    assert written == BEFORE and list(written) == list(BEFORE)  # same keys, same order
+
+
+def test_a_new_config_round_trips_through_json(tmp_path):
+    args = build_parser().parse_args(["--preset", "smoke", "--seed", "3", "--out",
+                                      str(tmp_path / "run"), "--store", str(tmp_path / "s.db")])
+    config = new_config(args, ["--preset", "smoke"])
+    data = json.loads(json.dumps(config.to_json()))
+    assert list(data) == list(BEFORE)
+    assert RunConfig.from_json(data) == config
+
+
+def test_resume_reads_a_config_written_before_runconfig(tmp_path):
+    out = tmp_path / "moved"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(BEFORE), encoding="utf-8")
+    args = build_parser().parse_args(["--resume", "--out", str(out), "--generations", "5",
+                                      "--executor", "local", "--workers", "2"])
+    config = resumed_config(args, out)
+    assert config.out == out and config.evolution.generations == 5
+    assert (config.executor, config.workers) == ("local", 2)
+    expected = {**BEFORE, "out": str(out), "executor": "local", "workers": 2,
+                "evolution": {**BEFORE["evolution"], "generations": 5}}
+    assert config.to_json() == expected
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda d: d.pop("store"), "key 'store' is missing"),
+    (lambda d: d.update(seed="3"), "key 'seed' holds '3'"),
+    (lambda d: d.update(seed_zoo=1), "key 'seed_zoo' holds 1"),
+    (lambda d: d.update(workers=True), "key 'workers' holds True"),
+    (lambda d: d["evolution"].pop("population") and d["evolution"].update(size=6),
+     "key 'evolution'"),
+    (lambda d: d.update(mode="sgd"), "mode 'sgd' is not one of"),
+    (lambda d: d.update(executor="ray", ray_address=None, workers=0), "workers must be"),
+    (lambda d: d.update(format="other"), "is not an AutoLR run config"),
+])
+def test_a_damaged_config_names_its_bad_key(damage, says):
+    data = copy.deepcopy(BEFORE)
+    damage(data)
+    with pytest.raises(ValueError, match="^config.json") as info:
+        RunConfig.from_json(data)
+    assert says in str(info.value) and "\n" not in str(info.value)
+
+
+def test_resume_of_a_damaged_config_is_one_line_and_exit_2(tmp_path, capsys):
+    """A config.json missing a key was a KeyError traceback at resume."""
+    out = tmp_path / "run"
+    out.mkdir()
+    data = {k: v for k, v in BEFORE.items() if k != "seeds"}
+    (out / "config.json").write_text(json.dumps(data), encoding="utf-8")
+    assert run_module.main(["--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "key 'seeds' is missing" in err[0] and "config.json" in err[0]
+
+
+def base(**changes) -> RunConfig:
+    fields = dict(name="r", out=Path("r"), mode="alr", preset="smoke", seed=0,
+                  evolution=EvolutionConfig(population=4, tournament=2))
+    return RunConfig(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("changes, says", [
+    (dict(executor="local", ray_address="10.0.0.1:6379"), "--ray-address applies to"),
+    (dict(executor="serial", workers=2), "--executor serial runs one candidate"),
+    (dict(seed=MAX_SEED + 1), "out of range"),
+    (dict(seed=-1), "out of range"),
+    (dict(preset="huge"), "preset 'huge'"),
+    (dict(backend="cuda"), "backend 'cuda'"),
+    (dict(time_limit=0), "time_limit must be"),
+])
+def test_validation_is_in_one_place(changes, says):
+    with pytest.raises(ValueError, match=says):
+        base(**changes)
+
+
+def test_a_resume_changes_only_what_it_may():
+    config = base(executor="local", workers=4)
+    with pytest.raises(ValueError, match="--executor serial runs one candidate"):
+        config.resumed(out=Path("r"), executor="serial")
+    with pytest.raises(ValueError, match="cannot change seed"):
+        config.resumed(out=Path("r"), seed=1)
+    later = config.resumed(out=Path("r2"), generations=9, time_budget=60.0)
+    assert (later.out, later.evolution.generations, later.time_budget) == (Path("r2"), 9, 60.0)
+    assert later.evolution.population == config.evolution.population
+
+
+def test_the_cli_turns_a_bad_combination_into_a_usage_error(tmp_path):
+    args = build_parser().parse_args(["--preset", "smoke", "--executor", "serial", "--workers",
+                                      "3", "--out", str(tmp_path / "r")])
+    with pytest.raises(UsageError, match="drop --workers"):
+        new_config(args, [])

@@ -36,6 +36,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numba
 import numpy as np
 import torch
 
@@ -278,10 +279,12 @@ class Arena:
         for launch in plan.launches:  # each reads and writes only its own parameters' states
             new = self.advance(scalars[:, launch.first].tobytes(), lr) if self.scalar_states \
                 else {}
-            if launch.end > launch.start:
-                self.launch(launch, outside.get(launch.first), lr, new, extra)
+            if launch.parts:
+                self.launch(launch, outside, lr, new, extra)
+            elif launch.end > launch.start:
+                self.launch(launch, _flat(outside.get(launch.first)), lr, new, extra)
             for k, s in enumerate(self.scalar_states):
-                scalars[k, launch.first:launch.last + 1] = new[s]
+                scalars[k, launch.members] = new[s]
         # After one launch over every parameter they all still agree; after anything else the
         # groups may have merged or split: count them again next step.
         whole = len(plan.params) == len(self.slots) and len(plan.launches) == 1
@@ -292,7 +295,8 @@ class Arena:
 
     def launch(self, launch: _Launch, grad: torch.Tensor | None, lr: float,
                scalars: dict[str, float], extra: tuple[float, ...] = ()) -> None:
-        """One kernel launch; `grad` is the gradient when it lies outside the arena."""
+        """One kernel launch; `grad` is the gradient when it lies outside the arena (a multi
+        launch finds its own gradients in `grad`, the slot -> gradient dict)."""
         launch.call(lr, scalars, grad, extra)
 
     def _place_gradients(self, state: dict, surveyed: tuple[int, ...]
@@ -304,6 +308,7 @@ class Arena:
         names = self.kernel.tensor_states + self.scalar_states
         base = self.grad.data_ptr()
         into, fresh, moved = [], [], []
+        multi = self.settled and self.multi()  # then no gradient is worth a copy
         for slot, kind in zip(self.slots, surveyed):
             if kind != FRESH:
                 continue
@@ -312,8 +317,9 @@ class Arena:
             where[slot.index] = ARENA
             if not slot.holds(g, base):
                 _check_grad(p, g)
-                if self.settled and slot.numel >= DIRECT_MIN and g.stride() == slot.stride:
-                    outside[slot.index] = g.as_strided((slot.numel,), (1,), g.storage_offset())
+                if self.settled and g.stride() == slot.stride and (
+                        slot.numel >= DIRECT_MIN or multi):
+                    outside[slot.index] = g
                     where[slot.index] = OUTSIDE
                 else:
                     into.append(slot.grad_view)
@@ -345,14 +351,56 @@ class Arena:
                 launches.append(_Launch(slot.offset, slot.offset + slot.numel, slot.index,
                                         slot.index, group, kind == ARENA))
         for launch in launches:
-            if launch.end > launch.start:
+            launch.members = slice(launch.first, launch.last + 1)
+        if self.multi() and not all(launch.arena for launch in launches):
+            launches = _merge(launches)
+        for launch in launches:
+            if launch.parts:
+                launch.call = self._multi_call(launch.parts)
+            elif launch.end > launch.start:
                 launch.call = self._call(launch.start, launch.end)
-        params = [self.slots[i].param for launch in launches
-                  for i in range(launch.first, launch.last + 1)]
+        params = [self.slots[i].param for launch in launches for i in _indices(launch)]
         return _Plan(launches, params)
+
+    def multi(self) -> bool:
+        """Whether gradients spread over several tensors take one `kernel_multi` launch: numba
+        running threads (where every launch wakes them: ~10 us, often a scheduler quantum on a
+        busy machine). A one-thread process keeps a launch per tensor, which costs it little,
+        and never compiles the parallel multi kernel."""
+        return self.kernel.backend == "numba" and numba.get_num_threads() > 1 and \
+            hasattr(self.kernel.module, "kernel_multi")
+
+    def _multi_call(self, parts: list[_Launch]) -> Callable[..., None]:
+        """One `kernel_multi` launch over `parts` (arena ranges and gradients outside it),
+        cut into CHUNK-element rows so that the threads share the work evenly. The rows' ranges
+        are fixed; their gradient addresses are filled in at each call."""
+        itemsize = self.buffers["weight"].element_size()
+        rows, owner, delta = [], [], []
+        for k, part in enumerate(parts):
+            for lo in range(part.start, part.end, CHUNK):
+                rows.append((lo, min(lo + CHUNK, part.end), 0))
+                owner.append(k)
+                delta.append((lo - part.start) * itemsize)
+        chunks = np.array(rows, np.int64).reshape(-1, 3)
+        owner_np, delta_np = np.array(owner, np.intp), np.array(delta, np.int64)
+        gbase = self.grad.data_ptr()
+        bases = [(part.first, gbase + part.start * itemsize if part.arena else 0)
+                 for part in parts]
+        kernel, order = self.kernel.module.kernel_multi, self.scalar_states
+        weight, *states = [self.buffers[n].numpy() for n in ("weight",) + self.kernel.tensor_states]
+
+        def call(lr: float, scalars: dict[str, float], outside: dict[int, torch.Tensor],
+                 extra: tuple[float, ...] = ()) -> None:
+            # The gradients outside stay alive in `outside` (and as `.grad`) through the launch.
+            at = np.array([base or outside[first].data_ptr() for first, base in bases], np.int64)
+            np.add(at[owner_np], delta_np, out=chunks[:, 2])
+            kernel(chunks, weight, *states, lr, *(scalars[s] for s in order), *extra)
+        return call
 
 
 SKIP, ARENA, FRESH, OUTSIDE = 0, 1, 2, 3
+# Elements per row of a multi launch: rows are what the threads share out.
+CHUNK = 1 << 14
 # Uniform-state steps worked out per memo miss (see Arena.advance).
 CHAIN = 64
 # Launch plans kept per arena, one per gradient placement seen (usually one or two).
@@ -371,6 +419,38 @@ class _Launch:
     group: int
     arena: bool
     call: Callable[..., None] | None = None  # (lr, scalars, grad outside or None, extra)
+    members: slice | list[int] = field(default_factory=list)  # the parameters it steps
+    parts: list["_Launch"] = field(default_factory=list)  # a multi launch's ranges
+
+
+def _merge(launches: list[_Launch]) -> list[_Launch]:
+    """One multi launch for each set of launches that share uniform states (usually all of
+    them), instead of a launch per gradient tensor; a lone arena run keeps its plain launch."""
+    groups: dict[int, list[_Launch]] = {}
+    for launch in launches:
+        groups.setdefault(launch.group, []).append(launch)
+    merged = []
+    for group, parts in groups.items():
+        if len(parts) == 1 and parts[0].arena:
+            merged.append(parts[0])
+            continue
+        parts = [part for part in parts if part.end > part.start]
+        members = [i for part in launches if part.group == group
+                   for i in range(part.first, part.last + 1)]
+        merged.append(_Launch(min((p.start for p in parts), default=0),
+                              max((p.end for p in parts), default=0), members[0], members[-1],
+                              group, False, members=members, parts=parts))
+    return merged
+
+
+def _indices(launch: _Launch) -> range | list[int]:
+    members = launch.members
+    return range(members.start, members.stop) if isinstance(members, slice) else members
+
+
+def _flat(g: torch.Tensor | None) -> torch.Tensor | None:
+    # A gradient with its slot's dense strides, as the flat range the kernel reads.
+    return None if g is None else g.as_strided((g.numel(),), (1,), g.storage_offset())
 
 
 @dataclass

@@ -16,11 +16,18 @@ Torch semantics kept on top of that layout:
   counters are advanced on the host in float32, exactly as the kernels' reference semantics say.
 * Gradients: the arena's gradient views become `p.grad`, so autograd accumulates into the arena in
   place after `zero_grad(set_to_none=False)`, and the step is one launch. After `zero_grad()`
-  (set_to_none=True, torch's default) backward makes fresh gradient tensors instead: a small one
-  (under DIRECT_MIN elements) is copied into the arena and `p.grad` rebound to the arena view; a
-  large one gets a launch of its own where it lies, since copying it would cost more memory
-  traffic than the launch. The first step after the arena is built copies every gradient in, so
-  that a `set_to_none=False` loop settles into one launch a step.
+  (set_to_none=True, torch's default) backward makes fresh gradient tensors instead, and the step
+  reads each where it lies: with numba's threads, one `kernel_multi` launch over the whole group
+  takes a table of (arena range, gradient address) rows, so fresh gradients cost no copy and no
+  launch each (a launch wakes the threads: ~10 us, often a scheduler quantum on a busy machine).
+  In a one-thread process a launch is cheap: a small gradient (under DIRECT_MIN elements) is
+  copied into the arena and `p.grad` rebound to the arena view, a large one gets a launch of its
+  own where it lies. The first step after the arena is built copies every gradient in, so that a
+  `set_to_none=False` loop settles into one launch a step.
+  Keeping the arena's gradients alive across `zero_grad()` (one memset instead of fresh tensors)
+  was the other way to one launch, and was left out: torch promises `p.grad is None` afterwards,
+  and code relies on it (a parameter that backward did not reach keeps a None gradient and is
+  skipped; Adam with a zero gradient would still move it).
 * Anything that moves a parameter or a state tensor out of the arena (`p.data = ...`, `model.to()`
   onto another device, `load_state_dict`) is noticed at the next step, which rebuilds the arena.
 
@@ -46,8 +53,8 @@ from kernels.runtime import UpdateKernel
 
 __all__ = ["ALIGN", "DIRECT_MIN", "Arena", "host_scalar"]
 
-# A gradient outside the arena with at least this many elements gets a launch of its own instead
-# of a copy into the arena: copying costs a read and a write of it (~8 bytes an element), a launch
+# In a one-thread process, a gradient outside the arena with at least this many elements gets a
+# launch of its own instead of a copy into the arena: copying costs a read and a write of it (~8 bytes an element), a launch
 # ~10-20 us; they break even near 2**16 elements on a 2-core CPU.
 DIRECT_MIN = 1 << 16
 # Each parameter starts on a 64-byte boundary of the arena (16 float32): cache lines on the CPU,

@@ -258,7 +258,9 @@ class Arena:
         """Given the survey's `where`, place fresh gradients (creating missing state), then run
         the launch plan for that placement: one launch per run of neighbouring parameters that
         step together (gradient in the arena, same uniform states), one per large gradient
-        outside it. `extra` is the decay kernel's `(decay,)`, else empty.
+        outside it; or, with numba's threads and gradients outside the arena, one multi launch
+        per set of parameters with the same uniform states. `extra` is the decay kernel's
+        `(decay,)`, else empty.
 
         Plans are cached by placement, so a step that looks like the last one (the common case,
         whichever zero_grad a loop uses) costs a few microseconds of Python per parameter on top
@@ -309,8 +311,8 @@ class Arena:
     def _place_gradients(self, state: dict, surveyed: tuple[int, ...]
                          ) -> tuple[tuple[int, ...], dict[int, torch.Tensor]]:
         """For the slots the survey found FRESH: copy a small gradient into the arena (ARENA),
-        or leave a large one where it lies (OUTSIDE, returned by slot index as a flat view),
-        and create the states of parameters that step the first time."""
+        or leave a large one, or any when a multi launch will read it, where it lies (OUTSIDE,
+        returned by slot index), and create the states of parameters that step the first time."""
         where, outside = list(surveyed), {}
         names = self.kernel.tensor_states + self.scalar_states
         base = self.grad.data_ptr()

@@ -54,8 +54,8 @@ from kernels.runtime import UpdateKernel
 __all__ = ["ALIGN", "DIRECT_MIN", "Arena", "host_scalar"]
 
 # In a one-thread process, a gradient outside the arena with at least this many elements gets a
-# launch of its own instead of a copy into the arena: copying costs a read and a write of it (~8 bytes an element), a launch
-# ~10-20 us; they break even near 2**16 elements on a 2-core CPU.
+# launch of its own instead of a copy into the arena: copying costs a read and a write of it
+# (~8 bytes an element), a launch ~10-20 us; they break even near 2**16 elements on a 2-core CPU.
 DIRECT_MIN = 1 << 16
 # Each parameter starts on a 64-byte boundary of the arena (16 float32): cache lines on the CPU,
 # and the alignment cuBLAS/cuDNN and Triton's vectorised loads want on a GPU. The few elements in

@@ -129,7 +129,7 @@ def backward_after_zero_grad(opt: torch.optim.Optimizer, grads: list[torch.Tenso
 @pytest.mark.parametrize("model", MODEL_PARAMS)
 def test_evolved_optimizer_step_from_fresh_grads(benchmark, peers, interleaved, model):
     """The step after torch's default zero_grad(): backward made new gradient tensors; the step
-    copies the small ones into the arena and launches once per large one where it lies. Making
+    reads them where they lie, in one multi launch (numba's threads; see kernels.arena). Making
     the gradients is backward's work, not the step's: both timings leave it out."""
     net = model_with_grads(model)
     grads = [p.grad.clone() for p in net.parameters()]

@@ -37,6 +37,8 @@ TEMPLATES: dict[str, str] = {
 PRELUDE = '''\
 import numba
 import numpy as np
+from numba.core import types as _types
+from numba.core.extending import intrinsic as _intrinsic
 from numpy import float32 as f32
 
 ZERO = f32(0.0)
@@ -69,6 +71,16 @@ def _sign(a):
     # sign(NaN) = NaN and sign(+-0) = +0, as numpy defines it: a - a is NaN for NaN and +0 for
     # either zero (returning `a` kept -0's sign, which pow(sign(x), -1) turns into -inf).
     return f32(1.0) if a > 0 else (f32(-1.0) if a < 0 else a - a)
+
+
+@_intrinsic
+def _at(typingctx, address, like):
+    # A pointer to `like`'s element type at a raw address (a gradient the caller keeps alive).
+    pointer = _types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+    return pointer(_types.int64, like), codegen
 '''
 
 
@@ -111,7 +123,30 @@ def emit(program: Program | KernelPlan) -> str:
         out += plan.body("        ", "{name} = {name}_buf[i]", lambda step: _render(step, real),
                          "{name}_buf[i] = {name}")
         out += ["", ""]
-    return "\n".join(out[:-2]) + "\n"
+    out += _multi(plan, real)
+    return "\n".join(out) + "\n"
+
+
+def _multi(plan: KernelPlan, real: str) -> list[str]:
+    """`kernel_multi(chunks, weight, *tensor_states, lr, *scalar_states)`: one parallel launch
+    over several arena ranges, each reading its gradient wherever it lies: row `c` of the int64
+    `chunks` is (start, end, address of the gradient of element `start`). The arena's caller
+    uses it when gradients are spread over several tensors (torch's default `zero_grad()`), so
+    that those tensors cost no copy and no launch each. Compiled on its first call only."""
+    buffers = ("weight",) + plan.tensor_states
+    params = ["_chunks"] + [f"{b}_all" for b in buffers] + list(plan.scalars)
+    out = ['@numba.njit(parallel=True, error_model="numpy", cache=True)',
+           f"def kernel_multi({', '.join(params)}):"]
+    out += [f"    {scalar} = {real}({scalar})" for scalar in plan.scalars]
+    out += ["    for _c in numba.prange(_chunks.shape[0]):",
+            "        _start = _chunks[_c, 0]",
+            "        _end = _chunks[_c, 1]",
+            "        grad_buf = numba.carray(_at(_chunks[_c, 2], weight_all), _end - _start)"]
+    out += [f"        {b}_buf = {b}_all[_start:_end]" for b in buffers]
+    out.append("        for i in range(_end - _start):")
+    out += plan.body("            ", "{name} = {name}_buf[i]", lambda step: _render(step, real),
+                     "{name}_buf[i] = {name}")
+    return out
 
 
 def kernel_fn(module: object) -> Callable[..., None]:

@@ -16,11 +16,18 @@ Torch semantics kept on top of that layout:
   counters are advanced on the host in float32, exactly as the kernels' reference semantics say.
 * Gradients: the arena's gradient views become `p.grad`, so autograd accumulates into the arena in
   place after `zero_grad(set_to_none=False)`, and the step is one launch. After `zero_grad()`
-  (set_to_none=True, torch's default) backward makes fresh gradient tensors instead: a small one
-  (under DIRECT_MIN elements) is copied into the arena and `p.grad` rebound to the arena view; a
-  large one gets a launch of its own where it lies, since copying it would cost more memory
-  traffic than the launch. The first step after the arena is built copies every gradient in, so
-  that a `set_to_none=False` loop settles into one launch a step.
+  (set_to_none=True, torch's default) backward makes fresh gradient tensors instead, and the step
+  reads each where it lies: with numba's threads, one `kernel_multi` launch over the whole group
+  takes a table of (arena range, gradient address) rows, so fresh gradients cost no copy and no
+  launch each (a launch wakes the threads: ~10 us, often a scheduler quantum on a busy machine).
+  In a one-thread process a launch is cheap: a small gradient (under DIRECT_MIN elements) is
+  copied into the arena and `p.grad` rebound to the arena view, a large one gets a launch of its
+  own where it lies. The first step after the arena is built copies every gradient in, so that a
+  `set_to_none=False` loop settles into one launch a step.
+  Keeping the arena's gradients alive across `zero_grad()` (one memset instead of fresh tensors)
+  was the other way to one launch, and was left out: torch promises `p.grad is None` afterwards,
+  and code relies on it (a parameter that backward did not reach keeps a None gradient and is
+  skipped; Adam with a zero gradient would still move it).
 * Anything that moves a parameter or a state tensor out of the arena (`p.data = ...`, `model.to()`
   onto another device, `load_state_dict`) is noticed at the next step, which rebuilds the arena.
 
@@ -36,6 +43,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numba
 import numpy as np
 import torch
 
@@ -45,9 +53,9 @@ from kernels.runtime import UpdateKernel
 
 __all__ = ["ALIGN", "DIRECT_MIN", "Arena", "host_scalar"]
 
-# A gradient outside the arena with at least this many elements gets a launch of its own instead
-# of a copy into the arena: copying costs a read and a write of it (~8 bytes an element), a launch
-# ~10-20 us; they break even near 2**16 elements on a 2-core CPU.
+# In a one-thread process, a gradient outside the arena with at least this many elements gets a
+# launch of its own instead of a copy into the arena: copying costs a read and a write of it
+# (~8 bytes an element), a launch ~10-20 us; they break even near 2**16 elements on a 2-core CPU.
 DIRECT_MIN = 1 << 16
 # Each parameter starts on a 64-byte boundary of the arena (16 float32): cache lines on the CPU,
 # and the alignment cuBLAS/cuDNN and Triton's vectorised loads want on a GPU. The few elements in
@@ -250,7 +258,9 @@ class Arena:
         """Given the survey's `where`, place fresh gradients (creating missing state), then run
         the launch plan for that placement: one launch per run of neighbouring parameters that
         step together (gradient in the arena, same uniform states), one per large gradient
-        outside it. `extra` is the decay kernel's `(decay,)`, else empty.
+        outside it; or, with numba's threads and gradients outside the arena, one multi launch
+        per set of parameters with the same uniform states. `extra` is the decay kernel's
+        `(decay,)`, else empty.
 
         Plans are cached by placement, so a step that looks like the last one (the common case,
         whichever zero_grad a loop uses) costs a few microseconds of Python per parameter on top
@@ -278,10 +288,12 @@ class Arena:
         for launch in plan.launches:  # each reads and writes only its own parameters' states
             new = self.advance(scalars[:, launch.first].tobytes(), lr) if self.scalar_states \
                 else {}
-            if launch.end > launch.start:
-                self.launch(launch, outside.get(launch.first), lr, new, extra)
+            if launch.parts:
+                self.launch(launch, outside, lr, new, extra)
+            elif launch.end > launch.start:
+                self.launch(launch, _flat(outside.get(launch.first)), lr, new, extra)
             for k, s in enumerate(self.scalar_states):
-                scalars[k, launch.first:launch.last + 1] = new[s]
+                scalars[k, launch.members] = new[s]
         # After one launch over every parameter they all still agree; after anything else the
         # groups may have merged or split: count them again next step.
         whole = len(plan.params) == len(self.slots) and len(plan.launches) == 1
@@ -292,18 +304,20 @@ class Arena:
 
     def launch(self, launch: _Launch, grad: torch.Tensor | None, lr: float,
                scalars: dict[str, float], extra: tuple[float, ...] = ()) -> None:
-        """One kernel launch; `grad` is the gradient when it lies outside the arena."""
+        """One kernel launch; `grad` is the gradient when it lies outside the arena (a multi
+        launch finds its own gradients in `grad`, the slot -> gradient dict)."""
         launch.call(lr, scalars, grad, extra)
 
     def _place_gradients(self, state: dict, surveyed: tuple[int, ...]
                          ) -> tuple[tuple[int, ...], dict[int, torch.Tensor]]:
         """For the slots the survey found FRESH: copy a small gradient into the arena (ARENA),
-        or leave a large one where it lies (OUTSIDE, returned by slot index as a flat view),
-        and create the states of parameters that step the first time."""
+        or leave a large one, or any when a multi launch will read it, where it lies (OUTSIDE,
+        returned by slot index), and create the states of parameters that step the first time."""
         where, outside = list(surveyed), {}
         names = self.kernel.tensor_states + self.scalar_states
         base = self.grad.data_ptr()
         into, fresh, moved = [], [], []
+        multi = self.settled and self.multi()  # then no gradient is worth a copy
         for slot, kind in zip(self.slots, surveyed):
             if kind != FRESH:
                 continue
@@ -312,8 +326,9 @@ class Arena:
             where[slot.index] = ARENA
             if not slot.holds(g, base):
                 _check_grad(p, g)
-                if self.settled and slot.numel >= DIRECT_MIN and g.stride() == slot.stride:
-                    outside[slot.index] = g.as_strided((slot.numel,), (1,), g.storage_offset())
+                if self.settled and g.stride() == slot.stride and (
+                        slot.numel >= DIRECT_MIN or multi):
+                    outside[slot.index] = g
                     where[slot.index] = OUTSIDE
                 else:
                     into.append(slot.grad_view)
@@ -345,14 +360,56 @@ class Arena:
                 launches.append(_Launch(slot.offset, slot.offset + slot.numel, slot.index,
                                         slot.index, group, kind == ARENA))
         for launch in launches:
-            if launch.end > launch.start:
+            launch.members = slice(launch.first, launch.last + 1)
+        if self.multi() and not all(launch.arena for launch in launches):
+            launches = _merge(launches)
+        for launch in launches:
+            if launch.parts:
+                launch.call = self._multi_call(launch.parts)
+            elif launch.end > launch.start:
                 launch.call = self._call(launch.start, launch.end)
-        params = [self.slots[i].param for launch in launches
-                  for i in range(launch.first, launch.last + 1)]
+        params = [self.slots[i].param for launch in launches for i in _indices(launch)]
         return _Plan(launches, params)
+
+    def multi(self) -> bool:
+        """Whether gradients spread over several tensors take one `kernel_multi` launch: numba
+        running threads (where every launch wakes them: ~10 us, often a scheduler quantum on a
+        busy machine). A one-thread process keeps a launch per tensor, which costs it little,
+        and never compiles the parallel multi kernel."""
+        return self.kernel.backend == "numba" and numba.get_num_threads() > 1 and \
+            hasattr(self.kernel.module, "kernel_multi")
+
+    def _multi_call(self, parts: list[_Launch]) -> Callable[..., None]:
+        """One `kernel_multi` launch over `parts` (arena ranges and gradients outside it),
+        cut into CHUNK-element rows so that the threads share the work evenly. The rows' ranges
+        are fixed; their gradient addresses are filled in at each call."""
+        itemsize = self.buffers["weight"].element_size()
+        rows, owner, delta = [], [], []
+        for k, part in enumerate(parts):
+            for lo in range(part.start, part.end, CHUNK):
+                rows.append((lo, min(lo + CHUNK, part.end), 0))
+                owner.append(k)
+                delta.append((lo - part.start) * itemsize)
+        chunks = np.array(rows, np.int64).reshape(-1, 3)
+        owner_np, delta_np = np.array(owner, np.intp), np.array(delta, np.int64)
+        gbase = self.grad.data_ptr()
+        bases = [(part.first, gbase + part.start * itemsize if part.arena else 0)
+                 for part in parts]
+        kernel, order = self.kernel.module.kernel_multi, self.scalar_states
+        weight, *states = [self.buffers[n].numpy() for n in ("weight",) + self.kernel.tensor_states]
+
+        def call(lr: float, scalars: dict[str, float], outside: dict[int, torch.Tensor],
+                 extra: tuple[float, ...] = ()) -> None:
+            # The gradients outside stay alive in `outside` (and as `.grad`) through the launch.
+            at = np.array([base or outside[first].data_ptr() for first, base in bases], np.int64)
+            np.add(at[owner_np], delta_np, out=chunks[:, 2])
+            kernel(chunks, weight, *states, lr, *(scalars[s] for s in order), *extra)
+        return call
 
 
 SKIP, ARENA, FRESH, OUTSIDE = 0, 1, 2, 3
+# Elements per row of a multi launch: rows are what the threads share out.
+CHUNK = 1 << 14
 # Uniform-state steps worked out per memo miss (see Arena.advance).
 CHAIN = 64
 # Launch plans kept per arena, one per gradient placement seen (usually one or two).
@@ -371,6 +428,38 @@ class _Launch:
     group: int
     arena: bool
     call: Callable[..., None] | None = None  # (lr, scalars, grad outside or None, extra)
+    members: slice | list[int] = field(default_factory=list)  # the parameters it steps
+    parts: list["_Launch"] = field(default_factory=list)  # a multi launch's ranges
+
+
+def _merge(launches: list[_Launch]) -> list[_Launch]:
+    """One multi launch for each set of launches that share uniform states (usually all of
+    them), instead of a launch per gradient tensor; a lone arena run keeps its plain launch."""
+    groups: dict[int, list[_Launch]] = {}
+    for launch in launches:
+        groups.setdefault(launch.group, []).append(launch)
+    merged = []
+    for group, parts in groups.items():
+        if len(parts) == 1 and parts[0].arena:
+            merged.append(parts[0])
+            continue
+        parts = [part for part in parts if part.end > part.start]
+        members = [i for part in launches if part.group == group
+                   for i in range(part.first, part.last + 1)]
+        merged.append(_Launch(min((p.start for p in parts), default=0),
+                              max((p.end for p in parts), default=0), members[0], members[-1],
+                              group, False, members=members, parts=parts))
+    return merged
+
+
+def _indices(launch: _Launch) -> range | list[int]:
+    members = launch.members
+    return range(members.start, members.stop) if isinstance(members, slice) else members
+
+
+def _flat(g: torch.Tensor | None) -> torch.Tensor | None:
+    # A gradient with its slot's dense strides, as the flat range the kernel reads.
+    return None if g is None else g.as_strided((g.numel(),), (1,), g.storage_offset())
 
 
 @dataclass

@@ -276,3 +276,41 @@ def test_half_parameters_save_and_load_their_float32_states_exactly():
     assert opt_resumed.state[resumed[0]]["beta"].dtype == torch.float32
     steps(resumed, opt_resumed, range(3, 6))
     assert torch.equal(resumed[0], ref[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_fresh_gradients_in_the_multi_launch_step_exactly_as_gradients_in_the_arena(dtype):
+    """With numba's threads, torch's default zero_grad() steps through `kernel_multi`, reading
+    each gradient where it lies (here also a view into one shared buffer, as DDP's bucket views
+    are), and `zero_grad(set_to_none=False)` through `kernel`: same body, so the same bits, with
+    weight decay and maximize, in float32 and float64."""
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba runs one thread here: no multi launch")
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        models = [mlp(dtype=dtype) for _ in range(2)]
+        opts = [EvolvedOptimizer(m.parameters(), zoo.adam(), backend="numba", lr=1e-2,
+                                 weight_decay=0.1, maximize=True) for m in models]
+        for step in range(5):
+            gen = torch.Generator().manual_seed(100 + step)
+            x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 2, generator=gen)
+            for model, opt, fresh in zip(models, opts, (True, False)):
+                opt.zero_grad(set_to_none=fresh)
+                torch.nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype)).backward()
+                if fresh and step % 2:  # the gradients as views into one buffer, at an offset
+                    params = list(model.parameters())
+                    flat = torch.cat([torch.zeros(3, dtype=dtype)]
+                                     + [p.grad.reshape(-1) for p in params])
+                    offset = 3
+                    for p in params:
+                        p.grad = flat[offset:offset + p.numel()].view(p.shape)
+                        offset += p.numel()
+                opt.step()
+        multi = [launch for plan in opts[0]._arenas[0].plans.values() for launch in plan.launches
+                 if launch.parts]
+        assert multi, "the fresh gradients never took the multi launch"
+        assert_equal_models(*models)
+    finally:
+        numba.set_num_threads(before)

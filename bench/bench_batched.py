@@ -84,9 +84,12 @@ CASES = {
 }
 SIZES = [("mlp-digits", 8), ("mlp-digits", 16), ("mlp-digits", 32), ("mlp-fmnist14", 8),
          ("mlp-fmnist14", 16), ("mlp-fmnist14", 32), ("cnn-quick", 8)]
+DEFAULT = {("mlp-digits", 32)}  # the micro tier's headline; the rest behind --bench-long
 
 
-@pytest.mark.parametrize("case, k", SIZES, ids=[f"{c}-k{k}" for c, k in SIZES])
+@pytest.mark.parametrize("case, k", [
+    pytest.param(c, k, id=f"{c}-k{k}",
+                 marks=() if (c, k) in DEFAULT else pytest.mark.bench_long) for c, k in SIZES])
 def test_candidates_per_hour(benchmark, interleaved, case, k):
     benchmark.group = "batched"
     configure_process(1)

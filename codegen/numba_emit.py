@@ -37,8 +37,6 @@ TEMPLATES: dict[str, str] = {
 PRELUDE = '''\
 import numba
 import numpy as np
-from numba.core import types as _types
-from numba.core.extending import intrinsic as _intrinsic
 from numpy import float32 as f32
 
 ZERO = f32(0.0)
@@ -71,6 +69,13 @@ def _sign(a):
     # sign(NaN) = NaN and sign(+-0) = +0, as numpy defines it: a - a is NaN for NaN and +0 for
     # either zero (returning `a` kept -0's sign, which pow(sign(x), -1) turns into -inf).
     return f32(1.0) if a > 0 else (f32(-1.0) if a < 0 else a - a)
+'''
+
+# For `kernel_multi` only, apart from PRELUDE (the math every kernel needs, which the standalone
+# best_optimizer.py embeds too): a pointer made from a raw gradient address.
+POINTERS = '''\
+from numba.core import types as _types
+from numba.core.extending import intrinsic as _intrinsic
 
 
 @_intrinsic
@@ -106,7 +111,7 @@ def emit(program: Program | KernelPlan) -> str:
     real = "f64" if plan.dtype == "float64" else "f32"
     prelude = PRELUDE.replace("float32 as f32", f"{plan.dtype} as {real}").replace("f32(", real + "(")
     out = ["# " + line for line in plan.header("numba")]
-    out += ["", prelude, f"TENSOR_STATES = {plan.tensor_states!r}",
+    out += ["", prelude, "", POINTERS, "", f"TENSOR_STATES = {plan.tensor_states!r}",
             f"SCALAR_STATES = {plan.scalar_states!r}", "", ""]
     # Two copies of one loop: `kernel` splits it over Numba's threads; `kernel_serial` is for
     # processes that run one thread (evaluation workers), where prange has nothing to share and

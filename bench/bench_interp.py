@@ -30,7 +30,7 @@ import pytest
 
 import kernels
 from codegen.ir import STATES
-from codegen.numba_emit import kernel_fn
+from codegen.backends.numba import kernel_fn
 from kernels import zoo
 from kernels.interp import Batch
 

@@ -1,4 +1,4 @@
-"""`python -m codegen show PROGRAM_OR_FILE --backend numba|triton|torch`: print a generated kernel.
+"""`python -m codegen show PROGRAM_OR_FILE --backend BACKEND`: print a generated kernel.
 
 PROGRAM_OR_FILE is program text (lines `alpha: ...`, `weight: ...`, or the one-line form with `;`
 between them) or the path of a file holding it. Bad text or a path that cannot be read: one line
@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from codegen.cache import BACKENDS, source
+from codegen.backends import BACKENDS
+from codegen.cache import source
 from codegen.ir import ParseError, Program
 
 EXAMPLE = "'weight: mul(0.01, grad)'"
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="print the generated kernel source for a program")
     show.add_argument("program", help="program text, or a file holding it")
-    show.add_argument("--backend", choices=BACKENDS, default="numba")
+    show.add_argument("--backend", choices=tuple(BACKENDS), default="numba")
     args = parser.parse_args(argv)
     try:
         program = Program.parse(read_program_arg(args.program))

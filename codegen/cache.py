@@ -30,29 +30,22 @@ import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
-from codegen import numba_emit, torch_emit, triton_emit
+from codegen import backends
 from codegen.ir import Program
 from codegen.lower import KernelPlan, lower
 
 VERSION = 1
 
 
-def _generator_digest() -> str:
-    here = Path(__file__).parent
-    parts = [(here / f).read_bytes() for f in
-             ("ir.py", "lower.py", "numba_emit.py", "triton_emit.py", "torch_emit.py")]
+def _generator_digest(here: Path = Path(__file__).parent) -> str:
+    # Every file of codegen/backends/ (a backend added is a generator changed), by name.
+    files = [here / "ir.py", here / "lower.py", *sorted((here / "backends").glob("*.py"))]
+    parts = [f.relative_to(here).as_posix().encode() + b"\0" + f.read_bytes() for f in files]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 
 
 STAMP_VERSION = f"{VERSION}-{_generator_digest()}"
-EMITTERS: dict[str, Callable[[KernelPlan], str]] = {
-    "numba": numba_emit.emit,
-    "triton": triton_emit.emit,
-    "torch": torch_emit.emit,
-}
-BACKENDS = tuple(EMITTERS)
 _STAMP = re.compile(r"# autolr-kernel v([0-9a-f-]+) sha256=([0-9a-f]{64})\n")
 
 
@@ -65,16 +58,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("AUTOLR_CACHE") or Path.home() / ".cache" / "autolr")
 
 
-def check_backend(backend: str) -> None:
-    if backend not in EMITTERS:
-        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-
-
 def source(program: Program | KernelPlan, backend: str) -> str:
     """The generated module text, stamped with the cache version and its own digest."""
-    check_backend(backend)
+    emit = backends.get(backend).emit
     plan = program if isinstance(program, KernelPlan) else lower(program)
-    body = EMITTERS[backend](plan)
+    body = emit(plan)
     return f"# autolr-kernel v{STAMP_VERSION} sha256={_sha256(body)}\n" + body
 
 

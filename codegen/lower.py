@@ -24,7 +24,7 @@ Operand = Union[str, Const]  # a value name in the kernel, or a constant
 # Parameter dtypes a kernel can be generated for. float64 parameters compute in float64 with
 # float64 states; float16/bfloat16 ones load as float32, keep float32 states, compute in float32,
 # and round the weight once on store. Uniform states are float32 on the host for every dtype.
-# Which backend takes which is the runtime's business (kernels.runtime.BACKEND_DTYPES).
+# Which backend takes which: each backend's `dtypes` (codegen.backends).
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 

@@ -249,7 +249,7 @@ class KernelUpdate:
 
     def __init__(self, programs: Sequence[Program], backend: str = "numba") -> None:
         import kernels  # the engine reaches kernels only where it trains
-        from codegen.numba_emit import kernel_fn
+        from codegen.backends.numba import kernel_fn
 
         if backend != "numba":
             raise ValueError(f"KernelUpdate runs numba kernels on CPU arenas; got backend "

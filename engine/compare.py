@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from codegen import backends
 from codegen.ir import ParseError, Program
 from engine import heldout, modes, stats
 from engine.cli import Parser, UsageError, positive_int
@@ -597,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the task's epoch budget")
     p.add_argument("--lr-range", type=float, nargs=2, default=list(LR_RANGE),
                    metavar=("LOW", "HIGH"), help="log-uniform tuning range, for every optimizer")
-    p.add_argument("--backend", choices=("auto", "numba", "torch", "triton"), default="auto",
+    p.add_argument("--backend", choices=("auto", *backends.BACKENDS), default="auto",
                    help="kernel backend for every optimizer")
     return p
 
@@ -614,9 +615,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise UsageError(f"--lr-range {low:g} {high:g}: need 0 < LOW < HIGH")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UsageError("--backend triton: compare trains on the CPU, where Triton runs only in "
-                         "its interpreter (TRITON_INTERPRET=1, slow); use auto or numba")
+    if args.backend != "auto" and not backends.get(args.backend).available("cpu"):
+        raise UsageError(f"--backend {args.backend}: compare trains on the CPU, and the "
+                         f"{args.backend} backend runs on {backends.get(args.backend).runs_on} "
+                         f"there: {backends.get(args.backend).instead}")
     return Settings(task=task, seeds=args.seeds, trials=args.trials, seed=args.seed,
                     lr_range=(low, high), backend=args.backend)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from codegen import numba_emit, torch_emit
+from codegen.backends import numba as numba_emit
+from codegen.backends import torch as torch_emit
 from codegen.ir import COMPARISON_SYMBOLS, STATES, Call, Const, Node, Program, Schedule, Var
 from codegen.lower import lower
 from engine import modes

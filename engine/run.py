@@ -239,14 +239,12 @@ class Session:
         config = self.config
         grammar = parse_grammar(config.grammar_text, source=str(config.grammar))
         backend = config.backend
-        import torch
+        from codegen import backends
 
         if backend == "auto":
-            backend = "triton" if torch.cuda.is_available() else "numba"
-        elif backend == "triton" and not (torch.cuda.is_available()
-                                          or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise UsageError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1 to "
-                             "run it, slowly, in Triton's interpreter); use numba on the CPU")
+            backend = backends.auto()
+        elif not backends.get(backend).available(None):
+            raise UsageError(f"--backend {backend}: {backends.get(backend).missing}")
         if self.mode.compiled and not config.ray_address:
             _check_kernel_cache()
         initializer = functools.partial(configure_process, threads=1)

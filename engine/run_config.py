@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
+from codegen import backends
 from codegen.ir import ParseError
 from engine import modes
 from engine.cli import Parser, UsageError, positive_int
@@ -106,7 +107,7 @@ def check_seed(value: int) -> int:
 
 
 EXECUTORS = ("serial", "local", "ray")
-BACKENDS = ("auto", "numba", "triton", "torch")
+BACKENDS = ("auto", *backends.BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=Path, default=None,
                    help="results store shared across runs (default: "
                         "$AUTOLR_CACHE/results.sqlite, else ~/.cache/autolr/results.sqlite)")
-    p.add_argument("--backend", choices=("auto", "numba", "triton", "torch"), default=None,
+    p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="kernel backend for ALR candidates (default: auto: triton on CUDA, "
                         "numba on the CPU)")
     p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",

@@ -43,12 +43,11 @@ import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numba
 import numpy as np
 import torch
 
+from codegen import backends
 from codegen.ir import STATES, evaluate
-from codegen.numba_emit import kernel_fn
 from kernels.runtime import UpdateKernel
 
 __all__ = ["ALIGN", "DIRECT_MIN", "Arena", "host_scalar"]
@@ -229,20 +228,23 @@ class Arena:
     def _call(self, start: int, end: int) -> Callable[..., None]:
         """A launch over a fixed arena range, its buffers sliced once: `call(lr, scalars,
         grad=None, extra=())`, where `grad` is a flat gradient outside the arena to read instead
-        of the arena's and `extra` is `(decay,)` for a decay kernel. For numba, the generated
+        of the arena's and `extra` is `(decay,)` for a decay kernel. For a backend on host arrays
+        (numba: its `host`), the generated
         function itself on cached numpy views: the kernel ABI (`kernel(weight, grad, *tensor
         states, lr, *scalar states, [decay])`) without UpdateKernel's per-call conversions, which
         cost as much as a small parameter's update."""
         names = ("weight", "grad") + self.kernel.tensor_states
         views = [self.buffers[n][start:end] for n in names]
-        if self.kernel.backend == "numba":
-            module, order = self.kernel.module, self.scalar_states
-            weight, grad, *states = [v.numpy() for v in views]
+        spec = backends.get(self.kernel.backend)
+        if spec.host is not None:
+            module, order, host, entry = (self.kernel.module, self.scalar_states, spec.host,
+                                          spec.entry)
+            weight, grad, *states = [host(v) for v in views]
 
             def call(lr: float, scalars: dict[str, float], outside: torch.Tensor | None = None,
                      extra: tuple[float, ...] = ()) -> None:
-                g = grad if outside is None else outside.detach().numpy()
-                kernel_fn(module)(weight, g, *states, lr, *(scalars[s] for s in order), *extra)
+                g = grad if outside is None else host(outside)
+                entry(module)(weight, g, *states, lr, *(scalars[s] for s in order), *extra)
             return call
         named = dict(zip(names[2:], views[2:]))
         kernel = self.kernel
@@ -376,8 +378,7 @@ class Arena:
         running threads (where every launch wakes them: ~10 us, often a scheduler quantum on a
         busy machine). A one-thread process keeps a launch per tensor, which costs it little,
         and never compiles the parallel multi kernel."""
-        return self.kernel.backend == "numba" and numba.get_num_threads() > 1 and \
-            hasattr(self.kernel.module, "kernel_multi")
+        return backends.get(self.kernel.backend).multi(self.kernel.module)
 
     def _multi_call(self, parts: list[_Launch]) -> Callable[..., None]:
         """One `kernel_multi` launch over `parts` (arena ranges and gradients outside it),
@@ -396,7 +397,8 @@ class Arena:
         bases = [(part.first, gbase + part.start * itemsize if part.arena else 0)
                  for part in parts]
         kernel, order = self.kernel.module.kernel_multi, self.scalar_states
-        weight, *states = [self.buffers[n].numpy() for n in ("weight",) + self.kernel.tensor_states]
+        host = backends.get(self.kernel.backend).host
+        weight, *states = [host(self.buffers[n]) for n in ("weight",) + self.kernel.tensor_states]
 
         def call(lr: float, scalars: dict[str, float], outside: dict[int, torch.Tensor],
                  extra: tuple[float, ...] = ()) -> None:

@@ -15,13 +15,12 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from codegen.cache import BACKENDS
+from codegen import backends
 from codegen.ir import Program
-from codegen.lower import lower
+from codegen.lower import DTYPES, lower
 from kernels.arena import Arena, host_scalar
-from kernels.runtime import BACKEND_DTYPES, UpdateKernel, check_dtype, resolve_backend
+from kernels.runtime import UpdateKernel, check_dtype, resolve_backend
 from kernels.runtime import compile as compile_kernel
-from kernels.runtime import triton_usable_on
 
 __all__ = ["EvolvedOptimizer"]
 
@@ -84,8 +83,9 @@ class EvolvedOptimizer(Optimizer):
             program = Program.parse(program)  # a ParseError (ValueError) names line and column
         elif not isinstance(program, Program):
             raise TypeError(f"program must be a Program or its text, not {type(program).__name__}")
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}: choose auto, {', '.join(BACKENDS)}")
+        if backend != "auto" and backend not in backends.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: choose auto, "
+                             f"{', '.join(backends.BACKENDS)}")
         _check_lr(lr, "lr")
         _check_weight_decay(weight_decay, "weight_decay")
         _check_maximize(maximize, "maximize")
@@ -129,7 +129,7 @@ class EvolvedOptimizer(Optimizer):
             return "torch", torch.float32
         device, dtype = params[0].device, params[0].dtype
         for i, p in enumerate(params):
-            if p.dtype not in BACKEND_DTYPES["torch"]:
+            if str(p.dtype).removeprefix("torch.") not in DTYPES:
                 raise TypeError(f"EvolvedOptimizer updates float32, float64, float16 and bfloat16 "
                                 f"parameters; parameter {i} of its group is {p.dtype}: convert "
                                 "the model with model.float()")
@@ -143,14 +143,10 @@ class EvolvedOptimizer(Optimizer):
                                  "them in separate param groups or move the model first")
         backend = resolve_backend(self.backend, device, dtype)
         check_dtype(backend, dtype, f"the parameters of this group (on {device})")
-        if backend == "numba" and device.type != "cpu":
-            raise ValueError(f"the numba backend runs on CPU tensors, and these parameters are on "
-                             f"{device}: use backend='triton' (CUDA) or backend='torch'")
-        if backend == "triton" and not triton_usable_on(device):
-            raise ValueError(f"the triton backend runs on CUDA tensors, and these parameters are "
-                             f"on {device}: use backend='numba' on the CPU (or set "
-                             "TRITON_INTERPRET=1 before importing triton to run it, slowly, in "
-                             "its interpreter)")
+        spec = backends.get(backend)
+        if not spec.available(device.type):
+            raise ValueError(f"the {backend} backend runs on {spec.runs_on}, and these parameters "
+                             f"are on {device}: {spec.instead}")
         return backend, dtype
 
     def _kernel(self, backend: str, dtype: torch.dtype, maximize: bool, decay: bool

@@ -8,25 +8,14 @@ keeps the machine code next to it.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-import numpy as np
 import torch
 
-from codegen import cache
+from codegen import backends, cache
 from codegen.ir import Program
 from codegen.lower import KernelPlan, lower
-from codegen.numba_emit import kernel_fn
-
-# Parameter dtypes each backend updates (codegen.lower.DTYPES says how each computes). Numba has
-# no float16/bfloat16 arithmetic on the CPU.
-BACKEND_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
-    "numba": (torch.float32, torch.float64),
-    "torch": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "triton": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
 
 
 class BackendUnavailable(RuntimeError):
@@ -38,29 +27,31 @@ def resolve_backend(backend: str, device: torch.device | None = None,
     """`auto` is triton for CUDA tensors (or when CUDA is available and no device is given),
     numba for other float32/float64 ones, torch for other float16/bfloat16 ones."""
     if backend == "auto":
-        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-        if on_cuda:
-            return "triton"
-        return "numba" if dtype in BACKEND_DTYPES["numba"] else "torch"
-    cache.check_backend(backend)
-    return backend
+        return backends.auto(device.type if device is not None else None, _name(dtype))
+    return backends.get(backend).name
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_dtype(backend: str, dtype: torch.dtype, where: str = "these parameters") -> str:
     """The plan dtype name for `dtype` on `backend`, or a TypeError naming what it takes and
     which backend takes `dtype`."""
-    if dtype in BACKEND_DTYPES[backend]:
-        return str(dtype).removeprefix("torch.")
-    takes = ", ".join(str(d).removeprefix("torch.") for d in BACKEND_DTYPES[backend])
-    others = [b for b, dtypes in BACKEND_DTYPES.items() if dtype in dtypes]
-    fix = (f"use backend={others[0]!r}" + (f" (or {others[1]!r} on CUDA)" if len(others) > 1
-                                            else "") if others else "convert them to float32")
+    name = _name(dtype)
+    if name in backends.get(backend).dtypes:
+        return name
+    takes = ", ".join(backends.get(backend).dtypes)
+    # Those that run anywhere first; the others with the devices they are native to.
+    others = sorted((b for b in backends.BACKENDS.values() if name in b.dtypes),
+                    key=lambda b: b.native is not None)
+    fix = "convert them to float32"
+    if others:
+        alts = [f"{b.name!r} on {'/'.join(d.upper() for d in b.native)}" if b.native
+                else repr(b.name) for b in others[1:]]
+        fix = f"use backend={others[0].name!r}" + (f" (or {' or '.join(alts)})" if alts else "")
     raise TypeError(f"the {backend} backend updates {takes} parameters, and {where} are "
                     f"{dtype}: {fix}")
-
-
-def triton_usable_on(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,29 +123,11 @@ def compile(program: Program | str, backend: str = "auto", *,  # noqa: A001
 @functools.lru_cache(maxsize=4096)
 def _compile_cached(plan: KernelPlan, backend: str) -> UpdateKernel:
     module = cache.load(plan, backend)
-    if backend == "numba":
-        def launch(buffers, values):
-            kernel_fn(module)(*(_as_numpy(b, plan) for b in buffers), *values)
-    else:
-        fn = module.kernel
-
-        def launch(buffers, values):
-            fn(*buffers, *values)
-    return UpdateKernel(plan, backend, module, launch)
+    return UpdateKernel(plan, backend, module, backends.get(backend).launcher(module, plan))
 
 
 def _compile(plan: KernelPlan, backend: str) -> UpdateKernel:
-    if backend == "triton" and not (torch.cuda.is_available()
-                                    or os.environ.get("TRITON_INTERPRET") == "1"):
-        raise BackendUnavailable(
-            "the triton backend needs a CUDA device; on the CPU use backend='numba', or set "
-            "TRITON_INTERPRET=1 before importing triton to run it (slowly) in the interpreter")
+    spec = backends.get(backend)
+    if not spec.available(None):
+        raise BackendUnavailable(spec.missing)
     return _compile_cached(plan, backend)
-
-
-def _as_numpy(t: torch.Tensor, plan: KernelPlan) -> np.ndarray:
-    want = getattr(torch, plan.dtype)
-    if t.device.type != "cpu" or t.dtype != want or not t.is_contiguous():
-        raise TypeError(f"this numba kernel needs contiguous {plan.dtype} CPU tensors, got "
-                        f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
-    return t.detach().numpy().reshape(-1)

@@ -17,12 +17,15 @@ import pytest
 import torch
 
 import kernels
+from codegen import backends
 from codegen.ir import STATES, Program, reference_step, walk, Call
 from numerics import close
 from randprog import EDGE_VALUES, random_inputs, random_program
 
-BACKENDS = ("numba", "torch", "triton")
-RTOL = {"numba": 1e-4, "torch": 1e-4, "triton": 1e-3}
+BACKENDS = tuple(backends.BACKENDS)  # the registry's: a new backend is tested here too
+HALF = tuple(b for b in BACKENDS if "float16" in backends.get(b).dtypes)
+# Triton's exp/log/pow (exp2/log2 in the interpreter) round differently: a looser tolerance there.
+RTOL = collections.defaultdict(lambda: 1e-4, {"triton": 1e-3})
 N_PROGRAMS, CHUNKS, STEPS, N = 512, 16, 3, 96
 
 
@@ -278,7 +281,7 @@ def test_random_programs_compute_in_float64_for_float64_parameters(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("backend", ("torch", "triton"))
+@pytest.mark.parametrize("backend", HALF)
 def test_half_parameters_compute_in_float32_and_round_once(backend, dtype):
     """A float16/bfloat16 weight and gradient are widened, the float32 reference step runs,
     and the weight is rounded back once (torch's rounding); float32 states. Triton's interpreter
@@ -315,3 +318,41 @@ def test_numba_refuses_half_parameters_and_names_the_backends_that_take_them():
     with pytest.raises(TypeError, match=r"numba backend updates float32, float64 parameters.*"
                                         r"torch.float16.*backend='torch' \(or 'triton' on CUDA\)"):
         kernels.compile("weight: grad", "numba", dtype=torch.float16)
+
+
+# ---- the registry -------------------------------------------------------------------------------
+
+def test_a_backend_added_to_the_registry_goes_through_the_shared_differential_tests(tmp_path):
+    """A new backend is one record in codegen.backends: registered (here, a copy of the torch
+    backend under another name, by a pytest plugin so that it exists before collection), it is
+    compiled, launched and held to the reference by every backend-parametrized test above,
+    with no test edited."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "extra_backend.py").write_text(
+        "import dataclasses\n"
+        "from codegen import backends\n"
+        "backends.BACKENDS['torchcopy'] = dataclasses.replace(backends.get('torch'), "
+        "name='torchcopy', rank=99)\n")
+    root = Path(__file__).parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(root)]))
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "extra_backend", "-k", "torchcopy",
+         "-p", "no:cacheprovider", str(Path(__file__))],
+        capture_output=True, text=True, cwd=root, env=env, timeout=600)
+    want = CHUNKS + len(UNARY + BINARY) + 1 + 1 + 1 + 2  # random, edge ops, sign, options, halves
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+    assert f"{want} passed" in child.stdout, child.stdout[-3000:]
+
+
+def test_the_registry_names_the_choices_and_auto_chooses_as_before():
+    assert tuple(backends.BACKENDS) == ("numba", "triton", "torch")
+    with pytest.raises(ValueError, match="unknown backend 'cuda': choose one of numba, triton, "
+                                         "torch"):
+        backends.get("cuda")
+    assert backends.auto("cuda", "float32") == "triton"
+    assert backends.auto("cpu", "float64") == "numba"
+    assert backends.auto("cpu", "bfloat16") == "torch"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import kernels
-from codegen import cache
+from codegen import backends, cache
 from codegen.ir import Program
 
 PROGRAM = """alpha: mul(0.1, sub(alpha, grad))
@@ -35,7 +35,7 @@ CHILD = textwrap.dedent("""
     states = {s: torch.zeros(1000) for s in k.tensor_states}
     k(w, g, states, 0.01, k.advance_scalars({}, 0.01))
     t2 = time.perf_counter()
-    from codegen.numba_emit import kernel_fn
+    from codegen.backends.numba import kernel_fn
     stats = kernel_fn(k.module).stats  # the serial loop: this child runs one Numba thread
     print(json.dumps({"seconds": t2 - t1, "hits": sum(stats.cache_hits.values()),
                       "misses": sum(stats.cache_misses.values()), "w": w[0].item()}))
@@ -93,7 +93,7 @@ def compile_in_child(program: str, backend: str, root: Path) -> subprocess.Compl
                           env=dict(os.environ, AUTOLR_CACHE=str(root), NUMBA_NUM_THREADS="1"))
 
 
-@pytest.mark.parametrize("backend", ["numba", "torch", "triton"])
+@pytest.mark.parametrize("backend", tuple(backends.BACKENDS))
 def test_an_edited_and_restamped_kernel_is_never_executed(tmp_path, backend):
     program = Program.parse(PROGRAM)
     path = cache.kernel_path(program.hash, backend, tmp_path)
@@ -226,3 +226,20 @@ def test_kernels_touch_only_live_data():
     no_grad = Program.parse("alpha: -1.0\nweight: mul(lr, alpha)")
     src = cache.source(no_grad, "numba")
     assert "grad_buf[i]" not in src
+
+
+def test_the_generator_digest_covers_every_backend_file(tmp_path):
+    """Editing a backend file, or adding one, changes the stamp, so old cache entries are
+    replaced: the digest reads codegen/backends/ itself, not a list someone must keep."""
+    import shutil
+
+    copy = tmp_path / "codegen"
+    shutil.copytree(Path(cache.__file__).parent, copy,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    assert cache._generator_digest(copy) == cache.STAMP_VERSION.split("-")[1]
+    with open(copy / "backends" / "torch.py", "a") as f:
+        f.write("# edited\n")
+    edited = cache._generator_digest(copy)
+    assert edited != cache.STAMP_VERSION.split("-")[1]
+    (copy / "backends" / "another.py").write_text("BACKEND = None\n")
+    assert cache._generator_digest(copy) not in (edited, cache.STAMP_VERSION.split("-")[1])

@@ -357,6 +357,16 @@ def test_bad_inputs_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_backend_that_cannot_run_on_the_cpu_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    """compare trains on the CPU: the registry says whether the chosen backend runs there."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert compare.main(["weight: mul(0.1, grad)", "--backend", "triton",
+                         "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--backend triton: compare trains on the CPU" in err
+    assert "TRITON_INTERPRET=1" in err and not (tmp_path / "out").exists()
+
+
 def test_cli_end_to_end(tmp_path):
     """The module as a user runs it: a bad input exits 2, a tiny comparison writes its files."""
     bad = subprocess.run([sys.executable, "-m", "engine.compare", "weight: (", "--task", "digits"],

@@ -279,7 +279,7 @@ def test_every_pass_over_text_at_the_depth_limit_has_room_to_spare(make):
     import copy
     import pickle
 
-    from codegen import cache
+    from codegen import backends, cache
     from codegen.ir import depth
 
     program = make()
@@ -293,7 +293,7 @@ def test_every_pass_over_text_at_the_depth_limit_has_room_to_spare(make):
     else:
         passes += [lambda: reference_step(program, np.ones(2, np.float32), np.ones(2, np.float32)),
                    lambda: program.reads_grad_in_weight(), lambda: program.tensor_states()]
-        passes += [lambda b=b: cache.source(program, b) for b in cache.BACKENDS]
+        passes += [lambda b=b: cache.source(program, b) for b in backends.BACKENDS]
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(_frames() + HEADROOM)
     try:

@@ -22,10 +22,11 @@ import pytest
 import torch
 
 import kernels.runtime
+from codegen import backends
 from codegen.ir import ParseError, Program, reference_step
 from kernels import EvolvedOptimizer, zoo
 
-BACKENDS = ("numba", "torch", "triton")
+BACKENDS = tuple(backends.BACKENDS)  # the registry's: a new backend is tested here too
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

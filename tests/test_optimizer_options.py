@@ -11,10 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from codegen import backends
 from codegen.ir import Program
 from kernels import EvolvedOptimizer, zoo
 
-BACKENDS = ("numba", "torch", "triton")
+BACKENDS = tuple(backends.BACKENDS)  # the registry's: a new backend is tested here too
+HALF = tuple(b for b in BACKENDS if "float16" in backends.get(b).dtypes)
 # An evolved-looking program: a momentum with its own step size, no `lr` anywhere.
 EVOLVED = "alpha: mul(0.5, sub(alpha, grad))\nweight: div(mul(0.05, alpha), add(sqrt(abs(alpha)), 0.1))"
 
@@ -200,7 +202,7 @@ def test_float64_parameters_compute_in_float64(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("backend", ("torch", "triton"))
+@pytest.mark.parametrize("backend", HALF)
 def test_half_parameters_keep_float32_states_and_round_the_weight_once(backend, dtype):
     """The same steps on float32 copies of the weights, rounded to the half dtype after every
     step (by torch), give the same weights bit for bit: float32 math, one rounding on store.

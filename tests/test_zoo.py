@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 
+from codegen import backends
 from codegen.ir import Program, evaluate
 from kernels import EvolvedOptimizer, zoo
 
-BACKENDS = ("numba", "torch", "triton")
+BACKENDS = tuple(backends.BACKENDS)  # the registry's: a new backend is tested here too
 RTOL = 1e-5
 
 # name -> (program, torch optimizer factory, lr); default and non-default hyperparameters.

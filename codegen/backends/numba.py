@@ -6,13 +6,15 @@ same loop without threads for one-thread processes (`kernel_fn` picks).
 Every value has the plan's compute dtype (`f32(...)` around constants and scalars; `f64(...)` in a
 float64 module): a bare Python float would promote a float32
 expression to float64 and halve the throughput. Numba has no float16/bfloat16 arithmetic, so those
-plans are the torch and Triton backends' (kernels.runtime refuses them here).
+plans are the torch and Triton backends'.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib.util
+from typing import Any, Callable, Sequence
 
+from codegen.backends.base import Backend, Launch
 from codegen.ir import Const, Program
 from codegen.lower import Assign, KernelPlan, literal, lower
 
@@ -159,3 +161,47 @@ def kernel_fn(module: object) -> Callable[..., None]:
     import numba
 
     return module.kernel_serial if numba.get_num_threads() == 1 else module.kernel
+
+
+def available(device: str | None) -> bool:
+    """CPU tensors, when numba is installed."""
+    return device in (None, "cpu") and importlib.util.find_spec("numba") is not None
+
+
+def host(t: Any) -> Any:
+    return t.detach().numpy()
+
+
+def launcher(module: object, plan: KernelPlan) -> Launch:
+    """The kernel over numpy views of the tensors, after checking each is what the loop reads."""
+    def launch(buffers: Sequence[Any], values: Sequence[float]) -> None:
+        kernel_fn(module)(*(_as_numpy(b, plan) for b in buffers), *values)
+    return launch
+
+
+def _as_numpy(t: Any, plan: KernelPlan) -> Any:
+    import torch
+
+    want = getattr(torch, plan.dtype)
+    if t.device.type != "cpu" or t.dtype != want or not t.is_contiguous():
+        raise TypeError(f"this numba kernel needs contiguous {plan.dtype} CPU tensors, got "
+                        f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
+    return t.detach().numpy().reshape(-1)
+
+
+def multi(module: object) -> bool:
+    """Numba running threads, where every launch wakes them (~10 us, often a scheduler quantum
+    on a busy machine): one `kernel_multi` launch then beats a launch per tensor. A one-thread
+    process never compiles the parallel multi kernel."""
+    import numba
+
+    return numba.get_num_threads() > 1 and hasattr(module, "kernel_multi")
+
+
+BACKEND = Backend(
+    name="numba", rank=0, templates=TEMPLATES, emit=emit,
+    dtypes=("float32", "float64"),  # no float16/bfloat16 arithmetic on the CPU
+    native=("cpu",), available=available,
+    runs_on="CPU tensors", instead="use backend='triton' (CUDA) or backend='torch'",
+    missing="the numba backend needs the numba package: install it, or use backend='torch'",
+    launcher=launcher, entry=kernel_fn, host=host, multi=multi)

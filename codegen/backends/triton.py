@@ -12,6 +12,9 @@ otherwise pass a Python float as float32).
 
 from __future__ import annotations
 
+import os
+
+from codegen.backends.base import Backend
 from codegen.ir import Const, Program
 from codegen.lower import Assign, KernelPlan, literal, lower
 
@@ -111,3 +114,25 @@ def emit(program: Program | KernelPlan) -> str:
     call_args = ", ".join([*buffers, *(f"float({s})" for s in scalars), "n"])
     out.append(f"    _update[grid]({call_args}, BLOCK_SIZE=BLOCK)")
     return "\n".join(out) + "\n"
+
+
+def available(device: str | None) -> bool:
+    """CUDA tensors (device None: a CUDA device present), or any under TRITON_INTERPRET=1, which
+    must be set before triton is first imported."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    if device is None:
+        from codegen.backends import cuda_present
+
+        return cuda_present()
+    return device == "cuda"
+
+
+BACKEND = Backend(
+    name="triton", rank=1, templates=TEMPLATES, emit=emit,
+    dtypes=("float32", "float64", "float16", "bfloat16"), native=("cuda",), available=available,
+    runs_on="CUDA tensors",
+    instead="use backend='numba' on the CPU (or set TRITON_INTERPRET=1 before importing triton "
+            "to run it, slowly, in its interpreter)",
+    missing="the triton backend needs a CUDA device; on the CPU use backend='numba', or set "
+            "TRITON_INTERPRET=1 before importing triton to run it (slowly) in the interpreter")

@@ -10,6 +10,7 @@ once, by the final copy.
 
 from __future__ import annotations
 
+from codegen.backends.base import Backend
 from codegen.ir import Const, Program
 from codegen.lower import Assign, KernelPlan, literal, lower
 
@@ -64,3 +65,14 @@ def emit(program: Program | KernelPlan) -> str:
     # .to(real) widens a float16/bfloat16 weight or grad and returns any other buffer itself.
     out += plan.body("    ", "{name} = {name}_buf.to(real)", render, "{name}_buf.copy_({name})")
     return "\n".join(out) + "\n"
+
+
+def available(device: str | None) -> bool:
+    """Anywhere torch runs."""
+    return True
+
+
+BACKEND = Backend(
+    name="torch", rank=2, templates=TEMPLATES, emit=emit,
+    dtypes=("float32", "float64", "float16", "bfloat16"), native=None, available=available,
+    runs_on="any device", instead="", missing="")

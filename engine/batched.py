@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from codegen.ir import STATES, Program
+from codegen.ir import STATES, Program, evaluate
 from engine.heldout import MLPSpec
 from engine.training import (FitResult, ModelSpec, _keep_below, _pool_kernels, _PoolReluDropout,
                              _random_bytes, _ReluDropout, _scaled_mask)
@@ -278,12 +278,19 @@ class KernelUpdate:
         if new is None:
             if len(self._memo) > 64 * CHAIN:
                 self._memo.clear()
-            state, values = key, old
-            for _ in range(CHAIN):
-                values = kn.plan.program.advance_uniform(values, lr)
-                values = {s: values[s] for s in kn.scalar_states}
-                self._memo[state] = values
-                state = (kn.hash, lr, tuple(values.values()))
+            program = kn.plan.program
+            uniform = [(s, getattr(program, s)) for s in program.uniform_states()]
+            env = {s: np.float32(0.0) for s in STATES}
+            env.update({s: np.float32(v) for s, v in old.items()})
+            env["lr"] = np.float32(lr)
+            state = key
+            with np.errstate(all="ignore"):
+                for _ in range(CHAIN):
+                    for s, delta in uniform:
+                        env[s] = np.float32(env[s] - evaluate(delta, env))
+                    values = {s: float(env[s]) for s in kn.scalar_states}
+                    self._memo[state] = values
+                    state = (kn.hash, lr, tuple(values.values()))
             new = self._memo[key]
         return new
 

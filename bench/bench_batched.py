@@ -3,7 +3,7 @@
 Same programs (zoo optimizers at several lr scales, a realistic mix of update rules), same data,
 same steps and evaluations on both sides; kernels are compiled before timing (compiles are the
 interpreter's business, not this one's). The one-at-a-time side is what the engine runs today:
-`engine.training.fit` with an `EvolvedOptimizer`, then the scoring pass. The targets (issue:
+`engine.tasks.training.fit` with an `EvolvedOptimizer`, then the scoring pass. The targets (issue:
 fidelity tiers) are 3x at the micro tier's MLP and 1.5x for the quick tier's CNN.
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest bench/bench_batched.py --benchmark-only
@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.batched import KernelUpdate, Member, train_batch
-from engine.data import DataNotFoundError
-from engine.heldout import MLPSpec, get_task, train_val
-from engine.tasks import PRESETS, prepare
-from engine.training import ModelSpec, configure_process, evaluate, fit
+from engine.tasks.batched import KernelUpdate, Member, train_batch
+from engine.tasks.data import DataNotFoundError
+from engine.tasks.heldout import MLPSpec, get_task, train_val
+from engine.tasks.protocol import PRESETS, prepare
+from engine.tasks.training import ModelSpec, configure_process, evaluate, fit
 from kernels import EvolvedOptimizer, zoo
 
 pytestmark = pytest.mark.slow

@@ -26,10 +26,10 @@ from typing import Iterator
 
 import pytest
 
-from engine.evaluate import Evaluator
-from engine.executors import Executor, make_executor
-from engine.store import Store
-from engine.training import configure_process
+from engine.fitness.evaluator import Evaluator
+from engine.exec.executors import Executor, make_executor
+from engine.fitness.store import Store
+from engine.tasks.training import configure_process
 
 pytestmark = pytest.mark.slow
 

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchlib import Rounds
-from engine import training
-from engine.data import DataNotFoundError
-from engine.tasks import get_task, prepare
-from engine.training import ModelSpec, configure_process, fit, retain_heap
+from engine.tasks import training
+from engine.tasks.data import DataNotFoundError
+from engine.tasks.protocol import get_task, prepare
+from engine.tasks.training import ModelSpec, configure_process, fit, retain_heap
 
 pytestmark = pytest.mark.slow
 

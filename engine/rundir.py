@@ -8,7 +8,7 @@ append-only JSON lines whose reader (`read_events`) tolerates the line a kill cu
 
 Layout (see `engine.run`): ``checkpoints/gen-NNNNNN.json`` (the evolve loop's state after each
 generation, the `KEEP` newest kept), ``events.jsonl`` (one line per answered candidate,
-generation and session), and the outputs of `engine.report`.
+generation and session), and the outputs of `engine.app.report`.
 """
 
 from __future__ import annotations

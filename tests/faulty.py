@@ -4,8 +4,8 @@ import ctypes
 import os
 import time
 
-from engine.evaluate import Job, train
-from engine.tasks import EvalResult
+from engine.fitness.evaluator import Job, train
+from engine.tasks.protocol import EvalResult
 
 RAISES, HANGS, EXITS, SEGFAULTS = "0.123", "0.456", "0.789", "0.321"
 

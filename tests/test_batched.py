@@ -1,6 +1,6 @@
 """Population-batched training equals one-at-a-time training, member by member.
 
-The reference is `engine.training.fit` with an `EvolvedOptimizer` per candidate (what the engine
+The reference is `engine.tasks.training.fit` with an `EvolvedOptimizer` per candidate (what the engine
 runs today). The CNN's members must match it bit for bit; the MLP's within float32
 reduction-order noise (its batched GEMMs sum in another order than nn.Linear), bounded here
 relative to the weights' size after full trainings.
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from codegen.ir import Program
-from engine.batched import (ArenaViews, KernelUpdate, Member, StackedModel, fit_batched,
+from engine.tasks.batched import (ArenaViews, KernelUpdate, Member, StackedModel, fit_batched,
                             train_batch)
-from engine.heldout import MLPSpec, get_task, train_val
-from engine.training import ModelSpec, fit
+from engine.tasks.heldout import MLPSpec, get_task, train_val
+from engine.tasks.training import ModelSpec, fit
 from kernels import EvolvedOptimizer, zoo
 
 # alpha <- 10 alpha + g: the weight update grows tenfold a step until the loss overflows.

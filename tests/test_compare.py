@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from codegen.ir import Program
-from engine import compare, heldout, stats
-from engine.compare import Settings, baseline, candidate, run_compare
+from engine.compare import comparison as compare, stats
+from engine.tasks import heldout
+from engine.compare.comparison import Settings, baseline, candidate, run_compare
 from kernels import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +60,7 @@ def test_evolved_programs_run_as_they_are_their_lr_a_step_factor():
 
 
 def test_lion_is_a_default_row_next_to_adam_and_adagrad_adabelief_are_on_request():
-    from engine.compare import BASELINES, build_parser, contenders_from
+    from engine.compare.comparison import BASELINES, build_parser, contenders_from
 
     assert BASELINES[:3] == ("adam", "adamw", "lion")
     assert "adagrad" not in BASELINES and "adabelief" not in BASELINES
@@ -212,7 +213,7 @@ def test_every_optimizer_gets_the_same_budget_and_its_own_stable_sampler_seed():
     assert seeds == [compare.sampler_seed(settings(), n) for n in names]
     assert compare.sampler_seed(settings(seed=1), "Adam") != seeds[names.index("Adam")]
     # Stable across processes (a salted hash() of the name would not be):
-    code = "from engine.compare import *; import sys; print(sampler_seed(Settings(None), 'Adam'))"
+    code = "from engine.compare.comparison import *; import sys; print(sampler_seed(Settings(None), 'Adam'))"
     other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": "123"}, timeout=120)
     assert other.returncode == 0, other.stderr

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import data
-from engine.data import DataCorruptError, DataNotFoundError, find_data_dir, load_fashion_mnist, read_idx
+from engine.tasks import data
+from engine.tasks.data import DataCorruptError, DataNotFoundError, find_data_dir, load_fashion_mnist, read_idx
 
 REAL_DIR = data.SYSTEM_DIR
 HAVE_REAL = any((REAL_DIR / f"train-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz"))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from engine.evaluate import Evaluation
-from engine.evolve import EvolutionConfig, GenerationRecord
-from engine.run_config import RunConfig
-from engine.show import Display
+from engine.fitness.evaluator import Evaluation
+from engine.search.evolve import EvolutionConfig, GenerationRecord
+from engine.app.config import RunConfig
+from engine.app.show import Display
 
 CONFIG = RunConfig(name="t", out=Path("runs/t"), mode="alr", preset="smoke", seed=0,
                    executor="local", evolution=EvolutionConfig(population=2, generations=3,

@@ -6,10 +6,10 @@ import sqlite3
 
 import pytest
 
-from engine.evaluate import Evaluator
-from engine.executors import make_executor
-from engine.store import Store
-from engine.training import configure_process
+from engine.fitness.evaluator import Evaluator
+from engine.exec.executors import make_executor
+from engine.fitness.store import Store
+from engine.tasks.training import configure_process
 from faulty import EXITS, HANGS, RAISES, SEGFAULTS, faulty_train
 
 # Three optimizers that train differently on the smoke task (constants from the ALR grammar).
@@ -94,7 +94,7 @@ def test_faults_get_the_floor_and_a_reason_and_the_rest_finish(tmp_path):
 def _record_job(job):
     """A training stand-in that reports what reached it: the objects, not text and a name."""
     from codegen.ir import Program
-    from engine.tasks import EvalResult, Task
+    from engine.tasks.protocol import EvalResult, Task
 
     assert isinstance(job.program, Program) and isinstance(job.task, Task), job
     return EvalResult(fitness=0.5, trials=(), seconds=1.0, compile_seconds=0.25)
@@ -104,8 +104,8 @@ def test_a_job_carries_the_program_and_task_and_pickles_small_and_stable():
     import pickle
 
     from codegen.ir import Program
-    from engine.evaluate import Job
-    from engine.tasks import get_task
+    from engine.fitness.evaluator import Job
+    from engine.tasks.protocol import get_task
 
     job = Job.build("alr", ADAMISH, "smoke", 0, 60.0, "numba")
     assert job.program == Program.parse(ADAMISH) and job.task is get_task("smoke")

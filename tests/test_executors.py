@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.executors import (
+from engine.exec.executors import (
     EXECUTORS,
     _join_failed,
     ExecutorError,

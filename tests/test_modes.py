@@ -9,8 +9,8 @@ import pytest
 
 from codegen.ir import Program, Schedule
 from engine import modes
-from engine.grammar import load_grammar
-from engine.seeds import snap_all
+from engine.search.grammar import load_grammar
+from engine.search.seeds import snap_all
 
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
 
@@ -45,11 +45,11 @@ def test_dlr_behaviour_is_the_learning_rates_of_the_protocol_and_ends_at_a_non_f
 
 
 def test_no_engine_module_but_modes_compares_mode_names():
-    """Everything a mode does differently lives in engine/modes.py: elsewhere a mode is looked
+    """Everything a mode does differently lives in engine/modes/__init__.py: elsewhere a mode is looked
     up and asked, never compared with "alr" or "dlr"."""
     compare = re.compile(r'(==|!=|\bin)\s*\(?\s*"(alr|dlr)"|"(alr|dlr)"\s*(==|!=)')
     found = [f"{path.name}:{number}: {line.strip()}"
-             for path in sorted(ENGINE.rglob("*.py")) if path.name != "modes.py"
+             for path in sorted(ENGINE.rglob("*.py")) if path.parent.name != "modes"
              for number, line in enumerate(path.read_text().splitlines(), 1)
              if compare.search(line)]
     assert not found, "\n".join(found)

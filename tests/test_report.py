@@ -19,15 +19,15 @@ import torch
 
 import kernels
 from codegen.ir import Program, Schedule
-from engine import outcomes
-from engine.evolve import EvolutionConfig, GenerationRecord
-from engine.export import render_alr, render_dlr
-from engine.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
-from engine.report import evaluation_counts, hall_of_fame, reason_kind, wall_seconds
-from engine.run_config import RunConfig
-from engine.seeds import snap, zoo_seeds
-from engine.sge import initialise
-from engine.training import ModelSpec
+from engine.fitness import outcomes
+from engine.search.evolve import EvolutionConfig, GenerationRecord
+from engine.modes.export import render_alr, render_dlr
+from engine.search.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
+from engine.app.report import evaluation_counts, hall_of_fame, reason_kind, wall_seconds
+from engine.app.config import RunConfig
+from engine.search.seeds import snap, zoo_seeds
+from engine.search.sge import initialise
+from engine.tasks.training import ModelSpec
 from randprog import random_program
 
 
@@ -153,7 +153,7 @@ def test_the_curves_plot_names_the_split_of_each_line():
     accuracy (min over trials): the plot draws both and says which is which."""
     import matplotlib.pyplot as plt
 
-    from engine import report
+    from engine.app import report
 
     config = RunConfig(name="t", out=Path("t"), mode="alr", preset="smoke", seed=0,
                        evolution=EvolutionConfig(population=1, elitism=0, tournament=1))
@@ -331,7 +331,7 @@ ODD_NAME = 'run\\Nx "it\'s" \\u00e9-ü ```'  # a backslash escape, quotes, unico
 def test_outputs_of_a_run_with_an_odd_name_import_and_quote_it_verbatim(tmp_path, mode):
     """A run directory named `run\\Nx` once made a best_optimizer.py that did not import
     (SyntaxError: unicode error): its name was pasted between quotes."""
-    from engine.report import Outcome, write_all
+    from engine.app.report import Outcome, write_all
 
     text = zoo_seeds(mode)[0]
     text = snap(text, load_grammar(ALR_GRAMMAR if mode == "alr" else DLR_GRAMMAR), mode, 17)

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import outcomes
-from engine import run as run_module
-from engine import show as show_module
-from engine.data import DataNotFoundError, find_data_dir
-from engine.grammar import ALR_GRAMMAR, load_grammar
+from engine.fitness import outcomes
+from engine.app import session as run_module
+from engine.app import show as show_module
+from engine.tasks.data import DataNotFoundError, find_data_dir
+from engine.search.grammar import ALR_GRAMMAR, load_grammar
 from engine.rundir import end_line
-from engine.seeds import SeedError, SeedProgram, read_seed_file, snap, zoo_seeds
+from engine.search.seeds import SeedError, SeedProgram, read_seed_file, snap, zoo_seeds
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -462,7 +462,7 @@ def test_paper_ops_seeds_compute_what_the_zoo_computes():
     steps are the same (sign(c) as c / sqrt(c*c) is exact), AdaBelief's within the bias
     corrections' float32 pow."""
     from codegen.ir import Program, evaluate, reference_step
-    from engine.seeds import ADABELIEF_PAPER_OPS, LION_PAPER_OPS
+    from engine.search.seeds import ADABELIEF_PAPER_OPS, LION_PAPER_OPS
     from kernels import zoo
 
     c = np.concatenate([np.geomspace(1e-18, 1e18, 2001), [0.0]]).astype(np.float32)
@@ -492,7 +492,7 @@ def test_snapping_and_seed_files(tmp_path):
     assert [s.name for s in seeds] == ["sgd", "a comment"] and seeds[1].where.endswith("line 4")
     assert snap(seeds[0], grammar, "alr", 17).splitlines()[-1] == "weight: mul(0.05072436, grad)"
     assert "mul(neg(1.0), alpha)" in snap(seeds[1], grammar, "alr", 17)
-    from engine.grammar import DLR_GRAMMAR
+    from engine.search.grammar import DLR_GRAMMAR
 
     dlr = load_grammar(DLR_GRAMMAR)
     text = snap(SeedProgram("s", "if(epoch < 4.4, 0.05, if(lr > 0.001, 0.01, 0.02))"), dlr, "dlr", 8)
@@ -507,9 +507,9 @@ def test_snapped_zoo_seeds_train_decently(tmp_path):
     """The snapped seeds are worth seeding with: each learns (chance is 0.1), and snapped Adam
     is close to the real Adam at lr=1e-3 on the same protocol."""
     import kernels
-    from engine.seeds import baseline
-    from engine.tasks import evaluate_alr, get_task
-    from engine.training import configure_process
+    from engine.search.seeds import baseline
+    from engine.tasks.protocol import evaluate_alr, get_task
+    from engine.tasks.training import configure_process
 
     configure_process(1)
     grammar, task = load_grammar(ALR_GRAMMAR), get_task("smoke")
@@ -560,7 +560,7 @@ def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, alr_
     bad.write_text("<start> ::= weight: <e>\n<e> ::= grad | <missing>\n")
     err = one_line_error(capsys, ["--grammar", bad], "bad.bnf:2")
     assert "missing" in err
-    from engine.grammar import DLR_GRAMMAR
+    from engine.search.grammar import DLR_GRAMMAR
 
     one_line_error(capsys, ["--mode", "alr", "--grammar", DLR_GRAMMAR], "are not ALR programs")
     # Seed programs that cannot enter the population.
@@ -615,7 +615,7 @@ def test_a_store_that_is_a_directory_or_damaged_is_one_line_and_no_run_is_made(e
     moving the user's directory. Both stop before the run directory is made."""
     import random
 
-    from engine.store import Record, Store
+    from engine.fitness.store import Record, Store
 
     stores = tmp_path / "stores"
     stores.mkdir()
@@ -637,8 +637,8 @@ def test_a_store_that_is_a_directory_or_damaged_is_one_line_and_no_run_is_made(e
 
 
 def test_the_largest_seed_is_accepted_and_fits_the_store(tmp_path):
-    from engine.run_config import MAX_SEED
-    from engine.store import Store
+    from engine.app.config import MAX_SEED
+    from engine.fitness.store import Store
 
     assert run_module.build_parser().parse_args(["--seed", str(MAX_SEED)]).seed == MAX_SEED
     with Store(tmp_path / "s.sqlite") as store:

@@ -1,4 +1,4 @@
-"""engine.run_config.RunConfig: a run's settings typed and validated once, and config.json as
+"""engine.app.config.RunConfig: a run's settings typed and validated once, and config.json as
 runs have always written it (runs made before the class existed resume and show unchanged)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from engine import modes
-from engine import run as run_module
-from engine.cli import UsageError
-from engine.evolve import EvolutionConfig
-from engine.run_config import MAX_SEED, RunConfig, build_parser, new_config, resumed_config
+from engine.app import session as run_module
+from engine.app.cli import UsageError
+from engine.search.evolve import EvolutionConfig
+from engine.app.config import MAX_SEED, RunConfig, build_parser, new_config, resumed_config
 
 # config.json as engine.run wrote it before RunConfig existed (commit 346cc89, `--mode alr
 # --preset smoke --seed 3 --executor serial`), the grammar text and the seeds cut short.
@@ -22,7 +22,7 @@ BEFORE = {
     "preset": "smoke", "seed": 3,
     "evolution": {"population": 6, "generations": 3, "elitism": 1, "tournament": 2,
                   "p_cross": 0.9, "p_mut": 0.15, "min_depth": 4, "max_depth": 17, "seed": 3},
-    "grammar": "/tmp/rc-base/engine/grammars/alr.bnf",
+    "grammar": "/tmp/rc-base/engine/search/grammars/alr.bnf",
     "grammar_text": "# ALR (adaptive) grammar\n<start> ::= ...\n",
     "seeds": {"adam": "weight: sub(weight, grad)"}, "seed_zoo": True, "seed_programs": None,
     "seed_lr": 0.001, "time_limit": 120.0, "time_budget": None, "executor": "serial",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.runlock import LOCK_NAME, RunLock, RunLocked
+from engine.app.runlock import LOCK_NAME, RunLock, RunLocked
 from test_run import engine_run, env, events, history_rows, smoke, wait_for  # noqa: F401
 
 TINY = "0.000001"  # a --time-limit no training can meet: every training times out
@@ -205,7 +205,7 @@ def test_a_copied_run_resumes_into_the_copy(reference, env, tmp_path):  # noqa: 
 def test_counts_take_the_answer_an_uninterrupted_run_would_have_given():
     """A replayed answer (from the store) is not counted again; a failure that was not the
     candidate's own was trained again, and the new answer is the one that counts."""
-    from engine.report import evaluation_counts
+    from engine.app.report import evaluation_counts
 
     def answer(generation, text, source, reason=None, seconds=1.0):
         return {"event": "evaluation", "generation": generation, "text": text, "source": source,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from engine import run as run_module
-from engine import run_config
+from engine.app import session as run_module
+from engine.app import config as run_config
 from engine.rundir import CheckpointError, checkpoint_files, newest_checkpoint, read_events, \
     write_atomic, write_checkpoint
 

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from codegen.ir import Program
-from engine.screening import (FINGERPRINT_VERSION, _significant, fingerprint, probe_updates,
+from engine.fitness.screening import (FINGERPRINT_VERSION, _significant, fingerprint, probe_updates,
                               screen)
 
 ADES = ("alpha: mul(0.91078, add(alpha, mul(add(alpha, 0.0891), add(alpha, grad))))\n"

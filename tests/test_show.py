@@ -1,7 +1,7 @@
 """`python -m engine.show` on whole and damaged run directories, and the run's live display.
 
 The run directory is real but trained nothing: evolve writes its checkpoints with a fitness
-made from each program's text, and engine.report writes summary.json and the hall of fame.
+made from each program's text, and engine.app.report writes summary.json and the hall of fame.
 Each test damages a copy of it the way a full disk or a cut copy would.
 """
 
@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from engine import run_config
-from engine.run_config import RunConfig
-from engine.evolve import EvolutionConfig, evolve
-from engine.grammar import ALR_GRAMMAR, load_grammar
-from engine.report import Outcome, write_all
-from engine.show import Display, main
+from engine.app import config as run_config
+from engine.app.config import RunConfig
+from engine.search.evolve import EvolutionConfig, evolve
+from engine.search.grammar import ALR_GRAMMAR, load_grammar
+from engine.app.report import Outcome, write_all
+from engine.app.show import Display, main
 
 
 def fitness(texts):

@@ -1,4 +1,4 @@
-"""`engine.stats`: the paired test, Holm, the bootstrap and the edge flag, on fixed data.
+"""`engine.compare.stats`: the paired test, Holm, the bootstrap and the edge flag, on fixed data.
 
 References are independent where one exists: scipy's Wilcoxon, a brute-force enumeration of the
 sign flips, Holm's step-down procedure worked by hand, and statsmodels when it is installed.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.stats import rankdata, wilcoxon
 
-from engine import stats
+from engine.compare import stats
 
 NO_TIES = [0.031, -0.012, 0.044, 0.007, 0.025, -0.003, 0.018, 0.052, 0.011, -0.021]
 TIES_AND_ZEROS = [0.01, -0.02, 0.03, 0.0, -0.01, 0.02, 0.04, -0.03, 0.01, 0.0]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.store import SCHEMA_VERSION, SOURCES, Record, Store, StoreError, not_reusable, \
+from engine.fitness.store import SCHEMA_VERSION, SOURCES, Record, Store, StoreError, not_reusable, \
     versions
 
 PROGRAM = "alpha: mul(0.1, sub(alpha, grad))\nweight: mul(lr, alpha)"
@@ -304,7 +304,7 @@ def _fitness_by_definition(job):
     """A training stand-in whose answer depends on the task's definition the job carries (its
     epochs), so a stale answer shows as a wrong number. What is under test is the key, not
     training."""
-    from engine.tasks import EvalResult
+    from engine.tasks.protocol import EvalResult
 
     return EvalResult(fitness=job.task.alr.max_epochs / 10, trials=(), seconds=0.0)
 
@@ -316,9 +316,9 @@ def test_a_redefined_task_is_not_answered_from_its_old_definition(tmp_path, monk
     import dataclasses
     import types
 
-    from engine import tasks
-    from engine.evaluate import Evaluator
-    from engine.executors import make_executor
+    from engine.tasks import protocol as tasks
+    from engine.fitness.evaluator import Evaluator
+    from engine.exec.executors import make_executor
 
     trained = "weight: mul(0.05, grad)"
     asked = trained if lookup == "hash" else "weight: mul(0.025, add(grad, grad))"  # a twin

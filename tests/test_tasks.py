@@ -22,9 +22,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import tasks, training
-from engine.data import SYSTEM_DIR, load_fashion_mnist
-from engine.tasks import (
+from engine.tasks import protocol as tasks, training
+from engine.tasks.data import SYSTEM_DIR, load_fashion_mnist
+from engine.tasks.protocol import (
     FLOOR_FITNESS,
     AlrProtocol,
     DataSpec,
@@ -36,7 +36,7 @@ from engine.tasks import (
     make_split,
     prepare,
 )
-from engine.training import CNN, ModelSpec, evaluate, fit
+from engine.tasks.training import CNN, ModelSpec, evaluate, fit
 
 HAVE_REAL = any((SYSTEM_DIR / f"train-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz"))
 SMOKE = get_task("smoke")
@@ -135,7 +135,7 @@ def test_task_digest_changes_with_any_field_and_not_between_processes():
     longer = dataclasses.replace(quick, alr=dataclasses.replace(quick.alr, max_epochs=5))
     assert quick.digest != longer.digest
     assert len({t.digest for t in tasks.PRESETS.values()}) == len(tasks.PRESETS)
-    other = subprocess.run([sys.executable, "-c", "from engine.tasks import PRESETS; "
+    other = subprocess.run([sys.executable, "-c", "from engine.tasks.protocol import PRESETS; "
                             "print(PRESETS['quick'].digest)"], capture_output=True, text=True,
                            check=True).stdout.strip()
     assert other == quick.digest
@@ -214,7 +214,7 @@ BUFFER = 200 * 2**20  # bytes: one big activation's worth
 _KEPT_AFTER_FREE = """
 import json, resource, sys
 import torch
-from engine import training
+from engine.tasks import training
 
 BUFFER = int(sys.argv[1])
 
@@ -494,7 +494,7 @@ def test_configure_process_leaves_torch_and_numba_at_the_asked_thread_count():
     """numba.set_num_threads resets torch's OpenMP count: configure_process must win over it."""
     import numba
 
-    from engine.training import configure_process
+    from engine.tasks.training import configure_process
 
     before = torch.get_num_threads(), numba.get_num_threads()
     try:

@@ -15,7 +15,7 @@ Files written into the run directory:
   hall_of_fame.json  the top programs, distinct by hash and by behaviour; hall_of_fame.md too
   report.md          the story, with plots/fitness.png, plots/curves.png, plots/size.png
   kernels/           ALR: generated Numba and Triton sources of the hall of fame
-  best_optimizer.py  the best program as a standalone torch optimizer (engine.export)
+  best_optimizer.py  the best program as a standalone torch optimizer (engine.modes.export)
 """
 
 from __future__ import annotations
@@ -30,17 +30,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from codegen.ir import Program, Schedule
-from engine import modes, outcomes
-from engine.evolve import GenerationRecord
-from engine.export import write_best_optimizer
+from engine import modes
+from engine.fitness import outcomes
+from engine.search.evolve import GenerationRecord
+from engine.modes.export import write_best_optimizer
 from engine.modes import Mode
-from engine.outcomes import detail as reason_kind
+from engine.fitness.outcomes import detail as reason_kind
 from engine.rundir import write_json
-from engine.store import not_reusable
-from engine.tasks import FLOOR_FITNESS
+from engine.fitness.store import not_reusable
+from engine.tasks.protocol import FLOOR_FITNESS
 
 if TYPE_CHECKING:  # run_config imports the grammar and the seeds: not needed to report
-    from engine.run_config import RunConfig
+    from engine.app.config import RunConfig
 
 __all__ = ["HALL_OF_FAME", "Outcome", "hall_of_fame", "program_size", "reason_kind", "write_all"]
 
@@ -126,7 +127,7 @@ def first_answers(events: Iterable[dict]) -> list[dict]:
 
     A session resumed mid-generation answers that generation again, mostly from the results
     store: the first answer is the real one, unless it was a failure that is not the
-    candidate's own (`engine.store.not_reusable`), which is never stored and so was trained
+    candidate's own (`engine.fitness.store.not_reusable`), which is never stored and so was trained
     again; then the later answer is the one the checkpoint holds."""
     chosen: dict[tuple, dict] = {}
     for i, e in enumerate(events):
@@ -141,7 +142,7 @@ def first_answers(events: Iterable[dict]) -> list[dict]:
 
 def evaluation_counts(events: Sequence[dict]) -> dict:
     """The work done over every session, each (generation, candidate) once (`first_answers`):
-    answers per outcome kind (engine.outcomes) and failure reasons within the kinds;
+    answers per outcome kind (engine.fitness.outcomes) and failure reasons within the kinds;
     ``answered_again``: answers a resumed session repeated; ``trainings`` and ``train_seconds``:
     every training that ran, repeated ones and any outcome included (time really spent)."""
     every = [e for e in events if e.get("event") == "evaluation"]

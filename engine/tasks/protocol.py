@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.data import FashionMNIST, load_fashion_mnist
-from engine.training import FitResult, ModelSpec, evaluate, fit
+from engine.tasks.data import FashionMNIST, load_fashion_mnist
+from engine.tasks.training import FitResult, ModelSpec, evaluate, fit
 
 __all__ = [
     "FLOOR_FITNESS",

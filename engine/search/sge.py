@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from engine.grammar import Derivation, Grammar, derive
+from engine.search.grammar import Derivation, Grammar, derive
 
 __all__ = [
     "Genotype",

@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from engine.grammar import Grammar
+from engine.search.grammar import Grammar
 from engine.rundir import CheckpointError, checkpoint_files, load_checkpoint, newest_checkpoint, \
     write_checkpoint
-from engine.sge import Individual, crossover, individual_from_text, initialise, map_genotype, mutate
+from engine.search.sge import Individual, crossover, individual_from_text, initialise, map_genotype, mutate
 
 __all__ = [
     "CheckpointError",
@@ -59,7 +59,7 @@ class EvolutionConfig:
 
     ``generations`` counts evaluated populations, the random initial one being generation 0. It
     is the only field that may change when resuming (to extend a run). Depths follow
-    engine.grammar: the start symbol is at depth 1. Defaults follow the original system
+    engine.search.grammar: the start symbol is at depth 1. Defaults follow the original system
     (docs/protocol.md, "Search settings"): its example config's elitism, tournament, rates and
     depths, the population of 20 of its real ALR runs, and the 100 generations of its later work.
     """

@@ -17,7 +17,7 @@ What "the same as alone" means here (tests/test_batched.py holds it):
 - Initial weights: member k is `spec.build(init_seed_k)`, built by the one-model code and copied
   in, so bit for bit what it gets alone.
 - Data order and dropout masks: ONE shuffle and dropout stream for the whole batch, drawn exactly
-  as `engine.training.fit` draws them for that seed, and shared by every member (a dropout mask of
+  as `engine.tasks.training.fit` draws them for that seed, and shared by every member (a dropout mask of
   one member's shape used by all). That is what makes stacking possible, and it is also what a
   fair comparison of optimizers wants: every candidate sees the same minibatches and masks, as
   one-at-a-time evaluation already does (the training seed depends on the run seed, not on the
@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from codegen.ir import STATES, Program, evaluate
-from engine.heldout import MLPSpec
-from engine.training import (FitResult, ModelSpec, _keep_below, _pool_kernels, _PoolReluDropout,
+from engine.tasks.heldout import MLPSpec
+from engine.tasks.training import (FitResult, ModelSpec, _keep_below, _pool_kernels, _PoolReluDropout,
                              _random_bytes, _ReluDropout, _scaled_mask)
 
 __all__ = ["ArenaViews", "BatchResult", "KernelUpdate", "Member", "MemberUpdate", "StackedModel",
@@ -165,7 +165,7 @@ def _mlp_forward(leaves: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 def _cnn_forward(leaves: list[torch.Tensor], x: torch.Tensor, spec: ModelSpec,
                  dropout: torch.Generator | None, fused: bool,
                  active: np.ndarray | None) -> torch.Tensor:
-    """The reference CNN (`engine.training.CNN.forward`) for K members at once.
+    """The reference CNN (`engine.tasks.training.CNN.forward`) for K members at once.
 
     Every layer runs per member, with the one-model ops: on this CPU the CNN is compute bound
     in its convolutions, and one grouped convolution (groups=K, conv2) or one K-times-wider
@@ -325,7 +325,7 @@ class KernelUpdate:
 def evaluate_batched(model: StackedModel, x: torch.Tensor, y: torch.Tensor,
                      batch_size: int = 1000, active: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Per member (mean cross-entropy, accuracy), as `engine.training.evaluate` gives one model.
+    """Per member (mean cross-entropy, accuracy), as `engine.tasks.training.evaluate` gives one model.
     Members with `active[k]` False get meaningless numbers (their work may be skipped)."""
     loss_sum = np.zeros(model.k)
     correct = np.zeros(model.k, dtype=np.int64)
@@ -372,7 +372,7 @@ def fit_batched(model: StackedModel, update: MemberUpdate, lrs: Sequence[float],
                 *, seed: int, batch_size: int, max_epochs: int, patience: int,
                 max_steps: int | None = None, deadline: float | None = None,
                 eval_batch: int = 1000) -> list[FitResult]:
-    """`engine.training.fit` (monitor val_acc) for every member at once: one FitResult each.
+    """`engine.tasks.training.fit` (monitor val_acc) for every member at once: one FitResult each.
 
     Each member stops on its own (patience, divergence) and is then frozen with its best epoch's
     weights restored; the batch ends when every member has stopped or after `max_epochs`.
@@ -493,7 +493,7 @@ def train_batch(spec: MLPSpec | ModelSpec, members: Sequence[Member],
                 patience: int, fitness: tuple[torch.Tensor, torch.Tensor] | None = None,
                 update: MemberUpdate | None = None, max_steps: int | None = None,
                 deadline: float | None = None, eval_batch: int = 1000) -> list[BatchResult]:
-    """Train `members` together and score each: what `engine.tasks._trial` does for one.
+    """Train `members` together and score each: what `engine.tasks.protocol._trial` does for one.
 
     `init_seed` is one model seed for all (the engine's rule: every candidate starts alike) or
     one per member. `update` defaults to each member's generated numba kernel (`KernelUpdate`);

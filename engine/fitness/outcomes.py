@@ -36,14 +36,14 @@ KINDS: tuple[Kind, ...] = (
 )
 NAMES: tuple[str, ...] = tuple(k.name for k in KINDS)
 
-# A failure's reason starts with what went wrong (engine.evaluate, engine.training, executors).
+# A failure's reason starts with what went wrong (engine.fitness.evaluator, engine.tasks.training, executors).
 _BY_PREFIX = (("screened", "screened"), ("diverged", "diverged"), ("timeout", "timeout"),
               ("parse error", "unparseable"))
 _SUCCESS = {"trained": "trained", "store": "store", "fingerprint": "twin"}
 
 
 def kind_of(source: str, reason: str | None) -> str:
-    """The kind of one answer, from engine.evaluate's Evaluation.source and .reason."""
+    """The kind of one answer, from engine.fitness.evaluator's Evaluation.source and .reason."""
     if reason:
         for prefix, kind in _BY_PREFIX:
             if reason.startswith(prefix):

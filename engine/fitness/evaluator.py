@@ -12,7 +12,7 @@ fingerprint) and `train` (the executor and the store writes); what passes betwee
 Any failure -- a parse error, an exception, NaN, a hang past the time limit, a dead worker -- gets
 the floor fitness and a recorded reason, and the run goes on. Only the candidate's own failures
 (screened, diverged) are stored for later runs; an exception, a hang or a dead worker says more
-about the machine or AutoLR (`engine.store.not_reusable`) and is tried again next run.
+about the machine or AutoLR (`engine.fitness.store.not_reusable`) and is tried again next run.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Callable, Sequence
 
 from codegen.ir import ParseError, Program, Schedule
 from engine import modes
-from engine.executors import Executor, Outcome
+from engine.exec.executors import Executor, Outcome
 from engine.modes import Mode
-from engine.screening import fingerprint, probe_updates, screen
-from engine.store import Record, Store, not_reusable
-from engine.tasks import FLOOR_FITNESS, EvalResult, Task, get_task
+from engine.fitness.screening import fingerprint, probe_updates, screen
+from engine.fitness.store import Record, Store, not_reusable
+from engine.tasks.protocol import FLOOR_FITNESS, EvalResult, Task, get_task
 
 # Hard kill for a worker that stops answering: the in-training deadline should fire first.
 KILL_GRACE = 1.5

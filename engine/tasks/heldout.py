@@ -28,9 +28,9 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from engine.data import load_fashion_mnist
-from engine.tasks import PRESETS, make_split, prepare
-from engine.training import ModelSpec
+from engine.tasks.data import load_fashion_mnist
+from engine.tasks.protocol import PRESETS, make_split, prepare
+from engine.tasks.training import ModelSpec
 
 __all__ = ["TASKS", "CompareTask", "MLP", "MLPSpec", "Splits", "get_task", "load_test_split",
            "train_val"]
@@ -53,7 +53,7 @@ class MLPSpec:
 class MLP(nn.Module):
     """A plain MLP initialised like the CNN (Glorot-uniform weights, zero biases) from `seed`.
 
-    `forward(x, dropout=...)` takes and ignores the dropout generator, so `engine.training.fit`
+    `forward(x, dropout=...)` takes and ignores the dropout generator, so `engine.tasks.training.fit`
     and `evaluate` drive it exactly as they drive the CNN.
     """
 

@@ -24,7 +24,7 @@ the same three steps:
 3. Compare: mean +- sd of test accuracy per row; then each candidate against each baseline on
    the same seeds (paired by seed): two-sided Wilcoxon signed-rank test, Holm-corrected over
    every comparison of the table, and the median and mean paired difference with a seeded
-   bootstrap 95% interval (`engine.stats` documents each choice).
+   bootstrap 95% interval (`engine.compare.stats` documents each choice).
 
 Every optimizer runs as `kernels.EvolvedOptimizer` with a `kernels.zoo` program, the human ones
 included (they reproduce torch.optim step for step; tests/test_zoo.py). One runtime for every row
@@ -56,10 +56,12 @@ import numpy as np
 
 from codegen import backends
 from codegen.ir import ParseError, Program
-from engine import heldout, modes, stats
-from engine.cli import Parser, UsageError, positive_int
-from engine.heldout import CompareTask
-from engine.tasks import FLOOR_FITNESS, derive_seed
+from engine import modes
+from engine.compare import stats
+from engine.tasks import heldout
+from engine.app.cli import Parser, UsageError, positive_int
+from engine.tasks.heldout import CompareTask
+from engine.tasks.protocol import FLOOR_FITNESS, derive_seed
 
 __all__ = ["BASELINES", "LR_RANGE", "Contender", "Settings", "UsageError", "baseline",
            "candidate", "main", "resolve_program", "run_compare", "sampler_seed"]
@@ -208,7 +210,7 @@ class SeedJob:
 
 def _train(settings: Settings, contender: Contender, lr: float, init_seed: int, fit_seed: int):
     """One training run on the train split, validated on the validation split. No test data."""
-    from engine.training import fit
+    from engine.tasks.training import fit
     from kernels import EvolvedOptimizer
 
     task = settings.task
@@ -250,7 +252,7 @@ def tune(job: TuneJob) -> dict:
 
 def train_seed(job: SeedJob) -> dict:
     """Seed `index` on the tuned value; the test split is read here and only here."""
-    from engine.training import evaluate
+    from engine.tasks.training import evaluate
 
     s = job.settings
     start = time.perf_counter()
@@ -268,8 +270,8 @@ def train_seed(job: SeedJob) -> dict:
 # -- the comparison ---------------------------------------------------------------------------
 
 def _executor(workers: int):
-    from engine.executors import make_executor
-    from engine.training import configure_process
+    from engine.exec.executors import make_executor
+    from engine.tasks.training import configure_process
 
     init = functools.partial(configure_process, threads=1)
     if workers == 1:
@@ -342,7 +344,7 @@ def _results(row: dict) -> list[tuple[int, float | None]]:
 
 
 def paired_comparison(mine: dict, theirs: dict, seed: int) -> dict:
-    """One candidate row against one baseline row, paired by seed (see `engine.stats`); a seed
+    """One candidate row against one baseline row, paired by seed (see `engine.compare.stats`); a seed
     that only one of them ran is a ValueError, never silently left out."""
     return {"candidate": mine["name"], "baseline": theirs["name"],
             **stats.compare_pair(_results(mine), _results(theirs), FLOOR_FITNESS, seed,
@@ -636,7 +638,7 @@ def contenders_from(args: argparse.Namespace) -> list[Contender]:
 
 
 def _check_data(task: CompareTask, seed: int) -> None:
-    from engine.data import DataCorruptError, DataNotFoundError
+    from engine.tasks.data import DataCorruptError, DataNotFoundError
 
     try:
         heldout.train_val(task, seed)
@@ -672,7 +674,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {paths['markdown']}, {paths['json'].name}, {paths['plot'].name} "
           f"({report['seconds']['total']:.0f} s)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Per generation (the step is the generation number): ``fitness/best``, ``fitness/median``,
 ``fitness/worst``, ``fitness/best_so_far``, ``outcomes/<kind>`` (this generation's answers per
-engine.outcomes kind, every kind, zeros included, so the curves line up), ``time/generation_s``
+engine.fitness.outcomes kind, every kind, zeros included, so the curves line up), ``time/generation_s``
 and ``time/elapsed_s``; and the best program so far as text (``best_program``). history.csv and
 events.jsonl stay the record of the run; this is a view of it for people who already watch
 their trainings in TensorBoard.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from engine import outcomes
+from engine.fitness import outcomes
 
 __all__ = ["TensorBoardLog", "TrackingUnavailable", "check_available"]
 
@@ -59,7 +59,7 @@ class TensorBoardLog:
         self.counts[outcomes.kind_of(evaluation.source, evaluation.reason)] += 1
 
     def generation_done(self, record, seconds: float) -> None:
-        """`record`: an engine.evolve.GenerationRecord; `seconds`: the generation's wall time."""
+        """`record`: an engine.search.evolve.GenerationRecord; `seconds`: the generation's wall time."""
         step, add = record.generation, self.writer.add_scalar
         add("fitness/best", record.best, step)
         add("fitness/median", record.median, step)

@@ -23,7 +23,7 @@ from engine.tasks.batched import KernelUpdate, Member, train_batch
 from engine.tasks.data import DataNotFoundError
 from engine.tasks.heldout import MLPSpec, get_task, train_val
 from engine.tasks.protocol import PRESETS, prepare
-from engine.tasks.training import ModelSpec, configure_process, evaluate, fit
+from engine.tasks.training import ModelSpec, configure_process, loss_accuracy, fit
 from kernels import EvolvedOptimizer, zoo
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def one_at_a_time(spec, group, train, val, **protocol) -> None:
         optimizer = EvolvedOptimizer(model.parameters(), member.program,
                                      backend="numba", lr=member.lr)
         fit(model, optimizer, train, val, seed=SEED, **protocol)
-        evaluate(model, *val)
+        loss_accuracy(model, *val)
 
 
 def batched(spec, group, train, val, **protocol) -> None:

@@ -235,7 +235,7 @@ def test_paper_epoch(benchmark, threads):
     if not benchmark.disabled:
         model = ModelSpec().build(0)
         start = time.perf_counter()
-        training.evaluate(model, *data.val)
+        training.loss_accuracy(model, *data.val)
         seconds = time.perf_counter() - start
         benchmark.extra_info.update(
             threads=torch.get_num_threads(), validation_pass_s=round(seconds, 3)
@@ -262,7 +262,7 @@ def test_validation_pass(benchmark, threads):
     x, y = chunk()[0][:n], chunk()[1][:n]
     model, stock = ModelSpec().build(0), stock_model()
     benchmark.pedantic(
-        lambda: training.evaluate(model, x, y), setup=quiet, rounds=3, iterations=1, warmup_rounds=1
+        lambda: training.loss_accuracy(model, x, y), setup=quiet, rounds=3, iterations=1, warmup_rounds=1
     )
     if not benchmark.disabled:
         peer, _ = timed(lambda: stock_evaluate(stock, x, y), 3)

@@ -20,7 +20,7 @@ import torch
 from codegen.ir import Program
 from engine.compare import comparison as compare, stats
 from engine.tasks import heldout
-from engine.compare.comparison import Settings, baseline, candidate, run_compare
+from engine.compare.comparison import Settings, baseline_contender, candidate, run_compare
 from kernels import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def settings(**overrides) -> Settings:
 
 
 def contenders(text: str = "weight: mul(0.05, grad)", *keys: str):
-    return [candidate(Program.parse(text)), *(baseline(k) for k in keys or ("adam", "sign"))]
+    return [candidate(Program.parse(text)), *(baseline_contender(k) for k in keys or ("adam", "sign"))]
 
 
 def without_times(value):
@@ -55,8 +55,8 @@ def test_evolved_programs_run_as_they_are_their_lr_a_step_factor():
     program = Program.parse("alpha: mul(0.1, sub(alpha, grad))\nweight: mul(0.01, alpha)")
     assert candidate(program).program == str(program)
     assert candidate(program).tuned == "step factor"
-    assert baseline("adam").tuned == baseline("adamw").tuned == "learning rate"
-    assert baseline("ades").tuned == baseline("sign").tuned == "step factor"
+    assert baseline_contender("adam").tuned == baseline_contender("adamw").tuned == "learning rate"
+    assert baseline_contender("ades").tuned == baseline_contender("sign").tuned == "step factor"
 
 
 def test_lion_is_a_default_row_next_to_adam_and_adagrad_adabelief_are_on_request():
@@ -73,7 +73,7 @@ def test_lion_is_a_default_row_next_to_adam_and_adagrad_adabelief_are_on_request
 
 
 def test_adamw_is_adam_with_torchs_default_weight_decay():
-    adamw, adam = baseline("adamw"), baseline("adam")
+    adamw, adam = baseline_contender("adamw"), baseline_contender("adam")
     assert adamw.name == "AdamW" and adamw.program == adam.program == str(zoo.adam())
     assert (adamw.weight_decay, adam.weight_decay) == (0.01, 0.0)
     assert "weight_decay=0.01" in adamw.source and "not tuned" in adamw.source
@@ -235,7 +235,7 @@ def test_a_tuned_value_at_the_edge_of_its_range_is_marked(tmp_path):
 
 
 def test_a_diverging_program_is_reported_not_hidden(tmp_path):
-    report = run_compare([candidate(Program.parse(NAN_PROGRAM)), baseline("sign")], settings())
+    report = run_compare([candidate(Program.parse(NAN_PROGRAM)), baseline_contender("sign")], settings())
     row = report["rows"][0]
     assert row["tuning"]["diverged"] == 4
     assert row["test"]["diverged"] == 2 and row["test"]["mean"] == 0.0  # counted at the floor

@@ -157,7 +157,7 @@ def test_the_curves_plot_names_the_split_of_each_line():
 
     config = RunConfig(name="t", out=Path("t"), mode="alr", preset="smoke", seed=0,
                        evolution=EvolutionConfig(population=1, elitism=0, tournament=1))
-    outcome = report.Outcome(
+    outcome = report.RunOutputs(
         run_dir=None, config=config, history=[], events=[], status="finished",
         baseline={"name": "Adam", "hash": "b" * 20, "fitness": 0.385},
         curves={"a" * 20: {"val_acc": [[0.40, 0.55, 0.565], [0.46, 0.515, 0.56]]},
@@ -331,7 +331,7 @@ ODD_NAME = 'run\\Nx "it\'s" \\u00e9-ü ```'  # a backslash escape, quotes, unico
 def test_outputs_of_a_run_with_an_odd_name_import_and_quote_it_verbatim(tmp_path, mode):
     """A run directory named `run\\Nx` once made a best_optimizer.py that did not import
     (SyntaxError: unicode error): its name was pasted between quotes."""
-    from engine.app.report import Outcome, write_all
+    from engine.app.report import RunOutputs, write_all
 
     text = zoo_seeds(mode)[0]
     text = snap(text, load_grammar(ALR_GRAMMAR if mode == "alr" else DLR_GRAMMAR), mode, 17)
@@ -343,7 +343,7 @@ def test_outputs_of_a_run_with_an_odd_name_import_and_quote_it_verbatim(tmp_path
                        evolution=EvolutionConfig(population=1, generations=1, elitism=0,
                                                  tournament=1))
     history = [record(0, [(text, 0.5)])]
-    write_all(Outcome(run_dir=run_dir, config=config, history=history, events=[],
+    write_all(RunOutputs(run_dir=run_dir, config=config, history=history, events=[],
                       status="finished"))
     module = load_module(run_dir / "best_optimizer.py", f"odd_{mode}")
     assert f"Run {ODD_NAME} (mode {mode}" in module.__doc__

@@ -508,7 +508,7 @@ def test_snapped_zoo_seeds_train_decently(tmp_path):
     is close to the real Adam at lr=1e-3 on the same protocol."""
     import kernels
     from engine.search.seeds import baseline
-    from engine.tasks.protocol import evaluate_alr, get_task
+    from engine.tasks.protocol import alr_fitness, get_task
     from engine.tasks.training import configure_process
 
     configure_process(1)
@@ -516,10 +516,10 @@ def test_snapped_zoo_seeds_train_decently(tmp_path):
     fitness = {}
     for seed in zoo_seeds("alr"):
         program = snap(seed, grammar, "alr", 17)
-        fitness[seed.name] = evaluate_alr(
+        fitness[seed.name] = alr_fitness(
             task, lambda p: kernels.EvolvedOptimizer(p, program, backend="numba")).fitness
     real = baseline("alr")[1]
-    adam = evaluate_alr(task, lambda p: kernels.EvolvedOptimizer(p, real, backend="numba")).fitness
+    adam = alr_fitness(task, lambda p: kernels.EvolvedOptimizer(p, real, backend="numba")).fitness
     print(fitness, adam)
     assert all(f > 0.2 for f in fitness.values()), fitness
     assert abs(fitness["adam"] - adam) < 0.05

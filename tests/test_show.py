@@ -20,7 +20,7 @@ from engine.app import config as run_config
 from engine.app.config import RunConfig
 from engine.search.evolve import EvolutionConfig, evolve
 from engine.search.grammar import ALR_GRAMMAR, load_grammar
-from engine.app.report import Outcome, write_all
+from engine.app.report import RunOutputs, write_all
 from engine.app.show import Display, main
 
 
@@ -48,7 +48,7 @@ def finished(tmp_path_factory):
         events.append({"event": "generation", "generation": record.generation, "seconds": 1.0,
                        "time": 1001.0 + record.generation})
     (out / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    summary = write_all(Outcome(run_dir=out, config=config, history=list(result.history),
+    summary = write_all(RunOutputs(run_dir=out, config=config, history=list(result.history),
                                 events=events, status="finished"))
     return out, summary
 

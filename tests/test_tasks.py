@@ -30,13 +30,13 @@ from engine.tasks.protocol import (
     DataSpec,
     DlrProtocol,
     Task,
-    evaluate_alr,
-    evaluate_dlr,
+    alr_fitness,
+    dlr_fitness,
     get_task,
     make_split,
     prepare,
 )
-from engine.tasks.training import CNN, ModelSpec, evaluate, fit
+from engine.tasks.training import CNN, ModelSpec, loss_accuracy, fit
 
 HAVE_REAL = any((SYSTEM_DIR / f"train-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz"))
 SMOKE = get_task("smoke")
@@ -122,7 +122,7 @@ def test_bad_protocols_and_seeds_are_refused(dataset):
     with pytest.raises(ValueError, match="ModelSpec.dropout1 is a drop probability"):
         ModelSpec(dropout1=1.0)
     with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
-        evaluate_alr(SMOKE, adam, seed=-1, dataset=dataset)
+        alr_fitness(SMOKE, adam, seed=-1, dataset=dataset)
 
 
 def test_task_digest_changes_with_any_field_and_not_between_processes():
@@ -308,7 +308,7 @@ def test_fit_restores_the_best_epoch(dataset, one_thread):
                  seed=0, batch_size=100, max_epochs=6, patience=2)
     assert result.reason is None and result.epochs == result.best_epoch + 3  # stopped by patience
     assert result.val_acc[result.best_epoch] == max(result.val_acc) > result.val_acc[-1]
-    assert evaluate(model, *data.val)[1] == result.val_acc[result.best_epoch]  # not the last epoch
+    assert loss_accuracy(model, *data.val)[1] == result.val_acc[result.best_epoch]  # not the last epoch
 
 
 def test_fit_stops_on_nan_at_once(dataset):
@@ -340,9 +340,9 @@ def without_seconds(result):
 
 def test_alr_is_exactly_reproducible_and_seed_dependent(dataset, one_thread):
     task = dataclasses.replace(SMOKE, alr=dataclasses.replace(SMOKE.alr, max_epochs=2, abort_below=0))
-    a = evaluate_alr(task, adam, seed=0, dataset=dataset)
-    b = evaluate_alr(task, adam, seed=0, dataset=dataset)
-    c = evaluate_alr(task, adam, seed=1, dataset=dataset)
+    a = alr_fitness(task, adam, seed=0, dataset=dataset)
+    b = alr_fitness(task, adam, seed=0, dataset=dataset)
+    c = alr_fitness(task, adam, seed=1, dataset=dataset)
     assert without_seconds(a) == without_seconds(b) and a.reason is None
     assert a.train_loss != c.train_loss
     assert len(a.trials) == 2 and a.fitness == min(a.accuracies)
@@ -364,8 +364,8 @@ def test_trials_train_on_distinct_chunks_from_the_same_start(dataset, monkeypatc
 
     monkeypatch.setattr(tasks, "fit", spy_fit)
     task = dataclasses.replace(SMOKE, alr=dataclasses.replace(SMOKE.alr, max_epochs=1, abort_below=0.0))
-    result = evaluate_alr(task, factory, seed=0, dataset=dataset)
-    evaluate_alr(task, factory, seed=0, dataset=dataset)  # a second candidate
+    result = alr_fitness(task, factory, seed=0, dataset=dataset)
+    alr_fitness(task, factory, seed=0, dataset=dataset)  # a second candidate
     data = prepare(task, 0, dataset)
     assert [t.chunk for t in result.trials] == [0, 1]
     assert torch.equal(seen[0], data.chunks[0][0]) and torch.equal(seen[1], data.chunks[1][0])
@@ -382,19 +382,19 @@ def test_fitness_is_the_minimum_and_trials_stop_below_threshold(
     dataset, monkeypatch, scores, trials, fitness
 ):
     remaining = list(scores)
-    monkeypatch.setattr(tasks, "evaluate", lambda model, x, y, batch_size: (0.0, remaining.pop(0)))
+    monkeypatch.setattr(tasks, "loss_accuracy", lambda model, x, y, batch_size: (0.0, remaining.pop(0)))
     task = dataclasses.replace(
         SMOKE,
         data=dataclasses.replace(SMOKE.data, chunk=400),  # three chunks
         alr=AlrProtocol(trials=3, batch_size=100, max_epochs=1, patience=1, abort_below=0.8),
     )
-    result = evaluate_alr(task, adam, seed=0, dataset=dataset)
+    result = alr_fitness(task, adam, seed=0, dataset=dataset)
     assert result.accuracies == tuple(scores[:trials])
     assert result.fitness == fitness and result.reason is None
 
 
 def test_nan_candidate_gets_the_floor_with_a_reason(dataset):
-    result = evaluate_alr(SMOKE, lambda p: torch.optim.SGD(p, lr=1e6), seed=0, dataset=dataset)
+    result = alr_fitness(SMOKE, lambda p: torch.optim.SGD(p, lr=1e6), seed=0, dataset=dataset)
     assert result.fitness == FLOOR_FITNESS and "diverged" in result.reason and "trial 0" in result.reason
 
 
@@ -411,24 +411,24 @@ def test_deadline_stops_training_with_a_timeout(dataset):
             return super().step(closure)
 
     prepare(SMOKE, 0, dataset)  # so the limit is spent on training
-    result = evaluate_alr(SMOKE, lambda p: SlowAdam(p, lr=1e-3), seed=0, time_limit=0.02,
+    result = alr_fitness(SMOKE, lambda p: SlowAdam(p, lr=1e-3), seed=0, time_limit=0.02,
                           dataset=dataset)
     assert result.fitness == FLOOR_FITNESS
     assert result.reason == "timeout: deadline passed at epoch 0, step 0 (trial 0)"
     assert len(steps) == 1 and len(result.trials) == 1
     with pytest.raises(ValueError, match="time_limit must be > 0"):
-        evaluate_alr(SMOKE, adam, seed=0, time_limit=0, dataset=dataset)
+        alr_fitness(SMOKE, adam, seed=0, time_limit=0, dataset=dataset)
 
 
 def test_factory_must_return_an_optimizer(dataset):
     with pytest.raises(TypeError, match="not a torch.optim.Optimizer"):
-        evaluate_alr(SMOKE, lambda p: object(), seed=0, dataset=dataset)
+        alr_fitness(SMOKE, lambda p: object(), seed=0, dataset=dataset)
 
 
 def test_more_trials_than_chunks_is_refused(dataset):
     task = dataclasses.replace(SMOKE, alr=dataclasses.replace(SMOKE.alr, trials=5))
     with pytest.raises(ValueError, match="5 trials but its data gives only 2 chunks"):
-        evaluate_alr(task, adam, seed=0, dataset=dataset)
+        alr_fitness(task, adam, seed=0, dataset=dataset)
 
 
 # --- the DLR protocol -------------------------------------------------------------------------
@@ -441,17 +441,17 @@ def test_dlr_calls_the_schedule_each_epoch_with_the_current_lr(dataset):
         calls.append((epoch, lr))
         return lr * 2
 
-    result = evaluate_dlr(SMOKE, schedule, seed=0, dataset=dataset)
+    result = dlr_fitness(SMOKE, schedule, seed=0, dataset=dataset)
     assert calls[0] == (0, 0.01) and [e for e, _ in calls] == list(range(len(calls)))
     assert all(math.isclose(lr, 0.01 * 2 ** (e + 1)) for e, lr in enumerate(result.trials[0].fit.lr))
     assert result.reason is None and result.fitness == result.trials[0].accuracy
 
 
 def test_dlr_non_finite_lr_is_a_divergence(dataset):
-    result = evaluate_dlr(SMOKE, lambda epoch, lr: float("nan"), seed=0, dataset=dataset)
+    result = dlr_fitness(SMOKE, lambda epoch, lr: float("nan"), seed=0, dataset=dataset)
     assert result.fitness == FLOOR_FITNESS and result.reason.startswith("diverged: schedule gave lr=nan")
     with pytest.raises(TypeError, match="schedule must be callable"):
-        evaluate_dlr(SMOKE, 0.01, seed=0, dataset=dataset)
+        dlr_fitness(SMOKE, 0.01, seed=0, dataset=dataset)
 
 
 # --- presets ----------------------------------------------------------------------------------
@@ -476,9 +476,9 @@ def test_presets():
 def test_quick_preset_separates_optimizers(one_thread):
     """The default task must rank optimizers: Adam well above SGD(0.01), a dead one near chance."""
     task = get_task("quick")
-    good = evaluate_alr(task, adam, seed=0)
-    plain = evaluate_alr(task, lambda p: torch.optim.SGD(p, lr=0.01), seed=0)
-    dead = evaluate_alr(task, lambda p: torch.optim.SGD(p, lr=1e-5), seed=0)
+    good = alr_fitness(task, adam, seed=0)
+    plain = alr_fitness(task, lambda p: torch.optim.SGD(p, lr=0.01), seed=0)
+    dead = alr_fitness(task, lambda p: torch.optim.SGD(p, lr=1e-5), seed=0)
     assert good.fitness > 0.75 and len(good.trials) == 2
     assert good.fitness - plain.fitness > 0.1 and dead.fitness < 0.3
 

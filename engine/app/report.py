@@ -43,7 +43,7 @@ from engine.tasks.protocol import FLOOR_FITNESS
 if TYPE_CHECKING:  # run_config imports the grammar and the seeds: not needed to report
     from engine.app.config import RunConfig
 
-__all__ = ["HALL_OF_FAME", "Outcome", "hall_of_fame", "program_size", "reason_kind", "write_all"]
+__all__ = ["HALL_OF_FAME", "RunOutputs", "hall_of_fame", "program_size", "reason_kind", "write_all"]
 
 HALL_OF_FAME = 10
 HISTORY_COLUMNS = ("generation", "index", "elite", "hash", "fitness", "source", "reason", "size",
@@ -51,7 +51,7 @@ HISTORY_COLUMNS = ("generation", "index", "elite", "hash", "fitness", "source", 
 
 
 @dataclass
-class Outcome:
+class RunOutputs:
     """Everything the outputs are made of. ``config`` is the run's settings; ``baseline`` and
     ``curves`` come from the end of the run (``curves``: program hash -> {'val_acc': per-trial
     lists, ...})."""
@@ -175,7 +175,7 @@ def wall_seconds(events: Sequence[dict]) -> tuple[float, int]:
 # -- the files ---------------------------------------------------------------------------------
 
 
-def summary(outcome: Outcome) -> dict:
+def summary(outcome: RunOutputs) -> dict:
     cfg, history, mode = outcome.config, outcome.history, outcome.config.mode
     best_text, best_fitness = max(((r.best_phenotype, r.best) for r in history),
                                   key=lambda pair: pair[1])  # max keeps the earliest maximum
@@ -239,7 +239,7 @@ def write_kernels(directory: Path, fame: Sequence[dict]) -> list[str]:
     return written
 
 
-def curves_figure(outcome: Outcome, best_hash: str, best_fitness: float | None = None):
+def curves_figure(outcome: RunOutputs, best_hash: str, best_fitness: float | None = None):
     """The best program's and the baseline's training curves, or None when neither is known.
 
     The curves and the fitness are measured on different splits, and the plot says so: a
@@ -274,7 +274,7 @@ def curves_figure(outcome: Outcome, best_hash: str, best_fitness: float | None =
     return fig
 
 
-def write_plots(directory: Path, outcome: Outcome, fame: Sequence[dict], best_hash: str,
+def write_plots(directory: Path, outcome: RunOutputs, fame: Sequence[dict], best_hash: str,
                 best_fitness: float | None = None) -> dict:
     """fitness.png, curves.png (when curves are known) and size.png; returns name -> path."""
     plt = _pyplot()
@@ -336,7 +336,7 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def write_all(outcome: Outcome) -> dict:
+def write_all(outcome: RunOutputs) -> dict:
     """Write every output file; returns the summary (also written as summary.json)."""
     run_dir, cfg, mode = outcome.run_dir, outcome.config, outcome.config.mode
     data = summary(outcome)

@@ -370,7 +370,7 @@ class Session:
 
     def finish(self, status: str, base_name: str, base_text: str, executor, versions) -> dict:
         from engine.fitness.evaluator import Evaluator, train
-        from engine.app.report import Outcome, write_all
+        from engine.app.report import RunOutputs, write_all
 
         body = newest_checkpoint(self.out / CHECKPOINTS).body
         history = [GenerationRecord.from_json(r) for r in body["history"]]
@@ -407,7 +407,7 @@ class Session:
                 if outcome.ok:
                     self.save_curves(missing[index][0], outcome.value.curves)
                     curves[missing[index][0]] = self.load_curves(missing[index][0])
-        outcome = Outcome(run_dir=self.out, config=self.config, history=history,
+        outcome = RunOutputs(run_dir=self.out, config=self.config, history=history,
                           events=self.events(), status=status, baseline=base,
                           curves={k: v for k, v in curves.items() if v}, versions=versions)
         return write_all(outcome)

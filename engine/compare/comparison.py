@@ -63,7 +63,7 @@ from engine.app.cli import Parser, UsageError, positive_int
 from engine.tasks.heldout import CompareTask
 from engine.tasks.protocol import FLOOR_FITNESS, derive_seed
 
-__all__ = ["BASELINES", "LR_RANGE", "Contender", "Settings", "UsageError", "baseline",
+__all__ = ["BASELINES", "LR_RANGE", "Contender", "Settings", "UsageError", "baseline_contender",
            "candidate", "main", "resolve_program", "run_compare", "sampler_seed"]
 
 FORMAT, VERSION = "autolr-compare", 2  # 2: "comparisons" replace each row's vs/delta/p
@@ -108,7 +108,7 @@ def candidate(program: Program, source: str = "text") -> Contender:
                      role="candidate", tuned="step factor", source=source)
 
 
-def baseline(key: str) -> Contender:
+def baseline_contender(key: str) -> Contender:
     from kernels import zoo
 
     zoo_key, weight_decay = WEIGHT_DECAY.get(key, (key, 0.0))
@@ -252,7 +252,7 @@ def tune(job: TuneJob) -> dict:
 
 def train_seed(job: SeedJob) -> dict:
     """Seed `index` on the tuned value; the test split is read here and only here."""
-    from engine.tasks.training import evaluate
+    from engine.tasks.training import loss_accuracy
 
     s = job.settings
     start = time.perf_counter()
@@ -260,7 +260,7 @@ def train_seed(job: SeedJob) -> dict:
                            _seed(s, _FINAL, 2 * job.index + 1))
     test_acc = FLOOR_FITNESS
     if result.reason is None:
-        test_acc = evaluate(model, *heldout.load_test_split(s.task, s.seed),
+        test_acc = loss_accuracy(model, *heldout.load_test_split(s.task, s.seed),
                             batch_size=s.task.eval_batch)[1]
     return {"seed": job.index, "test_acc": test_acc, "reason": result.reason,
             "best_val": max(result.val_acc, default=FLOOR_FITNESS), "epochs": result.epochs,
@@ -634,7 +634,7 @@ def contenders_from(args: argparse.Namespace) -> list[Contender]:
     keys = [k.strip() for k in args.optimizers.split(",") if k.strip()]
     if not keys:
         raise UsageError("--optimizers is empty; name at least one baseline, e.g. adam")
-    return out + [baseline(k) for k in dict.fromkeys(keys)]
+    return out + [baseline_contender(k) for k in dict.fromkeys(keys)]
 
 
 def _check_data(task: CompareTask, seed: int) -> None:

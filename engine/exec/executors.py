@@ -81,7 +81,7 @@ __all__ = [
     "make_executor",
 ]
 
-Job = TypeVar("Job")
+J = TypeVar("J")
 R = TypeVar("R")
 
 EXECUTORS = ("serial", "local", "ray")
@@ -121,7 +121,7 @@ class Executor(Protocol):
 
     workers: int
 
-    def run(self, fn: Callable[[Job], R], jobs: Sequence[Job],
+    def run(self, fn: Callable[[J], R], jobs: Sequence[J],
             timeout: float | None = None) -> Iterator[tuple[int, Outcome[R]]]: ...
 
     def close(self) -> None: ...
@@ -151,7 +151,7 @@ def make_executor(name: str, workers: int | None = None, ray_address: str | None
 
 # -- what every executor shares -------------------------------------------------------------
 
-def _call(fn: Callable[[Job], R], job: Job) -> Outcome[R]:
+def _call(fn: Callable[[J], R], job: J) -> Outcome[R]:
     """fn(job) as an Outcome: the one place a job's exception becomes a reason."""
     try:
         return Ok(fn(job))
@@ -256,7 +256,7 @@ class SerialExecutor(_Closing):
             except Exception as error:
                 raise _initializer_failed(traceback.format_exc()) from error
 
-    def run(self, fn: Callable[[Job], R], jobs: Sequence[Job],
+    def run(self, fn: Callable[[J], R], jobs: Sequence[J],
             timeout: float | None = None) -> Iterator[tuple[int, Outcome[R]]]:
         _check_timeout(timeout)
         return self._run(fn, jobs, timeout)
@@ -364,7 +364,7 @@ class LocalExecutor(_Closing):
         # A pool nobody closed must not outlive its owner's interest (or block interpreter exit).
         self._finalizer = weakref.finalize(self, _stop_workers, self._pool)
 
-    def run(self, fn: Callable[[Job], R], jobs: Sequence[Job],
+    def run(self, fn: Callable[[J], R], jobs: Sequence[J],
             timeout: float | None = None) -> Iterator[tuple[int, Outcome[R]]]:
         _check_timeout(timeout)
         if self._closed:
@@ -506,8 +506,8 @@ def _pickle(obj: object, what: str) -> bytes:
 _ray_initialized: set[str] = set()  # per Ray worker process: the executors whose initializer ran
 
 
-def _ray_entry(token: str, initializer: Callable[[], object] | None, fn: Callable[[Job], R],
-               job: Job) -> Outcome[R] | tuple[str, str]:
+def _ray_entry(token: str, initializer: Callable[[], object] | None, fn: Callable[[J], R],
+               job: J) -> Outcome[R] | tuple[str, str]:
     """A Ray task: set up this worker process once per executor, then run the job."""
     if token not in _ray_initialized:
         _one_thread_per_process()
@@ -560,7 +560,7 @@ class RayExecutor(_Closing):
             num_cpus=1, max_retries=0, runtime_env={"env_vars": env})
         self._running = False
 
-    def run(self, fn: Callable[[Job], R], jobs: Sequence[Job],
+    def run(self, fn: Callable[[J], R], jobs: Sequence[J],
             timeout: float | None = None) -> Iterator[tuple[int, Outcome[R]]]:
         _check_timeout(timeout)
         if self._task is None:

@@ -156,10 +156,10 @@ class _Alr(Mode):
         import dataclasses
 
         import kernels
-        from engine.tasks.protocol import evaluate_alr
+        from engine.tasks.protocol import alr_fitness
 
         compile_seconds = self.compile(program, backend)
-        result = evaluate_alr(
+        result = alr_fitness(
             task, lambda params: kernels.EvolvedOptimizer(params, program, backend=backend),
             seed=seed, time_limit=time_limit)
         return dataclasses.replace(result, compile_seconds=compile_seconds)
@@ -209,9 +209,9 @@ class _Dlr(Mode):
 
     def train(self, task: Task, program: Schedule, *, seed: int, time_limit: float | None,
               backend: str) -> EvalResult:
-        from engine.tasks.protocol import evaluate_dlr
+        from engine.tasks.protocol import dlr_fitness
 
-        return evaluate_dlr(task, program, seed=seed, time_limit=time_limit)
+        return dlr_fitness(task, program, seed=seed, time_limit=time_limit)
 
     def behaviour(self, program: Program | Schedule, preset: str | None = None) -> str:
         """The learning rates the schedule gives over the protocol's epochs."""

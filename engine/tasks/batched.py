@@ -325,7 +325,7 @@ class KernelUpdate:
 def evaluate_batched(model: StackedModel, x: torch.Tensor, y: torch.Tensor,
                      batch_size: int = 1000, active: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Per member (mean cross-entropy, accuracy), as `engine.tasks.training.evaluate` gives one model.
+    """Per member (mean cross-entropy, accuracy), as `engine.tasks.training.loss_accuracy` gives one model.
     Members with `active[k]` False get meaningless numbers (their work may be skipped)."""
     loss_sum = np.zeros(model.k)
     correct = np.zeros(model.k, dtype=np.int64)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from engine.tasks.data import FashionMNIST, load_fashion_mnist
-from engine.tasks.training import FitResult, ModelSpec, evaluate, fit
+from engine.tasks.training import FitResult, ModelSpec, loss_accuracy, fit
 
 __all__ = [
     "FLOOR_FITNESS",
@@ -39,13 +39,13 @@ __all__ = [
     "EvalResult",
     "OptimizerFactory",
     "Prepared",
-    "Schedule",
+    "ScheduleFn",
     "Split",
     "Task",
     "TrialResult",
     "derive_seed",
-    "evaluate_alr",
-    "evaluate_dlr",
+    "alr_fitness",
+    "dlr_fitness",
     "get_task",
     "make_split",
     "prepare",
@@ -55,7 +55,7 @@ __all__ = [
 FLOOR_FITNESS = 0.0  # what a diverged, timed-out or broken candidate scores: below any accuracy
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-Schedule = Callable[[int, float], float]  # (epoch, current lr) -> lr for this epoch
+ScheduleFn = Callable[[int, float], float]  # (epoch, current lr) -> lr for this epoch
 
 _SPLIT, _INIT, _TRAIN = 0, 1, 2  # SeedSequence purposes
 
@@ -378,11 +378,11 @@ def _trial(
     )
     accuracy = FLOOR_FITNESS
     if result.reason is None:
-        accuracy = evaluate(model, *data.fitness, batch_size=task.eval_batch)[1]
+        accuracy = loss_accuracy(model, *data.fitness, batch_size=task.eval_batch)[1]
     return TrialResult(chunk=chunk, accuracy=accuracy, fit=result)
 
 
-def evaluate_alr(
+def alr_fitness(
     task: Task,
     make_optimizer: OptimizerFactory,
     *,
@@ -435,9 +435,9 @@ def evaluate_alr(
     return EvalResult(fitness=fitness, trials=tuple(trials), seconds=seconds, reason=reason)
 
 
-def evaluate_dlr(
+def dlr_fitness(
     task: Task,
-    schedule: Schedule,
+    schedule: ScheduleFn,
     *,
     seed: int = 0,
     time_limit: float | None = None,
@@ -447,7 +447,7 @@ def evaluate_dlr(
     """DLR fitness: fitness-set accuracy of plain SGD whose lr is `schedule(epoch, lr)` each epoch.
 
     Trained on the training pool (or its first `task.dlr.chunks` chunks), early stopping on
-    validation loss, best weights restored. `time_limit`, `device` as for `evaluate_alr`.
+    validation loss, best weights restored. `time_limit`, `device` as for `alr_fitness`.
     """
     if not callable(schedule):
         raise TypeError(

@@ -35,7 +35,7 @@ try:
 except ImportError:  # the torch path below computes the same, only slower
     numba = None
 
-__all__ = ["CNN", "FitResult", "ModelSpec", "configure_process", "evaluate", "fit", "retain_heap"]
+__all__ = ["CNN", "FitResult", "ModelSpec", "configure_process", "fit", "loss_accuracy", "retain_heap"]
 
 # glibc mallopt parameters (malloc.h); the values are part of glibc's ABI.
 _M_TRIM_THRESHOLD = -1
@@ -378,7 +378,7 @@ class FitResult:
     reason: str | None
 
 
-def evaluate(
+def loss_accuracy(
     model: CNN, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) without dropout or autograd bookkeeping."""
@@ -467,7 +467,7 @@ def fit(
                 break
         if reason is not None:
             break
-        val_loss, val_acc = evaluate(model, *val, batch_size=eval_batch)
+        val_loss, val_acc = loss_accuracy(model, *val, batch_size=eval_batch)
         curves["train_loss"].append(loss_sum / n)
         curves["val_acc"].append(val_acc)
         curves["val_loss"].append(val_loss)

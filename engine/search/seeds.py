@@ -202,6 +202,7 @@ class _Snapper:
         self.integral = sorted(integral) or self.every
         self.other = sorted(other) or self.every
         self.has_negative = any(v < 0 for v in every)
+        self.free = grammar.has_free_constants  # every constant is derivable as it is
 
     def alr(self, node: Node) -> Node:
         return self._walk(node, self.every)
@@ -224,6 +225,8 @@ class _Snapper:
         value = node.value
         if not math.isfinite(value):
             raise ValueError(f"constant {value} has no counterpart in a grammar")
+        if self.free:
+            return node
         if not pool:
             raise ValueError("the grammar has no numeric constants to snap to")
         if value < 0 and not self.has_negative:

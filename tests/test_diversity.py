@@ -203,3 +203,20 @@ def test_a_resumed_run_with_every_option_on_replays_the_uninterrupted_one(tmp_pa
     resumed = evolve(EXT, config, aligned, checkpoint_dir=tmp_path, resume=True)
     assert resumed.history == whole.history
     assert resumed.population == whole.population
+
+
+def test_a_checkpoint_written_before_the_options_existed_still_resumes(tmp_path):
+    """Such a checkpoint's config lacks the new fields: they read as their defaults (off)."""
+    from engine.rundir import checkpoint_files, load_checkpoint, write_checkpoint
+
+    config = EvolutionConfig(**SMALL.__dict__ | {"generations": 3})
+    evolve(ALR, config, aligned, checkpoint_dir=tmp_path)
+    newest = checkpoint_files(tmp_path)[0]
+    body = load_checkpoint(newest)
+    for name in ("p_mut_const", "remutate", "niche_cap", "restart_after"):
+        del body["config"][name]
+    body = {k: v for k, v in body.items() if k not in ("format", "version")}
+    write_checkpoint(tmp_path, body["generation"], body)
+    longer = EvolutionConfig(**SMALL.__dict__ | {"generations": 5})
+    resumed = evolve(ALR, longer, aligned, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.history == evolve(ALR, longer, aligned).history

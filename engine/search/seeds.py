@@ -8,7 +8,8 @@ the paper's ALR grammar has no ``lr`` input and only 100 fixed constants, so a p
 - in ALR programs ``lr`` becomes a constant (``--seed-lr``, 0.001 by default, Adam's and Keras's
   step size), since an evolved optimizer carries its own step sizes;
 - every constant becomes the nearest constant the grammar offers (a negative one, when the grammar
-  has no negative constants, becomes ``neg(nearest(|c|))``); in DLR schedules a constant compared
+  has no negative constants, becomes ``neg(nearest(|c|))``), unless the grammar has free
+  constants (``alr_ext.bnf``), which take every value as it is; in DLR schedules a constant compared
   with ``epoch`` snaps to the grammar's integer constants, any other to its non-integer ones;
 - an ALR program that leaves a state out gets ``state: 0.0`` lines when the grammar's start rule
   needs all four.

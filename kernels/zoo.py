@@ -24,7 +24,7 @@ import numpy as np
 from codegen.ir import Program, format_float
 
 __all__ = ["ZOO", "adabelief", "adagrad", "ades", "adam", "bias_correction", "lion", "momentum",
-           "nesterov", "rmsprop", "sgd", "sign"]
+           "nesterov", "rmsprop", "sgd", "sign", "signum"]
 
 
 def _c(value: float) -> str:
@@ -203,7 +203,21 @@ def sign() -> Program:
     return Program.parse("weight: mul(lr, sign(grad))")
 
 
+def signum(momentum: float = 0.9) -> Program:  # noqa: A002 - the paper's own name
+    """signSGD with momentum, "Signum" (Bernstein et al. 2018, "signSGD: Compressed Optimisation
+    for Non-Convex Problems", Algorithm 3, without weight decay)::
+
+        m <- beta*m + (1-beta)*g
+        p <- p - lr * sign(m)
+
+    The momentum m lives in the alpha slot; unlike Lion, the weight reads the new m, so the
+    program is the algorithm op for op."""
+    _check("momentum", momentum, 0.0, 1.0)
+    return Program.parse(f"alpha: {_ema('alpha', momentum, f'mul({_c(1 - momentum)}, grad)')}\n"
+                         "weight: mul(lr, sign(alpha))")
+
+
 # name -> factory, for CLIs and tests that iterate over the zoo.
 ZOO = {"sgd": sgd, "momentum": momentum, "nesterov": nesterov, "rmsprop": rmsprop,
        "adam": adam, "adagrad": adagrad, "adabelief": adabelief, "lion": lion, "ades": ades,
-       "sign": sign}
+       "sign": sign, "signum": signum}

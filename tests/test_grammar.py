@@ -124,6 +124,7 @@ BAD = [
     ("non-terminating", "<s> ::= g(<s>, <t>)\n<t> ::= x\n", 1,
      "<s> has no terminating derivation"),
     ("empty", "# only a comment\n\n", None, "contains no rules, so there is no start symbol"),
+    ("bad-float", "<s> ::= f(<c>)\n<c> ::= %float | 1.0\n", 2, "<c> mixes %float with other"),
 ]
 
 

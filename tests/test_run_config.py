@@ -37,13 +37,17 @@ BEFORE = {
                  "numba": "0.68.1", "numpy": "2.4.6", "triton": "3.6.0"},
 }
 
+# EvolutionConfig's options added since (engine/search/evolve.py), read as their defaults: off.
+ADDED = {"p_mut_const": None, "remutate": 0, "niche_cap": 0, "restart_after": 0}
+
 
 def test_a_config_written_before_runconfig_reads_back_key_for_key():
     config = RunConfig.from_json(copy.deepcopy(BEFORE))
     assert config.mode is modes.get("alr") and config.evolution.population == 6
     assert config.store == Path("/tmp/rc-B.sqlite") and config.tensorboard is None
     written = config.to_json()
-    assert written == BEFORE and list(written) == list(BEFORE)  # same keys, same order
+    assert written == {**BEFORE, "evolution": {**BEFORE["evolution"], **ADDED}}
+    assert list(written) == list(BEFORE)  # same keys, same order
 
 
 def test_a_new_config_round_trips_through_json(tmp_path):
@@ -65,7 +69,7 @@ def test_resume_reads_a_config_written_before_runconfig(tmp_path):
     assert config.out == out and config.evolution.generations == 5
     assert (config.executor, config.workers) == ("local", 2)
     expected = {**BEFORE, "out": str(out), "executor": "local", "workers": 2,
-                "evolution": {**BEFORE["evolution"], "generations": 5}}
+                "evolution": {**BEFORE["evolution"], **ADDED, "generations": 5}}
     assert config.to_json() == expected
 
 

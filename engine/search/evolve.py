@@ -26,14 +26,17 @@ import operator
 import random
 import statistics
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from engine.search.grammar import Grammar
 from engine.rundir import CheckpointError, checkpoint_files, load_checkpoint, newest_checkpoint, \
     write_checkpoint
-from engine.search.sge import Individual, crossover, individual_from_text, initialise, map_genotype, mutate
+from engine.search.diversity import hall_of_fame, mutation_with, remutated, stagnant
+from engine.search.sge import Individual, crossover, individual_from_text, initialise, map_genotype
+from engine.search.structure import canonical_key, structure_key
 
 __all__ = [
     "CheckpointError",
@@ -62,6 +65,22 @@ class EvolutionConfig:
     engine.search.grammar: the start symbol is at depth 1. Defaults follow the original system
     (docs/protocol.md, "Search settings"): its example config's elitism, tournament, rates and
     depths, the population of 20 of its real ALR runs, and the 100 generations of its later work.
+
+    The options after ``seed`` change the search away from the original system and are off by
+    default, so a run without them is the paper's, bit for bit (engine/search/diversity.py):
+    - ``p_mut_const``: the mutation rate of constants (the codons of all-number rules and of free
+      constants), ``p_mut`` then being the rate of structure only. None: ``p_mut`` for both, as
+      the original system did. (Its later work used 0.15 on constants against 0.01-0.05 on
+      structure, and found mostly constant tweaks.)
+    - ``remutate``: a child whose canonical program (or, when the caller passes ``same`` to
+      ``evolve``, its behavioural fingerprint) equals a parent's is mutated again, up to this many
+      times, then changed one codon at a time until it differs; 0: off.
+    - ``niche_cap``: at most this many members of a new population share a structure (the
+      canonical tree with constants left out); a child over the cap is bred again, and after
+      NICHE_TRIES failures replaced by a random individual. 0: off.
+    - ``restart_after``: after this many generations without a better best, the next population
+      is the run's hall of fame (its best distinct programs, a quarter of the population, kept
+      with their fitness) filled up with random individuals. 0: off.
     """
 
     population: int = 20
@@ -73,13 +92,17 @@ class EvolutionConfig:
     min_depth: int = 6
     max_depth: int = 17
     seed: int = 0
+    p_mut_const: float | None = None
+    remutate: int = 0
+    niche_cap: int = 0
+    restart_after: int = 0
 
     def __post_init__(self) -> None:
         def bad(message: str) -> None:
             raise ValueError(f"EvolutionConfig: {message}")
 
         for name in ("population", "generations", "elitism", "tournament", "min_depth",
-                     "max_depth", "seed"):
+                     "max_depth", "seed", "remutate", "niche_cap", "restart_after"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 bad(f"{name} must be an int, got {value!r}")
@@ -93,10 +116,16 @@ class EvolutionConfig:
                 f"{self.population}")
         if not 1 <= self.tournament <= self.population:
             bad(f"tournament must be in [1, population], got {self.tournament}")
-        for name in ("p_cross", "p_mut"):
+        for name in ("p_cross", "p_mut", "p_mut_const"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            if name == "p_mut_const" and value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not 0.0 <= value <= 1.0:
                 bad(f"{name} must be a probability in [0, 1], got {value!r}")
+        for name in ("remutate", "niche_cap", "restart_after"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be 0 (off) or a positive count, got {getattr(self, name)}")
         if not 1 <= self.min_depth <= self.max_depth:
             bad(f"need 1 <= min_depth <= max_depth, got {self.min_depth} and {self.max_depth}")
 
@@ -147,13 +176,16 @@ class RunResult:
 def evolve(grammar: Grammar, config: EvolutionConfig, fitness: FitnessFunction, *,
            seeds: Mapping[str, str] | Sequence[str] = (),
            checkpoint_dir: str | Path | None = None, resume: bool = False,
-           on_generation: Callable[[GenerationRecord], None] | None = None) -> RunResult:
+           on_generation: Callable[[GenerationRecord], None] | None = None,
+           same: Callable[[str], Hashable] | None = None) -> RunResult:
     """Run (or resume) an evolution and return its history and final population.
 
     ``seeds`` are program texts placed in the initial population (a mapping gives them names for
     error messages); each must be derivable in the grammar within ``config.max_depth``.
     With ``resume`` the newest good checkpoint in ``checkpoint_dir`` is continued; an empty
     directory starts afresh. ``on_generation`` sees each new record, e.g. for a progress bar.
+    ``same`` maps a phenotype to what makes two children the same for ``config.remutate`` (e.g.
+    a behavioural fingerprint); by default the canonical program (engine.search.structure).
     """
     named = _named_seeds(seeds)
     if len(named) > config.population:
@@ -177,8 +209,12 @@ def evolve(grammar: Grammar, config: EvolutionConfig, fitness: FitnessFunction, 
     else:
         population, history = state
     for generation in range(len(history), config.generations):
-        population, evaluated = _next_generation(grammar, config, generation, population,
-                                                 fitness)
+        if stagnant([r.best for r in history], config.restart_after):
+            population, evaluated = _restart(grammar, config, generation, population, history,
+                                             fitness)
+        else:
+            population, evaluated = _next_generation(grammar, config, generation, population,
+                                                     fitness, same or canonical_key)
         history.append(_record(generation, population, evaluated))
         _after_generation(directory, identity, population, history, on_generation)
     return RunResult(history=tuple(history), population=tuple(population))
@@ -205,22 +241,79 @@ def _initial_population(grammar: Grammar, config: EvolutionConfig,
 
 
 def _next_generation(grammar: Grammar, config: EvolutionConfig, generation: int,
-                     parents: list[Scored], fitness: FitnessFunction) -> tuple[list[Scored], int]:
+                     parents: list[Scored], fitness: FitnessFunction,
+                     same: Callable[[str], Hashable]) -> tuple[list[Scored], int]:
     rng = _generation_rng(config, generation)
     ranked = sorted(range(len(parents)), key=lambda i: (-parents[i].fitness, i))
     elites = [parents[i] for i in ranked[:config.elitism]]
+    mutation = mutation_with(grammar, config.p_mut, config.p_mut_const, config.max_depth, rng)
+
+    def breed() -> Individual:
+        if rng.random() < config.p_cross:
+            family = (_tournament(parents, config.tournament, rng),
+                      _tournament(parents, config.tournament, rng))
+            base = crossover(grammar, family[0].individual, family[1].individual,
+                             config.max_depth, rng)
+        else:
+            family = (_tournament(parents, config.tournament, rng),)
+            base = family[0].individual
+        child = mutation(base)
+        if config.remutate:
+            taken = {same(p.individual.phenotype) for p in family}
+            child = remutated(grammar, base, child, taken, same, config.remutate, mutation,
+                              config.max_depth, rng)
+        return child
+
+    niches = Counter(structure_key(e.individual.phenotype) for e in elites
+                     if config.niche_cap)
     children: list[Individual] = []
     while len(elites) + len(children) < config.population:
-        if rng.random() < config.p_cross:
-            a = _tournament(parents, config.tournament, rng)
-            b = _tournament(parents, config.tournament, rng)
-            child = crossover(grammar, a.individual, b.individual, config.max_depth, rng)
-        else:
-            child = _tournament(parents, config.tournament, rng).individual
-        children.append(mutate(grammar, child, config.p_mut, config.max_depth, rng))
+        child = breed()
+        if config.niche_cap:
+            child = _within_cap(child, breed, niches, grammar, config, rng)
+        children.append(child)
     texts = [c.phenotype for c in children]
     values = _evaluate(texts, fitness)
     return elites + [Scored(c, f) for c, f in zip(children, values)], len(set(texts))
+
+
+# How many times a child over its niche's cap is bred again, then how many random individuals
+# are tried, before one is taken whatever its niche (a grammar may have too few structures).
+NICHE_TRIES = 20
+
+
+def _within_cap(child: Individual, breed: Callable[[], Individual], niches: Counter,
+                grammar: Grammar, config: EvolutionConfig, rng: random.Random) -> Individual:
+    """``child``, or a replacement whose structural niche has room; counts it in ``niches``."""
+    def room(c: Individual) -> bool:
+        return niches[structure_key(c.phenotype)] < config.niche_cap
+
+    tries = 0
+    while not room(child) and tries < NICHE_TRIES:
+        child, tries = breed(), tries + 1
+    tries = 0
+    while not room(child) and tries < NICHE_TRIES:
+        child, tries = initialise(grammar, rng, config.min_depth, config.max_depth), tries + 1
+    niches[structure_key(child.phenotype)] += 1
+    return child
+
+
+def _restart(grammar: Grammar, config: EvolutionConfig, generation: int,
+             population: list[Scored], history: list[GenerationRecord],
+             fitness: FitnessFunction) -> tuple[list[Scored], int]:
+    """The hall of fame (kept with its fitness, not evaluated again) and fresh random
+    individuals: what a stagnant run continues from."""
+    rng = _generation_rng(config, generation)
+    known = {s.individual.phenotype: s.individual for s in population}
+    fame = hall_of_fame(grammar, [(r.phenotypes, r.fitness) for r in history],
+                        max(1, config.population // 4), config.max_depth, known)
+    kept = [Scored(individual, value) for individual, value in fame]
+    fresh: list[Individual] = []
+    while len(kept) + len(fresh) < config.population:
+        fresh.append(initialise(grammar, rng, config.min_depth, config.max_depth))
+    texts = [c.phenotype for c in fresh]
+    values = _evaluate(texts, fitness)
+    return kept + [Scored(c, f) for c, f in zip(fresh, values)], len(set(texts))
 
 
 def _tournament(population: list[Scored], size: int, rng: random.Random) -> Scored:
@@ -342,7 +435,8 @@ def _resume_state(directory: Path, identity: dict, grammar: Grammar,
 def _check_identity(path: Path, body: dict, identity: dict) -> None:
     saved = body.get("config", {})
     for f in fields(EvolutionConfig):
-        if f.name != "generations" and saved.get(f.name) != identity["config"][f.name]:
+        # A field added since the checkpoint was written reads as its default (the old behaviour).
+        if f.name != "generations" and saved.get(f.name, f.default) != identity["config"][f.name]:
             raise CheckpointError(f"{path}: written with {f.name}={saved.get(f.name)!r}, but "
                                   f"this run has {f.name}={identity['config'][f.name]!r}; only "
                                   "generations may change when resuming")

@@ -21,6 +21,10 @@ The format, one rule per line::
   ``\\\\`` a backslash.
 - Repeated alternatives are allowed on purpose: they bias the choice (the ALR grammar lists
   ``grad`` several times and ``add`` twice).
+- Free constants: a rule whose only alternative is ``%float`` (``<free_a> ::= %float``) derives
+  one real number, carried in the genotype itself instead of picked from a list of terminals
+  (engine/search/sge.py says how it is drawn, rendered and mutated). ``%float`` anywhere else is
+  an error: a number mixed into other text could not be mutated as one value.
 
 Depth: the start symbol's node is at depth 1, a node's children at depth + 1, and a tree's depth
 is the deepest non-terminal node. ``Grammar.shortest`` gives, for each non-terminal, the depth of
@@ -36,12 +40,16 @@ import functools
 
 import math
 import re
+
+import numpy as np
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "ALR_EXT_GRAMMAR",
     "ALR_GRAMMAR",
     "DLR_GRAMMAR",
+    "FREE_CONSTANT",
     "Derivation",
     "DerivationError",
     "Grammar",
@@ -55,6 +63,11 @@ __all__ = [
 GRAMMAR_DIR = Path(__file__).resolve().parent / "grammars"
 ALR_GRAMMAR = GRAMMAR_DIR / "alr.bnf"
 DLR_GRAMMAR = GRAMMAR_DIR / "dlr.bnf"
+ALR_EXT_GRAMMAR = GRAMMAR_DIR / "alr_ext.bnf"
+FREE_CONSTANT = "%float"
+# A number as the IR's text form writes one (codegen/parse.py), whitespace already removed.
+_FREE_NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*(?:[eE][-+]?[0-9]+)?"
+                          r"|\.[0-9]+(?:[eE][-+]?[0-9]+)?)")
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _NT_AT = re.compile(rf"<({_NAME})>")
@@ -127,6 +140,16 @@ class Grammar:
         """Per non-terminal: its production indices sorted by value when every production is a
         single number (a constant rule), else None. Mutation steps along these."""
         return tuple(_ladder(rules) for rules in self.rules)
+
+    @functools.cached_property
+    def free(self) -> tuple[bool, ...]:
+        """Per non-terminal: whether it is a free-constant rule (``<x> ::= %float``), whose
+        codons are the constants' values rather than production indices."""
+        return tuple(len(rule) == 1 and rule[0].symbols == (FREE_CONSTANT,) for rule in self.rules)
+
+    @property
+    def has_free_constants(self) -> bool:
+        return any(self.free)
     # _fits[nt][budget]: productions whose shortest derivation fits in `budget` more levels.
     _fits: tuple[tuple[tuple[int, ...], ...], ...]
 
@@ -332,6 +355,14 @@ def _build(source: str, text: str, names: list[str], alts: list[list[list]],
 
     rules = [[tuple(index[s[0]] if isinstance(s, tuple) else s for s in alt) for alt in rule]
              for rule in alts]
+    for i, rule in enumerate(rules):
+        for alt in rule:
+            mixed = any(isinstance(s, str) and FREE_CONSTANT in s for s in alt)
+            if mixed and not (len(rule) == 1 and alt == (FREE_CONSTANT,)):
+                raise GrammarError(source, lines[i], "bad-float",
+                                   f"<{names[i]}> mixes {FREE_CONSTANT} with other text or "
+                                   f"alternatives; a free constant is a rule of its own, "
+                                   f"'<free> ::= {FREE_CONSTANT}', that other rules refer to")
     shortest = _shortest_depths(rules)
     stuck = [i for i, d in enumerate(shortest) if d == _INFINITE]
     if stuck:
@@ -412,6 +443,7 @@ class Derivation:
     choice: int
     children: tuple[Derivation, ...]
     depth: int
+    value: float | None = None  # the number a free-constant rule derived
 
 
 def derive(grammar: Grammar, text: str) -> Derivation:
@@ -433,6 +465,7 @@ def derive(grammar: Grammar, text: str) -> Derivation:
               for p in rule)
         for rule in grammar.rules)
     memo: dict[tuple[int, int], dict[int, Derivation]] = {}
+    free = grammar.free
     furthest = [0, set()]  # position of the furthest failed terminal, and what was expected
 
     def expand(nt: int, pos: int) -> dict[int, Derivation]:
@@ -441,6 +474,17 @@ def derive(grammar: Grammar, text: str) -> Derivation:
             return memo[key]
         memo[key] = {}  # an in-progress entry stops left recursion from looping
         results: dict[int, Derivation] = {}
+        if free[nt]:
+            number = _FREE_NUMBER.match(flat, pos)
+            value = _float32(number.group()) if number else None
+            if value is not None:
+                results[number.end()] = Derivation(nt, 0, (), 1, value)
+            elif pos > furthest[0]:
+                furthest[0], furthest[1] = pos, {"a number"}
+            elif pos == furthest[0]:
+                furthest[1].add("a number")
+            memo[key] = results
+            return results
         for k, symbols in enumerate(rules[nt]):
             partial: dict[int, tuple[Derivation, ...]] = {pos: ()}
             for sym in symbols:
@@ -487,6 +531,13 @@ def derive(grammar: Grammar, text: str) -> Derivation:
     found_text = repr(rest) if at < len(kept) else "the end of the text"
     raise DerivationError(f"not derivable in {grammar.source}: at line {line}, column {column} "
                           f"expected one of {shown}; found {found_text}")
+
+
+def _float32(text: str) -> float | None:
+    """``text`` as the float32 the IR would store, None when it is not a finite one."""
+    with np.errstate(over="ignore"):
+        value = float(np.float32(float(text)))
+    return value if math.isfinite(value) else None
 
 
 def _deepest(trees: tuple[Derivation, ...]) -> int:

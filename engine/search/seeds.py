@@ -8,7 +8,8 @@ the paper's ALR grammar has no ``lr`` input and only 100 fixed constants, so a p
 - in ALR programs ``lr`` becomes a constant (``--seed-lr``, 0.001 by default, Adam's and Keras's
   step size), since an evolved optimizer carries its own step sizes;
 - every constant becomes the nearest constant the grammar offers (a negative one, when the grammar
-  has no negative constants, becomes ``neg(nearest(|c|))``); in DLR schedules a constant compared
+  has no negative constants, becomes ``neg(nearest(|c|))``), unless the grammar has free
+  constants (``alr_ext.bnf``), which take every value as it is; in DLR schedules a constant compared
   with ``epoch`` snaps to the grammar's integer constants, any other to its non-integer ones;
 - an ALR program that leaves a state out gets ``state: 0.0`` lines when the grammar's start rule
   needs all four.
@@ -202,6 +203,7 @@ class _Snapper:
         self.integral = sorted(integral) or self.every
         self.other = sorted(other) or self.every
         self.has_negative = any(v < 0 for v in every)
+        self.free = grammar.has_free_constants  # every constant is derivable as it is
 
     def alr(self, node: Node) -> Node:
         return self._walk(node, self.every)
@@ -224,6 +226,8 @@ class _Snapper:
         value = node.value
         if not math.isfinite(value):
             raise ValueError(f"constant {value} has no counterpart in a grammar")
+        if self.free:
+            return node
         if not pool:
             raise ValueError("the grammar has no numeric constants to snap to")
         if value < 0 and not self.has_negative:

@@ -22,13 +22,21 @@ Design:
   always lands on the same repair. A fresh codon is drawn uniformly from ``fits``. Since the
   start symbol fits whenever ``max_depth >= grammar.shortest[start]``, every node has at least one
   fitting production and no tree is ever deeper than ``max_depth``.
+- Free constants (a grammar rule ``<x> ::= %float``, engine/search/grammar.py): the codon list of
+  such a rule holds the constants' values themselves, float32-rounded so that the phenotype's text
+  reads back as the same value. A fresh one is drawn log-uniformly in [1e-4, 1] (the span of the
+  paper's sigmoid table), positive: signs come from the grammar's ``neg`` and ``sub``. Mutation
+  multiplies a value by ``exp(N(0, FREE_CONSTANT_STEP))``, a Gaussian step in log space that keeps
+  the sign (0 cannot be scaled, so a 0 is redrawn instead).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
+from codegen.ir import Const, format_float
 from engine.search.grammar import Derivation, Grammar, derive
 
 __all__ = [
@@ -42,7 +50,8 @@ __all__ = [
     "mutate_genotype",
 ]
 
-Genotype = tuple[tuple[int, ...], ...]  # one codon list per non-terminal, in grammar order
+# One codon list per non-terminal, in grammar order; a free-constant rule's list holds floats.
+Genotype = tuple[tuple[int | float, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,7 @@ def map_genotype(grammar: Grammar, genotype: Genotype, max_depth: int,
         raise ValueError(f"max_depth={max_depth} is below the shallowest tree of "
                          f"{grammar.source} (depth {grammar.shortest[grammar.start]}); raise it")
     fitting = grammar.fitting
+    free = grammar.free
     genes = [list(codons) for codons in genotype]
     used = [0] * len(rules)
     depths: list[list[int]] = [[] for _ in rules]
@@ -96,6 +106,9 @@ def map_genotype(grammar: Grammar, genotype: Genotype, max_depth: int,
         depths[sym].append(depth)
         if depth > deepest:
             deepest = depth
+        if free[sym]:
+            out.append(format_float(_free_codon(grammar, sym, codons, i, rng)))
+            continue
         fits = fitting(sym, max_depth - depth)
         if i < len(codons):
             choice = codons[i]
@@ -122,6 +135,30 @@ def map_genotype(grammar: Grammar, genotype: Genotype, max_depth: int,
                       codon_depths=tuple(tuple(d) for d in depths))
 
 
+def _free_codon(grammar: Grammar, nt: int, codons: list, i: int,
+                rng: random.Random | None) -> float:
+    """The value of codon ``i`` of free-constant rule ``nt``, drawn (and appended) if missing."""
+    if i < len(codons):
+        value = codons[i]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ValueError(f"codon {i} of <{grammar.names[nt]}> is {value!r}, but a free "
+                             "constant's codon must be a finite number")
+        value = _float32(value)
+        codons[i] = value
+        return value
+    if rng is None:
+        raise ValueError(f"the codon list of <{grammar.names[nt]}> ran out and no rng was given "
+                         "to extend it")
+    value = _float32(10.0 ** rng.uniform(-4.0, 0.0))
+    codons.append(value)
+    return value
+
+
+def _float32(value: float) -> float:
+    return Const(value).value
+
+
 def initialise(grammar: Grammar, rng: random.Random, min_depth: int,
                max_depth: int) -> Individual:
     """A random individual grown from an empty genotype, between ``min_depth`` and ``max_depth``.
@@ -139,24 +176,38 @@ def initialise(grammar: Grammar, rng: random.Random, min_depth: int,
 
 
 def mutate_genotype(grammar: Grammar, individual: Individual, p_mut: float, max_depth: int,
-                    rng: random.Random) -> Genotype:
+                    rng: random.Random, *, p_const: float | None = None) -> Genotype:
     """Each used codon of a non-terminal with several options changes with probability p_mut.
+
+    Constants change with probability ``p_const`` instead (``p_mut`` when None, as in the
+    original system): the codons of constant rules (all-number rules, which step along their
+    sorted values) and of free-constant rules (a Gaussian step in log space, see the module
+    docstring). Everything else is structure and keeps ``p_mut``.
 
     The new codon is a different production among those that fit at the depth where the codon
     was used, so a mutation is never a silent no-op at the codon level and never breaks the depth
     limit there. (Duplicated alternatives count as different productions: a `grad` may become
     another `grad`, which is how the grammar's bias is meant to work.) Unused codons never change.
     """
-    if not 0.0 <= p_mut <= 1.0:
-        raise ValueError(f"p_mut must be a probability in [0, 1], got {p_mut}")
+    if p_const is None:
+        p_const = p_mut
+    for name, p in (("p_mut", p_mut), ("p_const", p_const)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
     genes = [list(codons) for codons in individual.genotype]
     for nt, used_depths in enumerate(individual.codon_depths):
+        codons = genes[nt]
+        if grammar.free[nt]:
+            for i in range(len(used_depths)):
+                if rng.random() < p_const:
+                    codons[i] = _step_constant(codons[i], rng)
+            continue
         if len(grammar.rules[nt]) < 2:
             continue
-        codons = genes[nt]
         ladder = grammar.ladders[nt]
+        rate = p_mut if ladder is None else p_const
         for i, depth in enumerate(used_depths):
-            if rng.random() >= p_mut:
+            if rng.random() >= rate:
                 continue
             if ladder is not None and rng.random() < LOCAL_CONSTANT_STEP:
                 codons[i] = _neighbour(ladder, codons[i] % len(ladder), rng)
@@ -175,6 +226,18 @@ def mutate_genotype(grammar: Grammar, individual: Individual, p_mut: float, max_
 LOCAL_CONSTANT_STEP = 0.8
 
 
+# The standard deviation of a free constant's Gaussian step in log space: a factor of about
+# 1.35 either way for one sigma, so that most steps are nudges and a few are jumps.
+FREE_CONSTANT_STEP = 0.3
+
+
+def _step_constant(value: float, rng: random.Random) -> float:
+    if value == 0.0:
+        return _float32(10.0 ** rng.uniform(-4.0, 0.0))
+    stepped = _float32(value * math.exp(rng.gauss(0.0, FREE_CONSTANT_STEP)))
+    return stepped if math.isfinite(stepped) and stepped != 0.0 else value
+
+
 def _neighbour(ladder: tuple[int, ...], codon: int, rng: random.Random) -> int:
     """A production 1, 2, 3... places away along the ladder (geometric, never the same)."""
     position = ladder.index(codon)
@@ -188,9 +251,9 @@ def _neighbour(ladder: tuple[int, ...], codon: int, rng: random.Random) -> int:
 
 
 def mutate(grammar: Grammar, individual: Individual, p_mut: float, max_depth: int,
-           rng: random.Random) -> Individual:
+           rng: random.Random, *, p_const: float | None = None) -> Individual:
     """Mutate the used codons, then re-map (new subtrees may need fresh codons from ``rng``)."""
-    genotype = mutate_genotype(grammar, individual, p_mut, max_depth, rng)
+    genotype = mutate_genotype(grammar, individual, p_mut, max_depth, rng, p_const=p_const)
     return map_genotype(grammar, genotype, max_depth, rng)
 
 
@@ -220,13 +283,13 @@ def individual_from_text(grammar: Grammar, text: str, max_depth: int,
     if tree.depth > max_depth:
         raise ValueError(f"seed {name!r} needs a tree of depth {tree.depth}, above "
                          f"max_depth={max_depth}; simplify it or raise max_depth")
-    genes: list[list[int]] = [[] for _ in grammar.rules]
+    genes: list[list[int | float]] = [[] for _ in grammar.rules]
     _collect(tree, genes)
     return map_genotype(grammar, tuple(tuple(c) for c in genes), max_depth)
 
 
-def _collect(tree: Derivation, genes: list[list[int]]) -> None:
+def _collect(tree: Derivation, genes: list[list[int | float]]) -> None:
     """Codons in the mapper's order: pre-order, children left to right."""
-    genes[tree.nt].append(tree.choice)
+    genes[tree.nt].append(tree.choice if tree.value is None else tree.value)
     for child in tree.children:
         _collect(child, genes)

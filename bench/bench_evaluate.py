@@ -27,7 +27,7 @@ from typing import Iterator
 import pytest
 
 from engine.fitness.evaluator import Evaluator
-from engine.exec.executors import Executor, make_executor
+from engine.exec import Executor, make_executor
 from engine.fitness.store import Store
 from engine.tasks.training import configure_process
 

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from engine.fitness.evaluator import Evaluator
-from engine.exec.executors import make_executor
+from engine.exec import make_executor
 from engine.fitness.store import Store
 from engine.tasks.training import configure_process
 from faulty import EXITS, HANGS, RAISES, SEGFAULTS, faulty_train

@@ -433,7 +433,14 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
     for e in fame:
         lines.append(f"| {e['rank']} | {e['fitness']:.4f} | {e['size']} | "
                      f"`{one_line(e['canonical']).replace('|', chr(92) + '|')}` |")
-    lines += ["", "## Evaluations", "",
+    lines += ["", *_evaluations_markdown(counts)]
+    lines += ["## Reproduce", "", *_fenced(data["reproduce"]), ""]
+    return "\n".join(lines)
+
+
+def _evaluations_markdown(counts: dict) -> list[str]:
+    """The report's "Evaluations" section: how many answers of each kind, and why runs failed."""
+    lines = ["## Evaluations", "",
               f"{counts['requested']} answers, each of one kind below; {counts['trainings']} "
               f"trainings ran ({_duration(counts['train_seconds'])} of training, whatever "
               "their outcome)." + (f" A resumed session answered {counts['answered_again']} of "
@@ -447,8 +454,7 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
         lines += ["| failure reason | count |", "|---|---|"]
         lines += [f"| {reason} | {n} |" for reason, n in counts["reasons"].items()]
         lines.append("")
-    lines += ["## Reproduce", "", *_fenced(data["reproduce"]), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _fenced(text: str) -> list[str]:

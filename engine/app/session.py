@@ -231,7 +231,7 @@ class Session:
     # -- the whole session -----------------------------------------------------------------------
 
     def run(self) -> int:
-        from engine.exec.executors import ExecutorError, make_executor
+        from engine.exec import ExecutorError, make_executor
         from engine.search.grammar import parse_grammar
         from engine.fitness.store import Store, StoreError
         from engine.tasks.training import configure_process
@@ -285,10 +285,11 @@ class Session:
                                  f"({outcome.reason}), so no candidate could train; fix that "
                                  "and run again")
 
-    def _run_locked(self, grammar: Grammar, store, executor, backend: str) -> int:
-        from engine.fitness.evaluator import Evaluator
+    def _start(self, store, executor, backend: str) -> tuple[str, str]:
+        """Set up a (resumed) run: history, run files, evaluator, display, tracker; the mode's
+        baseline (name, text)."""
         from engine.app.show import Display
-        from engine.fitness.store import versions
+        from engine.fitness.evaluator import Evaluator
 
         out, config = self.out, self.config
         done = newest_checkpoint(out / CHECKPOINTS).body if self.resumed else None
@@ -315,6 +316,13 @@ class Session:
             from engine.app.tracking import TensorBoardLog
 
             self.tracker = TensorBoardLog(config.tensorboard, self.history)
+        return base_name, base_text
+
+    def _run_locked(self, grammar: Grammar, store, executor, backend: str) -> int:
+        from engine.fitness.store import versions
+
+        out, config = self.out, self.config
+        base_name, base_text = self._start(store, executor, backend)
         status = "finished"
         try:
             with self.display, self.tracker or contextlib.nullcontext():

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 from codegen.ir import ParseError, Program, Schedule
 from engine import modes
-from engine.exec.executors import Executor, Outcome
+from engine.exec import Executor, Outcome
 from engine.modes import Mode
 from engine.fitness.screening import fingerprint, probe_updates, screen
 from engine.fitness.store import Record, Store, not_reusable

@@ -29,7 +29,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from engine.search.grammar import Derivation, Grammar, derive
+from engine.search.derivation import Derivation, derive
+from engine.search.grammar import Grammar
 
 __all__ = [
     "Genotype",

@@ -54,6 +54,10 @@ class Mode:
     def __repr__(self) -> str:
         return f"<mode {self.name}>"
 
+    def __reduce__(self):
+        # A job carries its Mode to a worker: it arrives as that process's own ALR or DLR.
+        return get, (self.name,)
+
     def parse(self, text: str) -> Program | Schedule:
         raise NotImplementedError
 

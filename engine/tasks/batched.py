@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from codegen.ir import STATES, Program, evaluate
+from codegen.ir import STATES, Program
 from engine.tasks.heldout import MLPSpec
 from engine.tasks.stacked import StackedModel
 from engine.tasks.training import FitResult, ModelSpec
@@ -137,7 +137,7 @@ class KernelUpdate:
 
     def _advance(self, k: int, lr: float) -> dict[str, float]:
         """Member k's uniform states (step counters) one step on, by the reference semantics
-        (`Program.advance_uniform`). Memoised along a chain: a miss works out the next CHAIN
+        (the kernel's `UniformStepper`). Memoised along a chain: a miss works out the next CHAIN
         steps, because a step counter is a new key every step and the reference walk costs
         ~0.15 ms (measured: a third of a K=32 MLP batch's time without the chain)."""
         kn, old = self.kernels[k], self.scalars[k]
@@ -148,19 +148,10 @@ class KernelUpdate:
         if new is None:
             if len(self._memo) > 64 * CHAIN:
                 self._memo.clear()
-            program = kn.plan.program
-            uniform = [(s, getattr(program, s)) for s in program.uniform_states()]
-            env = {s: np.float32(0.0) for s in STATES}
-            env.update({s: np.float32(v) for s, v in old.items()})
-            env["lr"] = np.float32(lr)
             state = key
-            with np.errstate(all="ignore"):
-                for _ in range(CHAIN):
-                    for s, delta in uniform:
-                        env[s] = np.float32(env[s] - evaluate(delta, env))
-                    values = {s: float(env[s]) for s in kn.scalar_states}
-                    self._memo[state] = values
-                    state = (kn.hash, lr, tuple(values.values()))
+            for values in kn.stepper.chain(old, lr, CHAIN):
+                self._memo[state] = values
+                state = (kn.hash, lr, tuple(values.values()))
             new = self._memo[key]
         return new
 

@@ -11,6 +11,7 @@ application (tune and compare optimizers) that reuses app's command-line convent
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,43 @@ def test_each_kind_of_wrong_import_is_named(importer, imported, why):
     found = violations(graph)
     assert len(found) >= 1 and all(f.startswith(f"{importer}:1 -> {imported}") for f in found)
     assert any(why in f for f in found), found
+
+
+# -- the docs name the tree as it is -------------------------------------------------------------
+
+_PATH = re.compile(r"(?<![\w/.-])((?:codegen|kernels|engine|bench|tests|docs)(?:/[\w.-]+)*/?)")
+
+
+def named_paths(text: str) -> set[str]:
+    """Every repository path a document names (`engine/app/session.py`, `codegen/backends/`)."""
+    return {m.rstrip(".") for m in _PATH.findall(text)}
+
+
+def _readme_layout() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("## Layout\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+@pytest.mark.parametrize("where", ["docs/architecture.md", "README.md's Layout"])
+def test_every_path_the_docs_name_exists(where):
+    text = _readme_layout() if where.startswith("README") else (ROOT / where).read_text()
+    paths = named_paths(text)
+    assert len(paths) > 10, paths  # the pattern still finds them
+    # A placeholder (`engine/exec/NAME.py`, a file to add) names an existing folder.
+    missing = [p for p in paths if not (ROOT / p).exists() and not
+               ("NAME" in Path(p).name and (ROOT / p).parent.is_dir())]
+    assert sorted(missing) == []
+
+
+def test_architecture_names_every_engine_module():
+    named = named_paths((ROOT / "docs" / "architecture.md").read_text(encoding="utf-8"))
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "engine").rglob("*.py")}
+    assert sorted(modules - named) == []
+
+
+def test_the_path_check_catches_a_stale_name():
+    paths = named_paths("`engine/exec/executors.py` and engine/app/session.py, then docs/.")
+    assert paths == {"engine/exec/executors.py", "engine/app/session.py", "docs/"}
+    assert not (ROOT / "engine/exec/executors.py").exists()

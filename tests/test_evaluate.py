@@ -118,6 +118,16 @@ def test_a_job_carries_the_program_and_task_and_pickles_small_and_stable():
     assert back.task.digest == job.task.digest  # the worker trains the task the store key names
 
 
+def test_the_evaluator_takes_the_mode_object_not_its_name():
+    """engine.fitness sits below engine.modes and never looks a mode's name up."""
+    from engine.fitness.evaluator import Job
+
+    with pytest.raises(TypeError, match=r"engine.modes.get\('alr'\)"):
+        Job.build("alr", ADAMISH, "smoke", 0, 60.0, "numba")
+    with pytest.raises(TypeError, match="must be an engine.modes Mode"):
+        Evaluator("alr", "smoke", 0, None, None)
+
+
 def test_the_cheap_half_leaves_only_what_must_train(tmp_path):
     """A later tier can act between the halves: the batch says what is pending and for whom."""
     texts = [SGDISH, "weight: mul(0.5, alpha)", "weight: mul(grad, 0.05)",

@@ -27,7 +27,8 @@ from typing import Iterator
 import pytest
 
 from engine.fitness.evaluator import Evaluator
-from engine.exec.executors import Executor, make_executor
+from engine.modes import ALR
+from engine.exec import Executor, make_executor
 from engine.fitness.store import Store
 from engine.tasks.training import configure_process
 
@@ -63,7 +64,7 @@ def warmed_up(executor_name: str, preset: str) -> Iterator[tuple[Executor, float
 def train_all(executor: Executor, preset: str, programs: list[str] = CANDIDATES) -> float:
     """Seconds for `executor` to train every program once, from a fresh store."""
     with tempfile.TemporaryDirectory() as tmp, Store(f"{tmp}/store.sqlite") as store:
-        evaluator = Evaluator("alr", preset, 0, store, executor, time_limit=600)
+        evaluator = Evaluator(ALR, preset, 0, store, executor, time_limit=600)
         start = time.perf_counter()
         results = evaluator.evaluate(programs)
         elapsed = time.perf_counter() - start

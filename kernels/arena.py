@@ -47,7 +47,6 @@ import numpy as np
 import torch
 
 from codegen import backends
-from codegen.ir import STATES, evaluate
 from kernels.runtime import UpdateKernel
 
 __all__ = ["ALIGN", "DIRECT_MIN", "Arena", "host_scalar"]
@@ -124,8 +123,6 @@ class Arena:
         # numpy reads and writes a few floats in well under a microsecond; torch indexing costs
         # several. Shares memory with `scalars` and so with the 0-d tensors in `state[p]`.
         self.scalars_np: np.ndarray = self.scalars.numpy()
-        program = self.kernel.plan.program
-        self.uniform = tuple((s, getattr(program, s)) for s in self.scalar_states)  # (state, delta)
         self.options = (self.kernel.plan.maximize, self.kernel.plan.decay)
 
     def use(self, kernel: UpdateKernel) -> None:
@@ -211,17 +208,11 @@ class Arena:
             # per-step scheduler) is not.
             chain = CHAIN if key[1] == self.last_lr else 1
             self.last_lr = key[1]
-            env = {s: np.float32(0.0) for s in STATES}
-            env.update(zip(self.scalar_states, np.frombuffer(old, np.float32)))
-            env["lr"] = np.float32(lr)
             state = old
-            with np.errstate(all="ignore"):
-                for _ in range(chain):
-                    for s, delta in self.uniform:
-                        env[s] = np.float32(env[s] - evaluate(delta, env))
-                    values = {s: float(env[s]) for s in self.scalar_states}
-                    self.advanced[(state, key[1])] = values
-                    state = np.array([env[s] for s in self.scalar_states], np.float32).tobytes()
+            start = dict(zip(self.scalar_states, map(float, np.frombuffer(old, np.float32))))
+            for values in self.kernel.stepper.chain(start, lr, chain):
+                self.advanced[(state, key[1])] = values
+                state = np.array([values[s] for s in self.scalar_states], np.float32).tobytes()
             new = self.advanced[key]
         return new
 

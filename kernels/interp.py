@@ -30,7 +30,7 @@ import torch
 
 from codegen import bytecode
 from codegen.bytecode import Bytecode, assemble
-from codegen.ir import STATES, Program, variables
+from codegen.ir import STATES, Program, UniformStepper
 
 __all__ = ["CHUNK", "Batch"]
 
@@ -200,7 +200,7 @@ class Batch:
 
     `lr` (float32, one per segment) may be changed between steps (a schedule); `scalars`
     (float32, K x 3: alpha, beta, sigma) holds each segment's uniform states, advanced by `step`
-    as the reference semantics say (Program.advance_uniform), and may be set to resume.
+    as the reference semantics say (the program's UniformStepper), and may be set to resume.
     """
 
     def __init__(self, programs: Sequence[Program], offsets: Sequence[int],
@@ -242,7 +242,8 @@ class Batch:
         # Uniform states: each segment's next CHAIN values, where it is in them, and what
         # they were computed from (see advance).
         self._uniform = np.array([bool(c.scalar_states) for c in self.codes], np.bool_)
-        self._keys = [_uniform_key(p) for p in self.programs]
+        self._steppers = [p.stepper() for p in self.programs]
+        self._keys = [_uniform_key(stepper) for stepper in self._steppers]
         self._chains = np.zeros((k, CHAIN, 3), np.float32)
         self._pos = np.full(k, CHAIN, np.int64)
         self._chain_lr = self.lr.copy()
@@ -254,7 +255,7 @@ class Batch:
     def advance(self, active: np.ndarray) -> None:
         """Each active segment's uniform states one step on (the values its step will read).
 
-        The values come from Program.advance_uniform, CHAIN steps at a time: per step this is a
+        The values come from each program's UniformStepper, CHAIN steps at a time: per step this is a
         few numpy operations for the whole batch, not a float32 tree walk per segment (~10 us
         each). A chain is recomputed when used up, when a segment's lr changed, or when someone
         wrote `scalars` (a resume): each segment's values are always those the reference
@@ -265,7 +266,7 @@ class Batch:
                           | (self.scalars.view(np.uint32) != self._written.view(np.uint32)
                              ).any(axis=1))
         for k in np.flatnonzero(stale):
-            self._chains[k] = _chain(self.programs[k], self._keys[k], self.scalars[k],
+            self._chains[k] = _chain(self._steppers[k], self._keys[k], self.scalars[k],
                                      self.lr[k])
             self._pos[k] = 0
             self._chain_lr[k] = self.lr[k]
@@ -297,11 +298,10 @@ class Batch:
              mask, self.registers)
 
 
-def _uniform_key(program: Program) -> tuple:
+def _uniform_key(stepper: UniformStepper) -> tuple:
     """What a segment's uniform states depend on besides their values: their deltas, and
     whether those read lr (segments that share a step counter share its chains)."""
-    deltas = tuple((s, str(getattr(program, s))) for s in program.uniform_states())
-    return deltas, any("lr" in variables(getattr(program, s)) for s in program.uniform_states())
+    return tuple((s, str(delta)) for s, delta in stepper.deltas), stepper.reads_lr
 
 
 # Chains of uniform-state values, shared by every batch in this process: a step counter's
@@ -309,9 +309,10 @@ def _uniform_key(program: Program) -> tuple:
 _CHAINS: dict[tuple, np.ndarray] = {}
 
 
-def _chain(program: Program, key: tuple, old: np.ndarray, lr: np.float32) -> np.ndarray:
-    """The uniform states' next CHAIN values (rows: after 1, 2, ... steps), by
-    Program.advance_uniform, from `old` (float32 alpha, beta, sigma) at `lr`."""
+def _chain(stepper: UniformStepper, key: tuple, old: np.ndarray, lr: np.float32
+           ) -> np.ndarray:
+    """The uniform states' next CHAIN values (rows: after 1, 2, ... steps), by the program's
+    UniformStepper, from `old` (float32 alpha, beta, sigma) at `lr`."""
     deltas, reads_lr = key
     memo = (deltas, old.tobytes(), lr.tobytes() if reads_lr else None)
     chain = _CHAINS.get(memo)
@@ -320,8 +321,8 @@ def _chain(program: Program, key: tuple, old: np.ndarray, lr: np.float32) -> np.
             _CHAINS.clear()
         values = dict(zip(STATES, map(float, old)))
         chain = np.empty((CHAIN, 3), np.float32)
-        for i in range(CHAIN):
-            values.update(program.advance_uniform(values, float(lr)))
+        for i, new in enumerate(stepper.chain(values, float(lr), CHAIN)):
+            values.update(new)
             chain[i] = [values[s] for s in STATES]
         _CHAINS[memo] = chain
     return chain

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from codegen import backends
 from codegen.ir import Program
-from codegen.lower import DTYPES, lower
+from codegen.lower import DTYPES, KernelPlan, lower
 from kernels.arena import Arena, host_scalar
 from kernels.runtime import UpdateKernel, check_dtype, resolve_backend
 from kernels.runtime import compile as compile_kernel
@@ -62,6 +62,10 @@ class EvolvedOptimizer(Optimizer):
         backend: ``"auto"`` (triton for CUDA parameters; numba for CPU float32/float64 ones,
             torch for CPU float16/bfloat16 ones), ``"numba"``, ``"triton"`` or ``"torch"``
             (the eager reference).
+        kernel: `program`'s kernel, already compiled by :func:`kernels.compile` (an evaluator
+            compiles it once to time the compile, then builds an optimizer per training); used
+            for every param group it fits (its backend, dtype, maximize and decay), so the
+            program is not lowered again. Other groups get their own kernels as usual.
 
     Note:
         At the first step each param group's parameters (their ``.data``), gradients and states
@@ -78,7 +82,8 @@ class EvolvedOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
                  program: Program | str, lr: float = 1.0, *, weight_decay: float = 0.0,
-                 maximize: bool = False, backend: str = "auto") -> None:
+                 maximize: bool = False, backend: str = "auto",
+                 kernel: UpdateKernel | None = None) -> None:
         if isinstance(program, str):
             program = Program.parse(program)  # a ParseError (ValueError) names line and column
         elif not isinstance(program, Program):
@@ -91,10 +96,15 @@ class EvolvedOptimizer(Optimizer):
         _check_maximize(maximize, "maximize")
         self.program = program
         self.backend = backend
-        plan = lower(program)
+        self._kernels: dict[tuple, UpdateKernel] = {}
+        if kernel is None:
+            plan = lower(program)
+        else:
+            plan = _given(kernel, program)
+            self._kernels[(kernel.backend, getattr(torch, plan.dtype), plan.maximize,
+                           plan.decay)] = kernel
         self.tensor_states: tuple[str, ...] = plan.tensor_states
         self.scalar_states: tuple[str, ...] = plan.scalar_states
-        self._kernels: dict[str, UpdateKernel] = {}
         self._arenas: dict[int, Arena] = {}
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "maximize": maximize})
 
@@ -263,6 +273,18 @@ class EvolvedOptimizer(Optimizer):
                 if s in param_state:
                     param_state[s] = host_scalar(float(param_state[s]))
         self._arenas.clear()  # rebuilt from self.state at the next step
+
+
+def _given(kernel: Any, program: Program) -> KernelPlan:
+    """The plan of a kernel passed to EvolvedOptimizer, once it is known to run `program`."""
+    if not isinstance(kernel, UpdateKernel):
+        raise TypeError(f"kernel must be an UpdateKernel from kernels.compile, not "
+                        f"{type(kernel).__name__}")
+    if kernel.plan.program.hash != program.hash:
+        raise ValueError(f"kernel runs another program ({kernel.plan.program.hash[:12]}, not "
+                         f"{program.hash[:12]}): pass the kernel that kernels.compile gave for "
+                         "this program")
+    return kernel.plan
 
 
 def _decay(lr: float, weight_decay: Any, index: int) -> float:

@@ -8,13 +8,13 @@ keeps the machine code next to it.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
 
 from codegen import backends, cache
-from codegen.ir import Program
+from codegen.ir import Program, UniformStepper
 from codegen.lower import KernelPlan, lower
 
 
@@ -69,6 +69,10 @@ class UpdateKernel:
     backend: str
     module: object
     _launch: Callable
+    stepper: UniformStepper = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stepper", self.plan.program.stepper())
 
     @property
     def hash(self) -> str:
@@ -84,7 +88,7 @@ class UpdateKernel:
 
     def advance_scalars(self, scalars: Mapping[str, float], lr: float) -> dict[str, float]:
         """New values of the uniform states, by the reference semantics in float32."""
-        return self.plan.program.advance_uniform(scalars, lr)
+        return self.stepper.step(scalars, lr)
 
     def warm_up(self, device: str = "cpu") -> None:
         """Compile now (Numba compiles on first call) by stepping a throwaway one-element

@@ -8,9 +8,10 @@ import random
 import pytest
 
 from codegen.ir import Const, Program, walk
+from engine.modes import ALR as ALR_MODE
 from engine.search.grammar import ALR_EXT_GRAMMAR, ALR_GRAMMAR, load_grammar, parse_grammar
 from engine.search.seeds import ADABELIEF_PAPER_OPS, ADAM_PAPER_OPS, LION_PAPER_OPS, SeedProgram, \
-    snap, with_lr, zoo_seeds
+    snap, with_lr
 from engine.search.sge import initialise, map_genotype, mutate_genotype
 from engine.search.sge import individual_from_text
 from kernels import zoo
@@ -36,7 +37,7 @@ def test_every_zoo_optimizer_is_a_phenotype_with_the_same_canonical_program(name
     phenotype is the zoo program itself (lr written in), canonical hash for canonical hash, and
     its genotype maps back to it with no randomness."""
     expected = written_in(PROGRAMS[name], LR)
-    text = snap(SeedProgram(name, PROGRAMS[name], LR), EXT, "alr", MAX_DEPTH)
+    text = snap(SeedProgram(name, PROGRAMS[name], LR), EXT, ALR_MODE, MAX_DEPTH)
     individual = individual_from_text(EXT, text, MAX_DEPTH, name)
     assert Program.parse(individual.phenotype).hash == expected.hash
     assert Program.parse(individual.phenotype).canonical() == expected.canonical()
@@ -50,14 +51,14 @@ def test_the_zoo_holds_each_optimizer_the_issue_names():
 
 
 def test_the_modes_seeds_enter_exactly():
-    for seed in zoo_seeds("alr"):
-        text = snap(seed, EXT, "alr", MAX_DEPTH)
+    for seed in ALR_MODE.zoo_seeds():
+        text = snap(seed, EXT, ALR_MODE, MAX_DEPTH)
         assert Program.parse(text).hash == written_in(seed.text, seed.lr).hash
 
 
 def test_the_paper_grammar_still_snaps_its_constants():
     """The identity is for free constants only: alr.bnf keeps its 100-value table."""
-    text = snap(SeedProgram("adam", ADAM_PAPER_OPS, LR), load_grammar(ALR_GRAMMAR), "alr",
+    text = snap(SeedProgram("adam", ADAM_PAPER_OPS, LR), load_grammar(ALR_GRAMMAR), ALR_MODE,
                 MAX_DEPTH)
     assert Program.parse(text).hash != written_in(ADAM_PAPER_OPS, LR).hash
 
@@ -107,7 +108,7 @@ def structure_codons(individual):
 
 
 def test_constant_mutation_is_a_log_space_step_that_keeps_the_sign():
-    seed = snap(SeedProgram("adam", PROGRAMS["zoo.adam"], LR), EXT, "alr", MAX_DEPTH)
+    seed = snap(SeedProgram("adam", PROGRAMS["zoo.adam"], LR), EXT, ALR_MODE, MAX_DEPTH)
     parent = individual_from_text(EXT, seed, MAX_DEPTH)
     rng = random.Random(1)
     ratios = []
@@ -125,7 +126,7 @@ def test_constant_mutation_is_a_log_space_step_that_keeps_the_sign():
 
 
 def test_structure_and_constant_rates_are_separate():
-    seed = snap(SeedProgram("adam", PROGRAMS["zoo.adam"], LR), EXT, "alr", MAX_DEPTH)
+    seed = snap(SeedProgram("adam", PROGRAMS["zoo.adam"], LR), EXT, ALR_MODE, MAX_DEPTH)
     parent = individual_from_text(EXT, seed, MAX_DEPTH)
     rng = random.Random(2)
     genotype = mutate_genotype(EXT, parent, 1.0, MAX_DEPTH, rng, p_const=0.0)
@@ -140,7 +141,7 @@ def test_structure_and_constant_rates_are_separate():
 def test_paper_grammar_constants_use_the_constant_rate():
     """In alr.bnf the constant rules are the all-number rules: p_const alone moves them."""
     paper = load_grammar(ALR_GRAMMAR)
-    seed = snap(SeedProgram("adam", ADAM_PAPER_OPS, LR), paper, "alr", MAX_DEPTH)
+    seed = snap(SeedProgram("adam", ADAM_PAPER_OPS, LR), paper, ALR_MODE, MAX_DEPTH)
     parent = individual_from_text(paper, seed, MAX_DEPTH)
     genotype = mutate_genotype(paper, parent, 0.0, MAX_DEPTH, random.Random(3), p_const=1.0)
     changed = {nt for nt, (a, b) in enumerate(zip(parent.genotype, genotype)) if a != b}

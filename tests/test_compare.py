@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from codegen.ir import Program
-from engine.compare import comparison as compare, stats
+from engine.compare import cli, stats, tables, tuning
 from engine.tasks import heldout
-from engine.compare.comparison import Settings, baseline_contender, candidate, run_compare
+from engine.compare.tuning import Settings, baseline_contender, candidate, run_compare
 from kernels import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,8 @@ def test_evolved_programs_run_as_they_are_their_lr_a_step_factor():
 
 
 def test_lion_is_a_default_row_next_to_adam_and_adagrad_adabelief_are_on_request():
-    from engine.compare.comparison import BASELINES, build_parser, contenders_from
+    from engine.compare.cli import build_parser, contenders_from
+    from engine.compare.tuning import BASELINES
 
     assert BASELINES[:3] == ("adam", "adamw", "lion")
     assert "adagrad" not in BASELINES and "adabelief" not in BASELINES
@@ -79,8 +80,8 @@ def test_adamw_is_adam_with_torchs_default_weight_decay():
     assert "weight_decay=0.01" in adamw.source and "not tuned" in adamw.source
     # Same lr, same seeds: the training differs by the weight decay alone, and it is applied.
     s = settings()
-    with_decay, _ = compare._train(s, adamw, 1e-2, 1, 2)
-    without, _ = compare._train(s, adam, 1e-2, 1, 2)
+    with_decay, _ = tuning._train(s, adamw, 1e-2, 1, 2)
+    without, _ = tuning._train(s, adam, 1e-2, 1, 2)
     assert any(not torch.equal(p, q) for p, q in zip(with_decay.parameters(),
                                                      without.parameters()))
     report = run_compare([adam, adamw], settings(trials=1, seeds=1))
@@ -89,18 +90,18 @@ def test_adamw_is_adam_with_torchs_default_weight_decay():
 
 def test_program_from_text_file_and_run_directory(tmp_path):
     text = "weight: mul(0.001, sign(grad))"
-    assert compare.resolve_program(text)[0] == Program.parse(text)
+    assert tuning.resolve_program(text)[0] == Program.parse(text)
     (tmp_path / "p.txt").write_text(text + "\n")
-    assert compare.resolve_program(str(tmp_path / "p.txt"))[0] == Program.parse(text)
+    assert tuning.resolve_program(str(tmp_path / "p.txt"))[0] == Program.parse(text)
     run = tmp_path / "run"
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"run": "r", "mode": "alr",
                                                   "best": {"program": text}}))
-    program, source = compare.resolve_program(str(run))
+    program, source = tuning.resolve_program(str(run))
     assert program == Program.parse(text) and "summary.json" in source
     (run / "summary.json").write_text(json.dumps({"mode": "dlr", "best": {"program": "0.01"}}))
-    with pytest.raises(compare.UsageError, match="DLR"):
-        compare.resolve_program(str(run))
+    with pytest.raises(cli.UsageError, match="DLR"):
+        tuning.resolve_program(str(run))
 
 
 def test_tasks_have_disjoint_fixed_splits():
@@ -127,7 +128,7 @@ def test_tuning_never_reads_the_test_split(monkeypatch):
     is poisoned (labels rotated): the tuning and the chosen values stay identical to the bit,
     only the test accuracies move. Tuning could not have looked."""
     events = []
-    real_tune, real_test = compare.tune, heldout.load_test_split
+    real_tune, real_test = tuning.tune, heldout.load_test_split
 
     def spy_tune(job):
         events.append("tune")
@@ -137,7 +138,7 @@ def test_tuning_never_reads_the_test_split(monkeypatch):
         events.append("test")
         return real_test(task, seed)
 
-    monkeypatch.setattr(compare, "tune", spy_tune)
+    monkeypatch.setattr(tuning, "tune", spy_tune)
     monkeypatch.setattr(heldout, "load_test_split", spy_test)
     clean = run_compare(contenders(), settings())
     assert events.count("tune") == 3 and "test" in events
@@ -160,13 +161,13 @@ def test_tuning_never_reads_the_test_split(monkeypatch):
 
     monkeypatch.setattr(heldout, "load_test_split", forbidden)
     for contender in contenders():
-        compare.tune(compare.TuneJob(settings(), contender))  # never calls it
+        tuning.tune(tuning.TuneJob(settings(), contender))  # never calls it
 
 
 def test_test_split_raises_during_tuning_and_is_read_once_per_seed_after(monkeypatch):
     """The test-split loader raises whenever a tuning job is running (and records it, in case
     the raise were swallowed); after tuning, each seed's final scoring reads it exactly once."""
-    real_tune, real_test = compare.tune, heldout.load_test_split
+    real_tune, real_test = tuning.tune, heldout.load_test_split
     state = {"tuning": False, "during": 0, "after": 0}
 
     def tune(job):
@@ -183,7 +184,7 @@ def test_test_split_raises_during_tuning_and_is_read_once_per_seed_after(monkeyp
         state["after"] += 1
         return real_test(task, seed)
 
-    monkeypatch.setattr(compare, "tune", tune)
+    monkeypatch.setattr(tuning, "tune", tune)
     monkeypatch.setattr(heldout, "load_test_split", load_test_split)
     report = run_compare(contenders(), settings(seeds=3))
     assert state["during"] == 0 and all(row["failed"] is None for row in report["rows"])
@@ -194,10 +195,10 @@ def test_test_split_raises_during_tuning_and_is_read_once_per_seed_after(monkeyp
 def test_same_seed_same_table_other_seed_other_table():
     first = run_compare(contenders(), settings())
     again = run_compare(contenders(), settings())
-    assert compare.table_rows(first) == compare.table_rows(again)
+    assert tables.table_rows(first) == tables.table_rows(again)
     assert without_times(first) == without_times(again)
     other = run_compare(contenders(), settings(seed=1))
-    assert compare.table_rows(other) != compare.table_rows(first)
+    assert tables.table_rows(other) != tables.table_rows(first)
 
 
 def test_every_optimizer_gets_the_same_budget_and_its_own_stable_sampler_seed():
@@ -205,19 +206,19 @@ def test_every_optimizer_gets_the_same_budget_and_its_own_stable_sampler_seed():
     names = [row["name"] for row in report["rows"]]
     seeds = [row["tuning"]["sampler_seed"] for row in report["rows"]]
     assert all(len(row["tuning"]["trials"]) == 5 for row in report["rows"])
-    assert all(compare.LR_RANGE[0] <= t["lr"] <= compare.LR_RANGE[1]
+    assert all(tuning.LR_RANGE[0] <= t["lr"] <= tuning.LR_RANGE[1]
                for row in report["rows"] for t in row["tuning"]["trials"])
     assert len(set(seeds)) == 3 and report["sampler"]["seeds"] == dict(zip(names, seeds))
     firsts = [row["tuning"]["trials"][0]["lr"] for row in report["rows"]]
     assert len(set(firsts)) == 3  # no two rows start from the same trial
-    assert seeds == [compare.sampler_seed(settings(), n) for n in names]
-    assert compare.sampler_seed(settings(seed=1), "Adam") != seeds[names.index("Adam")]
+    assert seeds == [tuning.sampler_seed(settings(), n) for n in names]
+    assert tuning.sampler_seed(settings(seed=1), "Adam") != seeds[names.index("Adam")]
     # Stable across processes (a salted hash() of the name would not be):
-    code = "from engine.compare.comparison import *; import sys; print(sampler_seed(Settings(None), 'Adam'))"
+    code = "from engine.compare.tuning import *; import sys; print(sampler_seed(Settings(None), 'Adam'))"
     other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": "123"}, timeout=120)
     assert other.returncode == 0, other.stderr
-    assert int(other.stdout) == compare.sampler_seed(settings(), "Adam")
+    assert int(other.stdout) == tuning.sampler_seed(settings(), "Adam")
 
 
 def test_a_tuned_value_at_the_edge_of_its_range_is_marked(tmp_path):
@@ -228,9 +229,9 @@ def test_a_tuned_value_at_the_edge_of_its_range_is_marked(tmp_path):
     for row, lr in zip(report["rows"], (1.1e-4, 0.095, 3e-3)):
         row["lr"] = row["tuning"]["lr"] = lr
         row["tuning"]["edge"] = {"lr": stats.at_edge(lr, 1e-4, 1e-1)}
-    assert [r[1] for r in compare.table_rows(report)] == [
+    assert [r[1] for r in tables.table_rows(report)] == [
         "x0.00011 (low edge)", "lr 0.095 (high edge)", "x0.003"]
-    md = compare.write_outputs(report, tmp_path)["markdown"].read_text()
+    md = tables.write_outputs(report, tmp_path)["markdown"].read_text()
     assert "| lr 0.095 (high edge) |" in md and "within 5% of the log-range" in md
 
 
@@ -239,9 +240,9 @@ def test_a_diverging_program_is_reported_not_hidden(tmp_path):
     row = report["rows"][0]
     assert row["tuning"]["diverged"] == 4
     assert row["test"]["diverged"] == 2 and row["test"]["mean"] == 0.0  # counted at the floor
-    cells = compare.table_rows(report)[0]
+    cells = tables.table_rows(report)[0]
     assert cells[3] == "4/4" and cells[5] == "2/2" and cells[4].startswith("0.00 ±")
-    paths = compare.write_outputs(report, tmp_path)
+    paths = tables.write_outputs(report, tmp_path)
     md = paths["markdown"].read_text()
     assert "| 4/4 |" in md and "| 2/2 |" in md and "diverged: training loss nan" in md
     assert "| 0/0/2 |" in md  # both seeds lost against Sign: diverged seeds count, at 0
@@ -258,19 +259,19 @@ def test_divergence_at_some_tuned_settings_is_counted():
 
 
 def test_a_crashing_optimizer_is_a_failed_row_not_a_crash(monkeypatch):
-    real_tune = compare.tune
+    real_tune = tuning.tune
 
     def tune(job):
         if job.contender.role == "candidate":
             raise RuntimeError("kernel exploded")
         return real_tune(job)
 
-    monkeypatch.setattr(compare, "tune", tune)
+    monkeypatch.setattr(tuning, "tune", tune)
     report = run_compare(contenders(), settings())
     row = report["rows"][0]
     assert row["failed"] == "tuning failed: raised: RuntimeError: kernel exploded"
     assert row["test"] == {"mean": 0.0, "sd": 0.0, "median": 0.0, "n": 2, "diverged": 2}
-    assert compare.table_rows(report)[0][1] == "failed"
+    assert tables.table_rows(report)[0][1] == "failed"
     assert report["rows"][1]["test"]["diverged"] == 0
 
 
@@ -291,7 +292,7 @@ def test_paired_wilcoxon_and_holm_against_each_baseline():
     report = {"seed": 0, "rows": [_row("evo", "candidate", EVO),
                                   _row("A", "baseline", [e - 0.05 for e in EVO]),
                                   _row("B", "baseline", [e - d for e, d in zip(EVO, STEPS)])]}
-    compare.summarise(report)
+    tables.summarise(report)
     to_a, to_b = report["comparisons"]
     assert (to_a["candidate"], to_a["baseline"], to_b["baseline"]) == ("evo", "A", "B")
     assert to_a["p"] == pytest.approx(2 / 2 ** 10)  # every seed won: the smallest p there is
@@ -304,16 +305,16 @@ def test_paired_wilcoxon_and_holm_against_each_baseline():
     assert to_a["verdict"] == "better" and to_b["verdict"] == "not distinguishable"
     assert to_a["median"]["estimate"] == pytest.approx(0.05)
     assert to_b["mean"]["low"] <= to_b["mean"]["estimate"] <= to_b["mean"]["high"]
-    cells = compare.paired_rows(report)
+    cells = tables.paired_rows(report)
     assert cells[0][:3] == ["evo", "A", "10/0/0"] and cells[0][3].startswith("+5.00 [+5.00, +5.00]")
-    line = compare.verdicts(report)[0]
+    line = tables.verdicts(report)[0]
     assert "evo: better than A; not distinguishable from B" in line and "more seeds" not in line
 
 
 def test_pairing_is_by_seed_and_diverged_seeds_count():
     def report(rows):
         data = {"seed": 0, "rows": rows}
-        compare.summarise(data)
+        tables.summarise(data)
         return data["comparisons"]
 
     base = _row("B", "baseline", [e - d for e, d in zip(EVO, STEPS)])
@@ -332,7 +333,7 @@ def test_pairing_is_by_seed_and_diverged_seeds_count():
 
 def test_outputs_json_markdown_and_plot(tmp_path):
     report = run_compare(contenders(), settings())
-    paths = compare.write_outputs(report, tmp_path)
+    paths = tables.write_outputs(report, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert data["rows"][0]["role"] == "candidate" and len(data["rows"][1]["seeds"]) == 2
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -352,7 +353,7 @@ def test_outputs_json_markdown_and_plot(tmp_path):
 ])
 def test_bad_inputs_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     args = [a.replace("{rundir}", str(tmp_path)) for a in args]
-    assert compare.main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert cli.main([*args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("engine.compare: error: ") and message in err
     assert not (tmp_path / "out").exists()
@@ -361,7 +362,7 @@ def test_bad_inputs_are_one_line_and_exit_2(args, message, tmp_path, capsys):
 def test_a_backend_that_cannot_run_on_the_cpu_is_refused_up_front(tmp_path, capsys, monkeypatch):
     """compare trains on the CPU: the registry says whether the chosen backend runs there."""
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert compare.main(["weight: mul(0.1, grad)", "--backend", "triton",
+    assert cli.main(["weight: mul(0.1, grad)", "--backend", "triton",
                          "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--backend triton: compare trains on the CPU" in err

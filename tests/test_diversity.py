@@ -10,6 +10,7 @@ import pytest
 
 from engine.search.diversity import forced_change, remutated, stagnant
 from engine.search.evolve import EvolutionConfig, evolve
+from engine.modes import ALR as ALR_MODE
 from engine.search.grammar import ALR_EXT_GRAMMAR, load_grammar, parse_grammar
 from engine.search.seeds import ADAM_PAPER_OPS, SeedProgram, snap
 from engine.search.sge import initialise, mutate
@@ -119,7 +120,7 @@ def test_bad_options_are_refused(change, message):
 
 # -- niches --------------------------------------------------------------------------------------
 
-ADAM = snap(SeedProgram("adam", ADAM_PAPER_OPS), ALR, "alr", 17)
+ADAM = snap(SeedProgram("adam", ADAM_PAPER_OPS), ALR, ALR_MODE, 17)
 ADAM_SHAPE = structure_key(ADAM)
 
 

@@ -7,7 +7,8 @@ import sqlite3
 import pytest
 
 from engine.fitness.evaluator import Evaluator
-from engine.exec.executors import make_executor
+from engine.modes import ALR
+from engine.exec import make_executor
 from engine.fitness.store import Store
 from engine.tasks.training import configure_process
 from faulty import EXITS, HANGS, RAISES, SEGFAULTS, faulty_train
@@ -27,7 +28,7 @@ def one_thread():
 
 def evaluate(executor, texts, tmp_path, **kwargs):
     with Store(tmp_path / "store.sqlite") as store:
-        evaluator = Evaluator("alr", "smoke", 0, store, executor, time_limit=120, **kwargs)
+        evaluator = Evaluator(ALR, "smoke", 0, store, executor, time_limit=120, **kwargs)
         return evaluator, evaluator.evaluate(texts)
 
 
@@ -71,7 +72,7 @@ def test_faults_get_the_floor_and_a_reason_and_the_rest_finish(tmp_path):
         with Store(tmp_path / "store.sqlite") as store:
             # The limit must outlast SGDISH's real training on a loaded 2-core machine (4 s
             # did not, with other jobs running) while HANGS still times out.
-            evaluator = Evaluator("alr", "smoke", 0, store, executor, time_limit=15,
+            evaluator = Evaluator(ALR, "smoke", 0, store, executor, time_limit=15,
                                   worker=faulty_train)
             results = evaluator.evaluate(texts)
     reasons = [r.reason for r in results]
@@ -107,14 +108,24 @@ def test_a_job_carries_the_program_and_task_and_pickles_small_and_stable():
     from engine.fitness.evaluator import Job
     from engine.tasks.protocol import get_task
 
-    job = Job.build("alr", ADAMISH, "smoke", 0, 60.0, "numba")
+    job = Job.build(ALR, ADAMISH, "smoke", 0, 60.0, "numba")
     assert job.program == Program.parse(ADAMISH) and job.task is get_task("smoke")
     data = pickle.dumps(job)
     assert len(data) < 8192, len(data)  # Ray and the local pool send one per candidate
-    assert pickle.dumps(Job.build("alr", ADAMISH, "smoke", 0, 60.0, "numba")) == data
+    assert pickle.dumps(Job.build(ALR, ADAMISH, "smoke", 0, 60.0, "numba")) == data
     back = pickle.loads(data)
-    assert back == job and back.program.hash == job.program.hash
+    assert back == job and back.program.hash == job.program.hash and back.mode is ALR
     assert back.task.digest == job.task.digest  # the worker trains the task the store key names
+
+
+def test_the_evaluator_takes_the_mode_object_not_its_name():
+    """engine.fitness sits below engine.modes and never looks a mode's name up."""
+    from engine.fitness.evaluator import Job
+
+    with pytest.raises(TypeError, match=r"engine.modes.get\('alr'\)"):
+        Job.build("alr", ADAMISH, "smoke", 0, 60.0, "numba")
+    with pytest.raises(TypeError, match="must be an engine.modes Mode"):
+        Evaluator("alr", "smoke", 0, None, None)
 
 
 def test_the_cheap_half_leaves_only_what_must_train(tmp_path):
@@ -122,7 +133,7 @@ def test_the_cheap_half_leaves_only_what_must_train(tmp_path):
     texts = [SGDISH, "weight: mul(0.5, alpha)", "weight: mul(grad, 0.05)",
              "weight: mul(0.025, add(grad, grad))"]
     with make_executor("serial") as executor, Store(tmp_path / "store.sqlite") as store:
-        evaluator = Evaluator("alr", "smoke", 0, store, executor, worker=_record_job)
+        evaluator = Evaluator(ALR, "smoke", 0, store, executor, worker=_record_job)
         batch = evaluator.answer_cheaply(texts)
         assert sorted(batch.answers) == [1] and batch.answers[1].source == "screened"
         [pending] = batch.pending.values()

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.exec.executors import (
+from engine.exec import (
     EXECUTORS,
-    _join_failed,
     ExecutorError,
     Failed,
     LocalExecutor,
@@ -33,6 +32,7 @@ from engine.exec.executors import (
     SerialExecutor,
     make_executor,
 )
+from engine.exec.ray import _join_failed
 
 pytestmark = pytest.mark.timeout(180)  # a hung executor is a bug: fail, do not wait forever
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import engine.search.grammar
-from engine.search.grammar import (ALR_GRAMMAR, DLR_GRAMMAR, DerivationError, GrammarError, derive,
-                            load_grammar, parse_grammar)
+from engine.search.derivation import DerivationError, derive
+from engine.search.grammar import (ALR_GRAMMAR, DLR_GRAMMAR, GrammarError, load_grammar,
+                                   parse_grammar)
 
 
 def terminals(grammar, name: str) -> list[str]:

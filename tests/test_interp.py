@@ -110,7 +110,7 @@ def check_batch(programs: list[Program], lrs: list[float], lengths: list[int], s
                 if s in code.tensor_states:
                     assert_matches(s, buffers[s][o:o + n], ref[1][s], ref64[1][s], exact, context)
                     buffers[s][o:o + n] = ref[1][s]
-                elif s in code.scalar_states:  # advanced by Program.advance_uniform: exact
+                elif s in code.scalar_states:  # advanced by the UniformStepper: exact
                     assert same_bits(batch.scalars[k, j], ref[1][s]).all(), context
                 else:  # a state the program does not keep is never written
                     assert same_bits(buffers[s][o:o + n], before[s][o:o + n]).all(), context
@@ -280,7 +280,7 @@ def test_torch_buffers_and_bad_inputs():
 def test_uniform_states_follow_the_reference_past_a_chain():
     """Uniform states are worked out CHAIN steps ahead: past the end of a chain, after an lr
     change, after `scalars` is written (a resume) and across masked steps, each segment's values
-    stay those Program.advance_uniform gives step by step."""
+    stay those the UniformStepper gives step by step."""
     from kernels.interp import CHAIN
 
     programs = [Program.parse("alpha: -1.0\nbeta: sub(beta, mul(lr, alpha))\n"
@@ -299,7 +299,7 @@ def test_uniform_states_follow_the_reference_past_a_chain():
         batch.step(w, g, *states, active=active)
         for k, program in enumerate(programs * 2):
             if active[k]:
-                expect[k] = program.advance_uniform(expect[k], float(batch.lr[k]))
+                expect[k] = program.stepper().step(expect[k], float(batch.lr[k]))
             got = dict(zip(STATES, batch.scalars[k].tolist()))
             assert all(got[s] == v for s, v in expect[k].items()), (step, k, got, expect[k])
 

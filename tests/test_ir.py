@@ -154,7 +154,7 @@ def test_uniform_states_are_scalars():
                          "weight: mul(lr, div(alpha, sub(1.0, pow(0.9, sigma))))")
     assert adam.uniform_states() == ("sigma",)
     assert adam.tensor_states() == ("alpha",)
-    assert adam.advance_uniform({"sigma": 4.0}, 1.0) == {"sigma": 5.0}
+    assert adam.stepper().step({"sigma": 4.0}, 1.0) == {"sigma": 5.0}
 
 
 def test_grad_reaching_weight():

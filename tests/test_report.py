@@ -25,7 +25,8 @@ from engine.modes.export import render_alr, render_dlr
 from engine.search.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
 from engine.app.report import evaluation_counts, hall_of_fame, reason_kind, wall_seconds
 from engine.app.config import RunConfig
-from engine.search.seeds import snap, zoo_seeds
+from engine import modes
+from engine.search.seeds import snap
 from engine.search.sge import initialise
 from engine.tasks.training import ModelSpec
 from randprog import random_program
@@ -202,7 +203,7 @@ def train(model_seed, make_optimizer, steps=4):
 
 def test_exported_optimizer_matches_evolved_optimizer(tmp_path):
     alr = load_grammar(ALR_GRAMMAR)
-    programs = [Program.parse(snap(s, alr, "alr", 17)) for s in zoo_seeds("alr")]
+    programs = [Program.parse(snap(s, alr, modes.ALR, 17)) for s in modes.ALR.zoo_seeds()]
     programs += grammar_programs(1)
     for i, program in enumerate(programs):
         path = tmp_path / f"best_{i}.py"
@@ -241,7 +242,7 @@ def test_exported_optimizer_covers_every_op_and_lr(tmp_path):
 
 
 def test_exported_optimizer_saves_and_loads_its_state(tmp_path):
-    program = Program.parse(snap(zoo_seeds("alr")[0], load_grammar(ALR_GRAMMAR), "alr", 17))
+    program = Program.parse(snap(modes.ALR.zoo_seeds()[0], load_grammar(ALR_GRAMMAR), modes.ALR, 17))
     path = tmp_path / "best_state.py"
     path.write_text(render_alr(program, "A test."))
     module = load_module(path, "best_state")
@@ -333,8 +334,8 @@ def test_outputs_of_a_run_with_an_odd_name_import_and_quote_it_verbatim(tmp_path
     (SyntaxError: unicode error): its name was pasted between quotes."""
     from engine.app.report import RunOutputs, write_all
 
-    text = zoo_seeds(mode)[0]
-    text = snap(text, load_grammar(ALR_GRAMMAR if mode == "alr" else DLR_GRAMMAR), mode, 17)
+    text = modes.get(mode).zoo_seeds()[0]
+    text = snap(text, load_grammar(ALR_GRAMMAR if mode == "alr" else DLR_GRAMMAR), modes.get(mode), 17)
     run_dir = tmp_path / ODD_NAME
     run_dir.mkdir()
     reproduce = f"python -m engine.run --grammar '{tmp_path}/g ```x.bnf'"

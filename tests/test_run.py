@@ -29,7 +29,8 @@ from engine.app import show as show_module
 from engine.tasks.data import DataNotFoundError, find_data_dir
 from engine.search.grammar import ALR_GRAMMAR, load_grammar
 from engine.rundir import end_line
-from engine.search.seeds import SeedError, SeedProgram, read_seed_file, snap, zoo_seeds
+from engine.modes import ALR, DLR
+from engine.search.seeds import SeedError, SeedProgram, read_seed_file, snap
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -444,13 +445,13 @@ def test_zoo_adam_is_not_derivable_but_its_paper_ops_form_is():
 
     grammar = load_grammar(ALR_GRAMMAR)
     with pytest.raises(SeedError, match="exp"):
-        snap(SeedProgram("zoo adam", str(zoo.adam())), grammar, "alr", 17)
-    texts = {s.name: snap(s, grammar, "alr", 17) for s in zoo_seeds("alr")}
+        snap(SeedProgram("zoo adam", str(zoo.adam())), grammar, ALR, 17)
+    texts = {s.name: snap(s, grammar, ALR, 17) for s in ALR.zoo_seeds()}
     assert "pow(0.89294785, sigma)" in texts["adam"] and "lr" not in texts["adam"]
     assert texts["momentum"].endswith("weight: mul(0.010503844, alpha)")  # lr 0.01, snapped
     # Lion needs sign, which the paper's grammar lacks: its seed spells it in the paper's ops.
     with pytest.raises(SeedError, match="sign"):
-        snap(SeedProgram("zoo lion", str(zoo.lion())), grammar, "alr", 17)
+        snap(SeedProgram("zoo lion", str(zoo.lion())), grammar, ALR, 17)
     assert "sign" not in texts["lion"] and "sqrt(square(add(mul(0.91078293, alpha)" in texts["lion"]
     assert texts["lion"].splitlines()[-1].startswith("weight: mul(0.00027961473, div(")  # lr 3e-4
     assert texts["adagrad"].startswith("alpha: neg(mul(grad, grad))")
@@ -490,12 +491,12 @@ def test_snapping_and_seed_files(tmp_path):
                     "alpha: mul(0.1, sub(alpha, grad))\nweight: mul(-2, alpha)\n")
     seeds = read_seed_file(path, lr=0.05)
     assert [s.name for s in seeds] == ["sgd", "a comment"] and seeds[1].where.endswith("line 4")
-    assert snap(seeds[0], grammar, "alr", 17).splitlines()[-1] == "weight: mul(0.05072436, grad)"
-    assert "mul(neg(1.0), alpha)" in snap(seeds[1], grammar, "alr", 17)
+    assert snap(seeds[0], grammar, ALR, 17).splitlines()[-1] == "weight: mul(0.05072436, grad)"
+    assert "mul(neg(1.0), alpha)" in snap(seeds[1], grammar, ALR, 17)
     from engine.search.grammar import DLR_GRAMMAR
 
     dlr = load_grammar(DLR_GRAMMAR)
-    text = snap(SeedProgram("s", "if(epoch < 4.4, 0.05, if(lr > 0.001, 0.01, 0.02))"), dlr, "dlr", 8)
+    text = snap(SeedProgram("s", "if(epoch < 4.4, 0.05, if(lr > 0.001, 0.01, 0.02))"), dlr, DLR, 8)
     assert text == "if(epoch < 4, 0.049545456, if(lr > 0.0011090909, 0.010190909, 0.020281818))"
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     with pytest.raises(SeedError, match="no programs"):
@@ -507,18 +508,17 @@ def test_snapped_zoo_seeds_train_decently(tmp_path):
     """The snapped seeds are worth seeding with: each learns (chance is 0.1), and snapped Adam
     is close to the real Adam at lr=1e-3 on the same protocol."""
     import kernels
-    from engine.search.seeds import baseline
     from engine.tasks.protocol import alr_fitness, get_task
     from engine.tasks.training import configure_process
 
     configure_process(1)
     grammar, task = load_grammar(ALR_GRAMMAR), get_task("smoke")
     fitness = {}
-    for seed in zoo_seeds("alr"):
-        program = snap(seed, grammar, "alr", 17)
+    for seed in ALR.zoo_seeds():
+        program = snap(seed, grammar, ALR, 17)
         fitness[seed.name] = alr_fitness(
             task, lambda p: kernels.EvolvedOptimizer(p, program, backend="numba")).fitness
-    real = baseline("alr")[1]
+    real = ALR.baseline()[1]
     adam = alr_fitness(task, lambda p: kernels.EvolvedOptimizer(p, real, backend="numba")).fitness
     print(fitness, adam)
     assert all(f > 0.2 for f in fitness.values()), fitness

@@ -318,14 +318,15 @@ def test_a_redefined_task_is_not_answered_from_its_old_definition(tmp_path, monk
 
     from engine.tasks import protocol as tasks
     from engine.fitness.evaluator import Evaluator
-    from engine.exec.executors import make_executor
+    from engine.modes import ALR
+    from engine.exec import make_executor
 
     trained = "weight: mul(0.05, grad)"
     asked = trained if lookup == "hash" else "weight: mul(0.025, add(grad, grad))"  # a twin
 
     def evaluate(text):
         with Store(tmp_path / "store.sqlite") as store, make_executor("serial") as executor:
-            evaluator = Evaluator("alr", "smoke", 0, store, executor,
+            evaluator = Evaluator(ALR, "smoke", 0, store, executor,
                                   worker=_fitness_by_definition)
             (answer,) = evaluator.evaluate([text])
             return answer

@@ -43,7 +43,7 @@ from engine.tasks.protocol import FLOOR_FITNESS
 if TYPE_CHECKING:  # run_config imports the grammar and the seeds: not needed to report
     from engine.app.config import RunConfig
 
-__all__ = ["HALL_OF_FAME", "RunOutputs", "hall_of_fame", "program_size", "reason_kind", "write_all"]
+__all__ = ["HALL_OF_FAME", "Phenotypes", "RunOutputs", "hall_of_fame", "reason_kind", "write_all"]
 
 HALL_OF_FAME = 10
 HISTORY_COLUMNS = ("generation", "index", "elite", "hash", "fitness", "source", "reason", "size",
@@ -69,44 +69,58 @@ class RunOutputs:
 # -- small pure helpers ------------------------------------------------------------------------
 
 
-def parse(mode: str | Mode, text: str) -> Program | Schedule:
-    return modes.get(mode).parse(text)
+class Phenotypes:
+    """Each distinct phenotype text of a run parsed once, with its size: the summary, the hall
+    of fame, history.csv, the plots and the kernels all read programs, and a history repeats
+    most texts (elites, re-derived programs) generation after generation."""
 
+    def __init__(self, mode: str | Mode) -> None:
+        self.mode = modes.get(mode)
+        self._programs: dict[str, Program | Schedule] = {}
+        self._sizes: dict[str, int] = {}
 
-def program_size(mode: str | Mode, text: str) -> int:
-    """Nodes of the canonical program: what a reader has to understand."""
-    return modes.get(mode).size(text)
+    def program(self, text: str) -> Program | Schedule:
+        found = self._programs.get(text)
+        if found is None:
+            found = self._programs[text] = self.mode.parse(text)
+        return found
+
+    def size(self, text: str) -> int:
+        """Nodes of the canonical program: what a reader has to understand."""
+        found = self._sizes.get(text)
+        if found is None:
+            found = self._sizes[text] = self.mode.size(self.program(text))
+        return found
 
 
 def one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def hall_of_fame(mode: str | Mode, history: Sequence[GenerationRecord], k: int = HALL_OF_FAME,
-                 preset: str | None = None) -> list[dict]:
+def hall_of_fame(mode: str | Mode | Phenotypes, history: Sequence[GenerationRecord],
+                 k: int = HALL_OF_FAME, preset: str | None = None) -> list[dict]:
     """The ``k`` fittest distinct programs ever in the population, earliest first on ties, each
     with its canonical text, size and the generation it first appeared in. Distinct means a
     different canonical hash *and* a different behaviour (`engine.modes.Mode.behaviour`: ALR,
     the screening fingerprint; DLR, the learning rates over the protocol's epochs): of programs
     that behave alike only the fittest (earliest on ties) is listed, the others' hashes in its
     ``twins``. Programs at the floor fitness (broken, diverged, timed out) are not famous."""
-    mode = modes.get(mode)
+    parsed = mode if isinstance(mode, Phenotypes) else Phenotypes(mode)
     seen: dict[str, dict] = {}
     for record in history:
         for text, fitness in zip(record.phenotypes, record.fitness):
-            program = mode.parse(text)
-            entry = seen.get(program.hash)
-            if entry is None:
+            program = parsed.program(text)
+            if program.hash not in seen:
                 seen[program.hash] = {"hash": program.hash, "fitness": fitness, "program": text,
                                       "canonical": str(program.canonical()),
-                                      "size": mode.size(text),
+                                      "size": parsed.size(text),
                                       "generation": record.generation, "twins": []}
     ranked = sorted((e for e in seen.values() if e["fitness"] > FLOOR_FITNESS),
                     key=lambda e: -e["fitness"])  # stable: earliest on ties
     fame: list[dict] = []
     by_behaviour: dict[str, dict] = {}
     for entry in ranked:
-        key = mode.behaviour(mode.parse(entry["program"]), preset)
+        key = parsed.mode.behaviour(parsed.program(entry["program"]), preset)
         if key in by_behaviour:
             by_behaviour[key]["twins"].append(entry["hash"])
             continue
@@ -175,11 +189,12 @@ def wall_seconds(events: Sequence[dict]) -> tuple[float, int]:
 # -- the files ---------------------------------------------------------------------------------
 
 
-def summary(outcome: RunOutputs) -> dict:
+def summary(outcome: RunOutputs, parsed: Phenotypes | None = None) -> dict:
     cfg, history, mode = outcome.config, outcome.history, outcome.config.mode
+    parsed = parsed or Phenotypes(mode)
     best_text, best_fitness = max(((r.best_phenotype, r.best) for r in history),
                                   key=lambda pair: pair[1])  # max keeps the earliest maximum
-    best = mode.parse(best_text)
+    best = parsed.program(best_text)
     first = next(r.generation for r in history if best_text in r.phenotypes)
     seconds = {e["generation"]: e["seconds"] for e in outcome.events
                if e.get("event") == "generation"}
@@ -192,7 +207,7 @@ def summary(outcome: RunOutputs) -> dict:
         "generations_done": len(history), "generations": cfg.evolution.generations,
         "population": cfg.evolution.population,
         "best": {"program": best_text, "canonical": str(best.canonical()), "hash": best.hash,
-                 "fitness": best_fitness, "size": mode.size(best_text),
+                 "fitness": best_fitness, "size": parsed.size(best_text),
                  "generation": first},
         "baseline": baseline,
         "best_minus_baseline": (round(best_fitness - baseline["fitness"], 6)
@@ -205,10 +220,11 @@ def summary(outcome: RunOutputs) -> dict:
     }
 
 
-def write_history(path: Path, mode: str | Mode, history: Sequence[GenerationRecord],
-                  events: Sequence[dict], elitism: int) -> None:
-    mode, answers = modes.get(mode), _answers(events)
-    sizes: dict[str, int] = {}
+def write_history(path: Path, mode: str | Mode | Phenotypes,
+                  history: Sequence[GenerationRecord], events: Sequence[dict],
+                  elitism: int) -> None:
+    parsed = mode if isinstance(mode, Phenotypes) else Phenotypes(mode)
+    answers = _answers(events)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(HISTORY_COLUMNS)
@@ -216,22 +232,20 @@ def write_history(path: Path, mode: str | Mode, history: Sequence[GenerationReco
             for index, (text, fitness) in enumerate(zip(record.phenotypes, record.fitness)):
                 elite = record.generation > 0 and index < elitism
                 answer = answers.get((record.generation, text), {})
-                if text not in sizes:
-                    sizes[text] = mode.size(text)
                 writer.writerow([record.generation, index, int(elite),
-                                 answer.get("hash") or mode.parse(text).hash, repr(fitness),
+                                 answer.get("hash") or parsed.program(text).hash, repr(fitness),
                                  "elite" if elite else answer.get("source", ""),
-                                 answer.get("reason") or "", sizes[text], one_line(text)])
+                                 answer.get("reason") or "", parsed.size(text), one_line(text)])
 
 
-def write_kernels(directory: Path, fame: Sequence[dict]) -> list[str]:
+def write_kernels(directory: Path, fame: Sequence[dict], parsed: Phenotypes) -> list[str]:
     """Numba and Triton sources of every hall-of-fame program (ALR), named by rank and hash."""
     from codegen.cache import source
 
     directory.mkdir(exist_ok=True)
     written = []
     for entry in fame:
-        program = Program.parse(entry["program"])
+        program = parsed.program(entry["program"])
         for backend in ("numba", "triton"):
             name = f"{entry['rank']:02d}-{entry['hash']}.{backend}.py"
             (directory / name).write_text(source(program, backend), encoding="utf-8")
@@ -275,11 +289,11 @@ def curves_figure(outcome: RunOutputs, best_hash: str, best_fitness: float | Non
 
 
 def write_plots(directory: Path, outcome: RunOutputs, fame: Sequence[dict], best_hash: str,
-                best_fitness: float | None = None) -> dict:
+                best_fitness: float | None = None, parsed: Phenotypes | None = None) -> dict:
     """fitness.png, curves.png (when curves are known) and size.png; returns name -> path."""
     plt = _pyplot()
     directory.mkdir(exist_ok=True)
-    mode, history = outcome.config.mode, outcome.history
+    history, parsed = outcome.history, parsed or Phenotypes(outcome.config.mode)
     baseline = outcome.baseline or {}
     made = {}
 
@@ -301,9 +315,9 @@ def write_plots(directory: Path, outcome: RunOutputs, fame: Sequence[dict], best
     points: dict[str, tuple[int, float]] = {}
     for record in history:
         for text, fitness in zip(record.phenotypes, record.fitness):
-            h = mode.parse(text).hash
+            h = parsed.program(text).hash
             if h not in points:
-                points[h] = (mode.size(text), fitness)
+                points[h] = (parsed.size(text), fitness)
     fig, ax = plt.subplots(figsize=(6.4, 4))
     ax.scatter([p[0] for p in points.values()], [p[1] for p in points.values()], s=14,
                alpha=0.6, label="programs")
@@ -339,19 +353,20 @@ def _save(fig, path: Path) -> str:
 def write_all(outcome: RunOutputs) -> dict:
     """Write every output file; returns the summary (also written as summary.json)."""
     run_dir, cfg, mode = outcome.run_dir, outcome.config, outcome.config.mode
-    data = summary(outcome)
-    fame = hall_of_fame(mode, outcome.history, preset=cfg.preset)
+    parsed = Phenotypes(mode)
+    data = summary(outcome, parsed)
+    fame = hall_of_fame(parsed, outcome.history, preset=cfg.preset)
     best = data["best"]
     # The one text form every reader of programs accepts (Program.parse, Schedule.parse,
     # EvolvedOptimizer, codegen show, --seed-programs).
-    (run_dir / "best_program.txt").write_text(str(mode.parse(best["program"])) + "\n",
+    (run_dir / "best_program.txt").write_text(str(parsed.program(best["program"])) + "\n",
                                               encoding="utf-8")
-    write_history(run_dir / "history.csv", mode, outcome.history, outcome.events,
+    write_history(run_dir / "history.csv", parsed, outcome.history, outcome.events,
                   cfg.evolution.elitism)
     write_json(run_dir / "hall_of_fame.json", fame)
     (run_dir / "hall_of_fame.md").write_text(_fame_markdown(fame), encoding="utf-8")
-    kernels = write_kernels(run_dir / "kernels", fame) if mode.compiled else []
-    plots = write_plots(run_dir / "plots", outcome, fame, best["hash"], best["fitness"])
+    kernels = write_kernels(run_dir / "kernels", fame, parsed) if mode.compiled else []
+    plots = write_plots(run_dir / "plots", outcome, fame, best["hash"], best["fitness"], parsed)
     baseline = outcome.baseline or {}
     about = (f"Run {cfg.name} (mode {mode.name}, preset {cfg.preset}, seed {cfg.seed}): "
              f"fitness {best['fitness']:.4f}"
@@ -433,7 +448,14 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
     for e in fame:
         lines.append(f"| {e['rank']} | {e['fitness']:.4f} | {e['size']} | "
                      f"`{one_line(e['canonical']).replace('|', chr(92) + '|')}` |")
-    lines += ["", "## Evaluations", "",
+    lines += ["", *_evaluations_markdown(counts)]
+    lines += ["## Reproduce", "", *_fenced(data["reproduce"]), ""]
+    return "\n".join(lines)
+
+
+def _evaluations_markdown(counts: dict) -> list[str]:
+    """The report's "Evaluations" section: how many answers of each kind, and why runs failed."""
+    lines = ["## Evaluations", "",
               f"{counts['requested']} answers, each of one kind below; {counts['trainings']} "
               f"trainings ran ({_duration(counts['train_seconds'])} of training, whatever "
               "their outcome)." + (f" A resumed session answered {counts['answered_again']} of "
@@ -447,8 +469,7 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
         lines += ["| failure reason | count |", "|---|---|"]
         lines += [f"| {reason} | {n} |" for reason, n in counts["reasons"].items()]
         lines.append("")
-    lines += ["## Reproduce", "", *_fenced(data["reproduce"]), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _fenced(text: str) -> list[str]:

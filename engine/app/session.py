@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from engine.app.cli import UsageError
-from engine.search.evolve import CheckpointError, GenerationRecord, evolve
+from engine.search.evolve import CheckpointError, GenerationRecord, RunResult, evolve
 from engine.search.grammar import Grammar
 from engine.app.config import RunConfig, build_parser, check_out_dir, new_config, \
     resumed_config
@@ -157,6 +157,7 @@ class Session:
         self.started = time.time()
         self.budget = config.time_budget
         self.history: list[GenerationRecord] = []  # read in `run`, once the run is ours
+        self.result: RunResult | None = None  # what evolve returned, when it ran to the end
         self.generation = 0  # the one being evaluated
         self.generation_started = time.time()
         self.last_generation_seconds = 0.0
@@ -231,7 +232,7 @@ class Session:
     # -- the whole session -----------------------------------------------------------------------
 
     def run(self) -> int:
-        from engine.exec.executors import ExecutorError, make_executor
+        from engine.exec import ExecutorError, make_executor
         from engine.search.grammar import parse_grammar
         from engine.fitness.store import Store, StoreError
         from engine.tasks.training import configure_process
@@ -285,10 +286,11 @@ class Session:
                                  f"({outcome.reason}), so no candidate could train; fix that "
                                  "and run again")
 
-    def _run_locked(self, grammar: Grammar, store, executor, backend: str) -> int:
-        from engine.fitness.evaluator import Evaluator
+    def _start(self, store, executor, backend: str) -> tuple[str, str]:
+        """Set up a (resumed) run: history, run files, evaluator, display, tracker; the mode's
+        baseline (name, text)."""
         from engine.app.show import Display
-        from engine.fitness.store import versions
+        from engine.fitness.evaluator import Evaluator
 
         out, config = self.out, self.config
         done = newest_checkpoint(out / CHECKPOINTS).body if self.resumed else None
@@ -315,6 +317,13 @@ class Session:
             from engine.app.tracking import TensorBoardLog
 
             self.tracker = TensorBoardLog(config.tensorboard, self.history)
+        return base_name, base_text
+
+    def _run_locked(self, grammar: Grammar, store, executor, backend: str) -> int:
+        from engine.fitness.store import versions
+
+        out, config = self.out, self.config
+        base_name, base_text = self._start(store, executor, backend)
         status = "finished"
         try:
             with self.display, self.tracker or contextlib.nullcontext():
@@ -357,9 +366,9 @@ class Session:
     def _evolve(self, grammar: Grammar) -> str | None:
         """Run evolve; the reason it stopped early, or None when it finished."""
         try:
-            evolve(grammar, self.evolution, self.fitness, seeds=self.config.seeds,
-                   checkpoint_dir=self.out / CHECKPOINTS, resume=self.resumed,
-                   on_generation=self.generation_done)
+            self.result = evolve(grammar, self.evolution, self.fitness, seeds=self.config.seeds,
+                                 checkpoint_dir=self.out / CHECKPOINTS, resume=self.resumed,
+                                 on_generation=self.generation_done)
         except BudgetExhausted as err:
             reason = str(err)
         else:
@@ -372,8 +381,9 @@ class Session:
         from engine.fitness.evaluator import Evaluator, train
         from engine.app.report import RunOutputs, write_all
 
-        body = newest_checkpoint(self.out / CHECKPOINTS).body
-        history = [GenerationRecord.from_json(r) for r in body["history"]]
+        # The history as evolve returned it; a run stopped early has the generations that
+        # `generation_done` saw, each checkpointed before it was reported.
+        history = list(self.result.history) if self.result is not None else list(self.history)
         best_text, _ = max(((r.best_phenotype, r.best) for r in history), key=lambda p: p[1])
         parse = self.mode.parse
         base_eval = Evaluator(self.mode, self.preset, self.seed, self.evaluator.store, executor,

@@ -1,8 +1,8 @@
 """`python -m engine.compare`: tune and compare optimizers on held-out tasks (see
-`engine.compare.comparison`)."""
+`engine.compare.tuning`)."""
 
 import sys
 
-from engine.compare.comparison import main
+from engine.compare.cli import main
 
 sys.exit(main())

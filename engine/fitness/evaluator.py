@@ -22,13 +22,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from typing import TYPE_CHECKING
+
 from codegen.ir import ParseError, Program, Schedule
-from engine import modes
-from engine.exec.executors import Executor, Outcome
-from engine.modes import Mode
+from engine.exec import Executor, Outcome
 from engine.fitness.screening import fingerprint, probe_updates, screen
 from engine.fitness.store import Record, Store, not_reusable
 from engine.tasks.protocol import FLOOR_FITNESS, EvalResult, Task, get_task
+
+if TYPE_CHECKING:  # the modes build on this package (engine.modes -> engine.fitness)
+    from engine.modes import Mode
 
 # Hard kill for a worker that stops answering: the in-training deadline should fire first.
 KILL_GRACE = 1.5
@@ -36,11 +39,12 @@ KILL_GRACE = 1.5
 
 @dataclass(frozen=True)
 class Job:
-    """One training, as sent to a worker. It carries the parsed program and the Task itself, so
-    a worker neither parses text nor looks a preset up; both are frozen dataclasses of small
-    trees and numbers, so the job pickles in a few KB, the same way each time."""
+    """One training, as sent to a worker. It carries the Mode, the parsed program and the Task
+    themselves, so a worker neither parses text nor looks a name up; they are frozen dataclasses
+    of small trees and numbers (a Mode pickles as its name), so the job pickles in a few KB, the
+    same way each time."""
 
-    mode: str  # an engine.modes name
+    mode: Mode
     program: Program | Schedule
     task: Task
     seed: int
@@ -48,11 +52,10 @@ class Job:
     backend: str
 
     @classmethod
-    def build(cls, mode: str | Mode, text: str, preset: str, seed: int,
+    def build(cls, mode: Mode, text: str, preset: str, seed: int,
               time_limit: float | None, backend: str) -> Job:
         """The job for a candidate given as text, on the preset called `preset`."""
-        mode = modes.get(mode)
-        return cls(mode.name, mode.parse(text), get_task(preset), seed, time_limit, backend)
+        return cls(_checked(mode), mode.parse(text), get_task(preset), seed, time_limit, backend)
 
 
 @dataclass(frozen=True)
@@ -73,14 +76,23 @@ class Evaluation:
 def train(job: Job) -> EvalResult:
     """Worker entry point: compile the candidate's kernel (ALR), then train it under the
     protocol."""
-    return modes.get(job.mode).train(job.task, job.program, seed=job.seed,
-                                     time_limit=job.time_limit, backend=job.backend)
+    return job.mode.train(job.task, job.program, seed=job.seed, time_limit=job.time_limit,
+                          backend=job.backend)
 
 
 def compile_kernel(job: Job) -> float:
     """Worker entry point of a run's pre-flight check: compile the job's kernel where
     candidates will train, without training; the seconds it took."""
-    return modes.get(job.mode).compile(job.program, job.backend)
+    return job.mode.compile(job.program, job.backend)
+
+
+def _checked(mode: Mode) -> Mode:
+    """`mode` itself; a TypeError for a mode's name, which callers turn into the object with
+    engine.modes.get (this package sits below engine.modes and does not look names up)."""
+    if isinstance(mode, str) or not hasattr(mode, "parse"):
+        raise TypeError(f"mode must be an engine.modes Mode (engine.modes.get({mode!r})), not "
+                        f"{type(mode).__name__}")
+    return mode
 
 
 @dataclass
@@ -111,13 +123,13 @@ class Batch:
 class Evaluator:
     """Evaluates batches of candidate texts for one (mode, task, seed); keeps counts by source."""
 
-    def __init__(self, mode: str | Mode, task: str, seed: int, store: Store, executor: Executor, *,
+    def __init__(self, mode: Mode, task: str, seed: int, store: Store, executor: Executor, *,
                  time_limit: float | None = None, backend: str = "numba", run: str | None = None,
                  worker: Callable[[Job], EvalResult] = train):
         """`worker` runs one Job in an executor's worker (module-level, so it pickles); tests
         substitute one that misbehaves on purpose."""
         self.definition = get_task(task)  # an unknown preset fails here, before any work
-        self.mode, self.task, self.seed = modes.get(mode), task, seed
+        self.mode, self.task, self.seed = _checked(mode), task, seed
         # The store's protocol key names the task's digest too: the store must not answer from
         # a preset's older definition.
         self.protocol = f"{self.mode.name}/{task}@{self.definition.digest}"
@@ -135,7 +147,7 @@ class Evaluator:
 
     def job(self, program: Program | Schedule) -> Job:
         """The training job for `program` under this evaluator's mode, task and seed."""
-        return Job(self.mode.name, program, self.definition, self.seed, self.time_limit,
+        return Job(self.mode, program, self.definition, self.seed, self.time_limit,
                    self.backend)
 
     # -- the cheap half ------------------------------------------------------------------------

@@ -54,12 +54,20 @@ class Mode:
     def __repr__(self) -> str:
         return f"<mode {self.name}>"
 
+    def __reduce__(self):
+        # A job carries its Mode to a worker: it arrives as that process's own ALR or DLR.
+        return get, (self.name,)
+
     def parse(self, text: str) -> Program | Schedule:
         raise NotImplementedError
 
-    def size(self, text: str) -> int:
-        """Nodes of the canonical program: what a reader has to understand."""
+    def size(self, text: str | Program | Schedule) -> int:
+        """Nodes of the canonical program (its text, or the program itself when parsed
+        already): what a reader has to understand."""
         raise NotImplementedError
+
+    def _parsed(self, text: str | Program | Schedule) -> Program | Schedule:
+        return self.parse(text) if isinstance(text, str) else text
 
     def baseline(self) -> tuple[str, str]:
         """(name, program text) of the reference each run is compared with, on the same
@@ -104,8 +112,8 @@ class _Alr(Mode):
     def parse(self, text: str) -> Program:
         return Program.parse(text)
 
-    def size(self, text: str) -> int:
-        canonical = self.parse(text).canonical()
+    def size(self, text: str | Program) -> int:
+        canonical = self._parsed(text).canonical()
         return sum(node_size(e) for e in canonical.deltas().values() if e is not None)
 
     def baseline(self) -> tuple[str, str]:
@@ -145,22 +153,31 @@ class _Alr(Mode):
         return [snapper.program(snapped, fill=False), snapper.program(snapped, fill=True)]
 
     def compile(self, program: Program, backend: str) -> float:
+        return self._compiled(program, backend)[1]
+
+    @staticmethod
+    def _compiled(program: Program, backend: str):
+        """The program's kernel, compiled and warmed up, and the seconds that took."""
         import kernels  # the engine reaches kernels only in a worker
 
         start = time.perf_counter()
-        kernels.compile(program, backend).warm_up()
-        return time.perf_counter() - start
+        kernel = kernels.compile(program, backend)
+        kernel.warm_up()
+        return kernel, time.perf_counter() - start
 
     def train(self, task: Task, program: Program, *, seed: int, time_limit: float | None,
               backend: str) -> EvalResult:
+        """The protocol's fitness; the program is lowered and compiled once, here, and every
+        trial's optimizer runs that kernel."""
         import dataclasses
 
         import kernels
         from engine.tasks.protocol import alr_fitness
 
-        compile_seconds = self.compile(program, backend)
+        kernel, compile_seconds = self._compiled(program, backend)
         result = alr_fitness(
-            task, lambda params: kernels.EvolvedOptimizer(params, program, backend=backend),
+            task, lambda params: kernels.EvolvedOptimizer(params, program, backend=backend,
+                                                          kernel=kernel),
             seed=seed, time_limit=time_limit)
         return dataclasses.replace(result, compile_seconds=compile_seconds)
 
@@ -188,8 +205,8 @@ class _Dlr(Mode):
     def parse(self, text: str) -> Schedule:
         return Schedule.parse(text)
 
-    def size(self, text: str) -> int:
-        return node_size(self.parse(text).canonical().expr)
+    def size(self, text: str | Schedule) -> int:
+        return node_size(self._parsed(text).canonical().expr)
 
     def baseline(self) -> tuple[str, str]:
         """Plain SGD at 0.01: a constant schedule."""

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from codegen.backends import numba as numba_emit
 from codegen.backends import torch as torch_emit
-from codegen.ir import COMPARISON_SYMBOLS, STATES, Call, Const, Node, Program, Schedule, Var
+from codegen.ir import (COMPARISON_SYMBOLS, STATES, Call, Const, Node, Program, Schedule,
+                        UniformStepper, Var)
 from codegen.lower import lower
 from engine import modes
 from engine.modes import Mode
@@ -96,7 +97,7 @@ def render_alr(program: Program, about: str, lr: float = 1.0) -> str:
     numba_kernel = numba_kernel.replace("cache=True", "cache=_CACHE")
     prelude = "\n".join(line for line in numba_emit.PRELUDE.splitlines()
                          if not line.startswith(("import ", "from ")))  # imported above
-    advance = _advance_function(canonical, scalars)
+    advance = _advance_function(canonical.stepper())
     params = ", ".join(["weight", "grad", *tensors, "lr", *scalars])
     return TEMPLATE_ALR.format(
         doc=_string_literal(doc),
@@ -137,19 +138,18 @@ def _function_from(module: str, name: str, new_name: str, decorated: bool = Fals
     return body.replace(f"def {name}(", f"def {new_name}(", 1)
 
 
-def _advance_function(program: Program, scalars: tuple[str, ...]) -> str:
-    """A function giving the uniform states' new values, in float32 like the kernels' host side:
-    `_advance(lr, *old) -> new` (a tuple)."""
+def _advance_function(stepper: UniformStepper) -> str:
+    """`stepper` as torch code in float32 like the kernels' host side: `_advance(lr, *old) ->
+    new` (a tuple, in the kernel's scalar-state order)."""
+    scalars = stepper.states
     if not scalars:
         return "def _advance(lr):\n    return ()\n"
     lines = [f"def _advance(lr, {', '.join(scalars)}):",
              "    # One step of the uniform states, in float32 (0-d tensors), as AutoLR's host side.",
              "    f32 = _f32",
              "    lr = f32(lr)"]
-    lines += [f"    {s} = f32({s})" for s in STATES if s in scalars]
-    for s in STATES:
-        if s in scalars:
-            lines.append(f"    {s} = torch.sub({s}, {_torch_expr(getattr(program, s))})")
+    lines += [f"    {s} = f32({s})" for s in scalars]
+    lines += [f"    {s} = torch.sub({s}, {_torch_expr(delta)})" for s, delta in stepper.deltas]
     lines.append(f"    return ({', '.join(f'float({s})' for s in scalars)},)")
     return "\n".join(lines) + "\n"
 

@@ -34,13 +34,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from codegen.ir import COMPARISON_SYMBOLS, TARGETS, Call, Const, Node, ParseError, Var
-from engine import modes
 from engine.search.grammar import Grammar
-from engine.modes import Mode
 from engine.search.sge import individual_from_text
+
+if TYPE_CHECKING:  # the modes build on this module (engine.modes -> engine.search)
+    from engine.modes import Mode
 
 __all__ = [
     "ADABELIEF_PAPER_OPS",
@@ -105,18 +107,6 @@ class SeedProgram:
     where: str = ""
 
 
-def zoo_seeds(mode: str | Mode) -> list[SeedProgram]:
-    """The default seeds of ``mode`` (`engine.modes`): Adam, RMSprop, momentum, Adagrad,
-    AdaBelief and Lion (ALR); constant and step schedules (DLR)."""
-    return modes.get(mode).zoo_seeds()
-
-
-def baseline(mode: str | Mode) -> tuple[str, str]:
-    """(name, program text) of the reference each run is compared with, on the same protocol:
-    Adam at lr=1e-3 for ALR, plain SGD at 0.01 (a constant schedule) for DLR."""
-    return modes.get(mode).baseline()
-
-
 def read_seed_file(path: str | Path, lr: float = DEFAULT_SEED_LR) -> list[SeedProgram]:
     """The programs of a seed file (format in the module docstring); SeedError when unreadable
     or empty."""
@@ -135,7 +125,7 @@ def read_seed_file(path: str | Path, lr: float = DEFAULT_SEED_LR) -> list[SeedPr
     return seeds
 
 
-def snap_all(seeds: list[SeedProgram], grammar: Grammar, mode: str | Mode,
+def snap_all(seeds: list[SeedProgram], grammar: Grammar, mode: Mode,
              max_depth: int) -> dict[str, str]:
     """name -> snapped, derivable text for every seed, in order; names made unique."""
     out: dict[str, str] = {}
@@ -147,14 +137,13 @@ def snap_all(seeds: list[SeedProgram], grammar: Grammar, mode: str | Mode,
     return out
 
 
-def snap(seed: SeedProgram, grammar: Grammar, mode: str | Mode, max_depth: int) -> str:
+def snap(seed: SeedProgram, grammar: Grammar, mode: Mode, max_depth: int) -> str:
     """The seed with ``lr`` (ALR) and every constant snapped, checked derivable in ``grammar``."""
     label = f"seed program {seed.name!r}" + (f" ({seed.where})" if seed.where else "")
     if not (isinstance(seed.lr, (int, float)) and math.isfinite(seed.lr) and seed.lr > 0):
         raise SeedError(f"{label}: the lr to snap to must be a positive number, not {seed.lr!r}")
-    kind, snapper = modes.get(mode), _Snapper(grammar)
     try:
-        candidates = kind.snap_candidates(snapper, seed)
+        candidates = mode.snap_candidates(_Snapper(grammar), seed)
     except (ParseError, ValueError) as err:
         raise SeedError(f"{label}: {' '.join(str(err).split())}") from None
     errors = []

@@ -37,7 +37,8 @@ import random
 from dataclasses import dataclass
 
 from codegen.ir import Const, format_float
-from engine.search.grammar import Derivation, Grammar, derive
+from engine.search.derivation import Derivation, derive
+from engine.search.grammar import Grammar
 
 __all__ = [
     "Genotype",

@@ -36,8 +36,9 @@ batch 32, K=32: 16.9 ms one at a time, 2.1 ms stacked with bmm, 3.0 ms with vmap
 at batch 100, K=32: 34.8 / 9.6 / 12.4 ms. Quick CNN (16/32/64) at batch 100, K=8: 546 ms one at a
 time, 612 ms with grouped convolutions, 1047 ms with vmap. Whole trainings: bench/bench_batched.py.
 
-Public API: `Member`, `StackedModel`, `MemberUpdate` (the update interface), `KernelUpdate` (the
-generated kernels behind it), `fit_batched`, `evaluate_batched`, `train_batch`, `BatchResult`.
+Public API: `Member`, `StackedModel` (from engine.tasks.stacked), `MemberUpdate` (the update
+interface), `KernelUpdate` (the generated kernels behind it), `fit_batched`, `evaluate_batched`,
+`train_batch`, `BatchResult`.
 """
 
 from __future__ import annotations
@@ -52,15 +53,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from codegen.ir import STATES, Program, evaluate
+from codegen.ir import STATES, Program
 from engine.tasks.heldout import MLPSpec
-from engine.tasks.training import (FitResult, ModelSpec, _keep_below, _pool_kernels, _PoolReluDropout,
-                             _random_bytes, _ReluDropout, _scaled_mask)
+from engine.tasks.stacked import StackedModel
+from engine.tasks.training import FitResult, ModelSpec
 
 __all__ = ["ArenaViews", "BatchResult", "KernelUpdate", "Member", "MemberUpdate", "StackedModel",
            "evaluate_batched", "fit_batched", "train_batch"]
 
-ALIGN = 16  # each member's row starts on a 64-byte boundary: cache lines, vector loads
 TENSOR_STATES = STATES  # every state a program may keep per element
 CHAIN = 64  # uniform-state steps worked out per memo miss (see KernelUpdate._advance)
 
@@ -82,136 +82,6 @@ class Member:
                             f"{type(self.program).__name__}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(f"Member.lr must be a finite number >= 0, got {self.lr!r}")
-
-
-# --- the stacked model ------------------------------------------------------------------------
-
-
-class StackedModel:
-    """K models of one spec (`MLPSpec` or the CNN's `ModelSpec`) as one, over a (K, P) arena.
-
-    `weight` is the arena (K, P); `leaves` the stacked parameters (K, *shape), strided views of it
-    that autograd differentiates; `forward(x, dropout)` gives logits (K, B, classes) for a batch
-    `x` every member sees.
-    """
-
-    def __init__(self, spec: MLPSpec | ModelSpec, init_seeds: Sequence[int]) -> None:
-        if not isinstance(spec, (MLPSpec, ModelSpec)):
-            raise TypeError(f"StackedModel stacks an MLPSpec or a ModelSpec, not "
-                            f"{type(spec).__name__}")
-        if len(init_seeds) < 1:
-            raise ValueError("StackedModel needs at least one member (init_seeds is empty)")
-        self.spec, self.k = spec, len(init_seeds)
-        models = [spec.build(int(s)) for s in init_seeds]  # the one-model init code, sliced
-        params = [list(m.parameters()) for m in models]
-        self.shapes = [tuple(p.shape) for p in params[0]]
-        # Each parameter keeps its one-model memory layout (the CNN's are channels_last): a
-        # convolution picks its algorithm, and so its summation order, from the layouts.
-        self.strides = [tuple(p.stride()) for p in params[0]]
-        self.offsets, total = [], 0
-        for shape in self.shapes:
-            self.offsets.append(total)
-            total += math.prod(shape)
-        self.numel = total
-        self.row = -(-total // ALIGN) * ALIGN
-        self.weight = torch.zeros((self.k, self.row), dtype=torch.float32)
-        self.leaves = [self._view(self.weight, i) for i in range(len(self.shapes))]
-        with torch.no_grad():
-            torch._foreach_copy_(self.leaves, [torch.stack([ps[i].detach() for ps in params])
-                                               for i in range(len(self.shapes))])
-        for leaf in self.leaves:
-            leaf.requires_grad_(True)
-        self.fused_pool = True  # False: torch's pooling ops (same results, slower)
-
-    def _view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
-        return buffer.as_strided((self.k, *self.shapes[i]), (self.row, *self.strides[i]),
-                                 self.offsets[i])
-
-    def grad_views(self, grad: torch.Tensor) -> list[torch.Tensor]:
-        """The stacked parameters' places in a (K, P) gradient arena."""
-        return [self._view(grad, i) for i in range(len(self.shapes))]
-
-    def member_state(self, k: int) -> dict[str, torch.Tensor]:
-        """Member k's weights as its one-model `state_dict` holds them (copies)."""
-        names = [name for name, _ in self.spec.build(0).named_parameters()]
-        return {name: leaf[k].detach().clone() for name, leaf in zip(names, self.leaves)}
-
-    def forward(self, x: torch.Tensor, dropout: torch.Generator | None = None,
-                active: np.ndarray | None = None) -> torch.Tensor:
-        """Logits (K, B, classes). Members with `active[k]` False may skip their work (the CNN
-        does): their logits are then meaningless but finite."""
-        if isinstance(self.spec, MLPSpec):
-            return _mlp_forward(self.leaves, x)
-        return _cnn_forward(self.leaves, x, self.spec, dropout, self.fused_pool, active)
-
-    __call__ = forward
-
-
-def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(K, B, in) or a shared (B, in) -> (K, B, out): member k's `F.linear(h_k, w_k, b_k)`."""
-    if h.dim() == 2:
-        h = h.expand(w.shape[0], *h.shape)
-    return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-
-
-def _mlp_forward(leaves: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    h = x.reshape(x.shape[0], -1)
-    pairs = list(zip(leaves[0::2], leaves[1::2]))
-    for w, b in pairs[:-1]:
-        h = torch.relu(_linear(h, w, b))
-    return _linear(h, *pairs[-1])
-
-
-def _cnn_forward(leaves: list[torch.Tensor], x: torch.Tensor, spec: ModelSpec,
-                 dropout: torch.Generator | None, fused: bool,
-                 active: np.ndarray | None) -> torch.Tensor:
-    """The reference CNN (`engine.tasks.training.CNN.forward`) for K members at once.
-
-    Every layer runs per member, with the one-model ops: on this CPU the CNN is compute bound
-    in its convolutions, and one grouped convolution (groups=K, conv2) or one K-times-wider
-    conv1 measured no faster than K separate ones (their backward passes slower), and `bmm`
-    for the small dense layers gains little. Per-member ops make a member bit-for-bit what it
-    is alone, and let frozen members skip their work (zero logits). What the batch shares is
-    the data, the dropout masks (drawn once at one member's size from the shared generator, in
-    the one-model order) and the loop around them."""
-    w1, b1, w2, b2, wf1, bf1, wf2, bf2 = leaves
-    k, n = w1.shape[0], x.shape[0]
-    x = x.contiguous(memory_format=torch.channels_last)
-    train1 = dropout is not None and spec.dropout1 != 0.0
-    keep = _keep_below(spec.dropout1)
-    fused = fused and keep is not None and _pool_kernels() is not None
-    size = spec.image_size - 4
-    pooled = size // 2
-    drawn = None
-    if train1:
-        if fused:
-            drawn = _random_bytes(n * spec.conv2 * size * size // 4, dropout)
-            drawn = drawn.view(n, pooled, pooled, spec.conv2)
-        else:
-            drawn = _scaled_mask(n * spec.conv2 * pooled * pooled, spec.dropout1, dropout)
-            drawn = drawn.view(n, pooled, pooled, spec.conv2).permute(0, 3, 1, 2)
-    mask2 = None
-    if dropout is not None and spec.dropout2 != 0.0:
-        mask2 = _scaled_mask(n * spec.dense, spec.dropout2, dropout).view(n, spec.dense)
-    scale1, scale2 = 1.0 / (1.0 - spec.dropout1), 1.0 / (1.0 - spec.dropout2)
-    logits = []
-    for j in range(k):
-        if active is not None and not active[j]:
-            logits.append(x.new_zeros(n, spec.classes))
-            continue
-        h = F.relu(F.conv2d(x, w1[j], b1[j]), inplace=True)
-        h = F.conv2d(h, w2[j], b2[j])
-        if fused:
-            h = _PoolReluDropout.apply(h, drawn, keep if train1 else 256,
-                                       scale1 if train1 else 1.0)
-        elif train1:
-            h = _ReluDropout.apply(F.max_pool2d(h, 2), drawn, scale1)
-        else:
-            h = torch.relu(F.max_pool2d(h, 2))
-        h = F.linear(h.permute(0, 2, 3, 1).reshape(n, -1), wf1[j], bf1[j])  # Keras's flatten
-        h = torch.relu(h) if mask2 is None else _ReluDropout.apply(h, mask2, scale2)
-        logits.append(F.linear(h, wf2[j], bf2[j]))
-    return torch.stack(logits)
 
 
 # --- the update -------------------------------------------------------------------------------
@@ -267,7 +137,7 @@ class KernelUpdate:
 
     def _advance(self, k: int, lr: float) -> dict[str, float]:
         """Member k's uniform states (step counters) one step on, by the reference semantics
-        (`Program.advance_uniform`). Memoised along a chain: a miss works out the next CHAIN
+        (the kernel's `UniformStepper`). Memoised along a chain: a miss works out the next CHAIN
         steps, because a step counter is a new key every step and the reference walk costs
         ~0.15 ms (measured: a third of a K=32 MLP batch's time without the chain)."""
         kn, old = self.kernels[k], self.scalars[k]
@@ -278,19 +148,10 @@ class KernelUpdate:
         if new is None:
             if len(self._memo) > 64 * CHAIN:
                 self._memo.clear()
-            program = kn.plan.program
-            uniform = [(s, getattr(program, s)) for s in program.uniform_states()]
-            env = {s: np.float32(0.0) for s in STATES}
-            env.update({s: np.float32(v) for s, v in old.items()})
-            env["lr"] = np.float32(lr)
             state = key
-            with np.errstate(all="ignore"):
-                for _ in range(CHAIN):
-                    for s, delta in uniform:
-                        env[s] = np.float32(env[s] - evaluate(delta, env))
-                    values = {s: float(env[s]) for s in kn.scalar_states}
-                    self._memo[state] = values
-                    state = (kn.hash, lr, tuple(values.values()))
+            for values in kn.stepper.chain(old, lr, CHAIN):
+                self._memo[state] = values
+                state = (kn.hash, lr, tuple(values.values()))
             new = self._memo[key]
         return new
 
@@ -388,39 +249,62 @@ def fit_batched(model: StackedModel, update: MemberUpdate, lrs: Sequence[float],
     if lrs.shape != (model.k,):
         raise ValueError(f"lrs must hold one learning rate per member ({model.k}), got "
                          f"{lrs.shape[0] if lrs.ndim else 'a scalar'}")
-    start = time.perf_counter()
-    k = model.k
-    grad = torch.zeros_like(model.weight)
-    grad_views = model.grad_views(grad)
-    arena = ArenaViews(model.weight.numpy(), grad.numpy(),
-                       {s: np.zeros((k, model.row), np.float32) for s in update.tensor_states})
-    x, y = train
-    n = len(y)
-    shuffle_gen = torch.Generator().manual_seed(seed)  # the one-model trainer's two streams
-    dropout_gen = torch.Generator().manual_seed(seed + 0x5EED)
-    tracks = [_Track() for _ in range(k)]
-    active = np.ones(k, dtype=bool)
-    steps = 0
-
-    def stop(j: int, reason: str | None) -> None:
-        active[j] = False
-        tracks[j].reason = reason
-        tracks[j].seconds = time.perf_counter() - start
-
+    run = _BatchRun(model, update, lrs, seed)
     for epoch in range(max_epochs):
-        if not active.any():
+        if not run.active.any():
             break
-        order = torch.randperm(n, generator=shuffle_gen)
-        loss_sum = np.zeros(k)
+        loss_sum, trained = run.train_epoch(epoch, *train, batch_size, max_steps, deadline)
+        done = trained & run.active
+        if done.any():
+            run.validate(epoch, loss_sum / len(train[1]), done, val, eval_batch, patience)
+        if max_steps is not None and run.steps >= max_steps:
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            for j in np.flatnonzero(run.active):
+                run.stop(j, f"timeout: deadline passed after epoch {epoch}")
+    return run.results()
+
+
+class _BatchRun:
+    """The state of one `fit_batched` call: the arena, the two random streams, each member's
+    track and whether it still trains, and the step count."""
+
+    def __init__(self, model: StackedModel, update: MemberUpdate, lrs: np.ndarray,
+                 seed: int) -> None:
+        self.model, self.update, self.lrs = model, update, lrs
+        self.start = time.perf_counter()
+        self.grad = torch.zeros_like(model.weight)
+        self.grad_views = model.grad_views(self.grad)
+        self.arena = ArenaViews(model.weight.numpy(), self.grad.numpy(),
+                                {s: np.zeros((model.k, model.row), np.float32)
+                                 for s in update.tensor_states})
+        self.shuffle_gen = torch.Generator().manual_seed(seed)  # the one-model trainer's streams
+        self.dropout_gen = torch.Generator().manual_seed(seed + 0x5EED)
+        self.tracks = [_Track() for _ in range(model.k)]
+        self.active = np.ones(model.k, dtype=bool)
+        self.steps = 0
+
+    def stop(self, j: int, reason: str | None) -> None:
+        self.active[j] = False
+        self.tracks[j].reason = reason
+        self.tracks[j].seconds = time.perf_counter() - self.start
+
+    def train_epoch(self, epoch: int, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                    max_steps: int | None, deadline: float | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """One epoch's minibatches: each member's summed training loss, and who trained it."""
+        model, active, n = self.model, self.active, len(y)
+        order = torch.randperm(n, generator=self.shuffle_gen)
+        loss_sum = np.zeros(model.k)
         trained = active.copy()  # who this epoch's curves are for
         for first in range(0, n, batch_size):
             idx = order[first:first + batch_size]
-            logits = model(x[idx], dropout=dropout_gen, active=active)
+            logits = model(x[idx], dropout=self.dropout_gen, active=active)
             losses = _member_losses(model, logits, y[idx])
             values = losses.detach().numpy().astype(np.float64)
             for j in np.flatnonzero(active & ~np.isfinite(values)):
-                stop(j, f"diverged: training loss {float(values[j])} at epoch {epoch}, step "
-                        f"{first // batch_size}")
+                self.stop(j, f"diverged: training loss {float(values[j])} at epoch {epoch}, "
+                             f"step {first // batch_size}")
                 trained[j] = False
             if not active.any():
                 break
@@ -428,49 +312,50 @@ def fit_batched(model: StackedModel, update: MemberUpdate, lrs: Sequence[float],
             total = torch.where(mask, losses, torch.zeros(())).sum()
             grads = torch.autograd.grad(total, model.leaves)
             with torch.no_grad():
-                torch._foreach_copy_(grad_views, list(grads))
-            update(arena, lrs, steps, active.copy())
-            steps += 1
+                torch._foreach_copy_(self.grad_views, list(grads))
+            self.update(self.arena, self.lrs, self.steps, active.copy())
+            self.steps += 1
             loss_sum[active] += values[active] * len(idx)
-            if max_steps is not None and steps >= max_steps:
+            if max_steps is not None and self.steps >= max_steps:
                 break
             if deadline is not None and time.perf_counter() > deadline:
                 for j in np.flatnonzero(active):
-                    stop(j, f"timeout: deadline passed at epoch {epoch}, step "
-                            f"{first // batch_size}")
+                    self.stop(j, f"timeout: deadline passed at epoch {epoch}, step "
+                                 f"{first // batch_size}")
                 break
-        done = trained & active
-        if not done.any():
-            continue
-        val_loss, val_acc = evaluate_batched(model, *val, batch_size=eval_batch, active=done)
+        return loss_sum, trained
+
+    def validate(self, epoch: int, train_loss: np.ndarray, done: np.ndarray,
+                 val: tuple[torch.Tensor, torch.Tensor], eval_batch: int, patience: int) -> None:
+        """Record the epoch of the members in `done`; keep a best epoch's weights, stop the
+        diverged and the patient-out."""
+        val_loss, val_acc = evaluate_batched(self.model, *val, batch_size=eval_batch, active=done)
         for j in np.flatnonzero(done):
-            t = tracks[j]
-            t.train_loss.append(float(loss_sum[j] / n))
+            t = self.tracks[j]
+            t.train_loss.append(float(train_loss[j]))
             t.val_acc.append(float(val_acc[j]))
             t.val_loss.append(float(val_loss[j]))
             if not math.isfinite(val_loss[j]):
-                stop(j, f"diverged: validation loss {val_loss[j]} at epoch {epoch}")
+                self.stop(j, f"diverged: validation loss {val_loss[j]} at epoch {epoch}")
             elif t.best_value is None or val_acc[j] > t.best_value:
                 t.best_value, t.best_epoch = float(val_acc[j]), epoch
-                t.best_weight = arena.weight[j].copy()
+                t.best_weight = self.arena.weight[j].copy()
             elif epoch - t.best_epoch >= patience:
-                stop(j, None)
-        if max_steps is not None and steps >= max_steps:
-            break
-        if deadline is not None and time.perf_counter() > deadline:
-            for j in np.flatnonzero(active):
-                stop(j, f"timeout: deadline passed after epoch {epoch}")
-    results = []
-    for j, t in enumerate(tracks):
-        if active[j]:
-            t.seconds = time.perf_counter() - start
-        if t.best_weight is not None:  # every member ends on its best epoch's weights
-            arena.weight[j] = t.best_weight
-        results.append(FitResult(
-            epochs=len(t.val_acc), best_epoch=t.best_epoch, train_loss=tuple(t.train_loss),
-            val_acc=tuple(t.val_acc), val_loss=tuple(t.val_loss),
-            lr=(float(lrs[j]),) * len(t.val_acc), seconds=t.seconds, reason=t.reason))
-    return results
+                self.stop(j, None)
+
+    def results(self) -> list[FitResult]:
+        """Every member on its best epoch's weights, and its FitResult."""
+        out = []
+        for j, t in enumerate(self.tracks):
+            if self.active[j]:
+                t.seconds = time.perf_counter() - self.start
+            if t.best_weight is not None:
+                self.arena.weight[j] = t.best_weight
+            out.append(FitResult(
+                epochs=len(t.val_acc), best_epoch=t.best_epoch, train_loss=tuple(t.train_loss),
+                val_acc=tuple(t.val_acc), val_loss=tuple(t.val_loss),
+                lr=(float(self.lrs[j]),) * len(t.val_acc), seconds=t.seconds, reason=t.reason))
+        return out
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,128 @@
+"""`python -m engine.compare`'s command line: arguments to Settings and contenders, then run,
+write and print (engine.compare.tuning says what a comparison does)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import shlex
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from codegen import backends
+from engine.app.cli import Parser, UsageError, positive_int
+from engine.compare.tables import print_table, write_outputs
+from engine.compare.tuning import (
+    BASELINES, LR_RANGE, Contender, Settings, baseline_contender, candidate, resolve_program,
+    run_compare)
+from engine.tasks import heldout
+from engine.tasks.heldout import CompareTask
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m engine.compare",
+                description="Compare an evolved optimizer with tuned Adam, Lion, RMSprop, "
+                            "Nesterov, ADES and Sign: the same tuning budget for each (TPE over a "
+                            "log-scale learning rate / step factor, on the validation split), "
+                            "then N seeds each (the same seeds for all), test accuracy, and a "
+                            "paired Wilcoxon test of each candidate against each baseline "
+                            "(Holm-corrected, bootstrap intervals).",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("programs", nargs="+", metavar="PROGRAM_OR_RUN_DIR",
+                   help="program text, a file holding one, or a run directory (its "
+                        "summary.json's best program)")
+    p.add_argument("--task", default="quick",
+                   help=f"one of: {', '.join(heldout.TASKS)}")
+    p.add_argument("--seeds", type=positive_int, default=5, help="training seeds per optimizer")
+    p.add_argument("--trials", type=positive_int, default=15, help="tuning trials per optimizer")
+    p.add_argument("--optimizers", default=",".join(BASELINES),
+                   help="comma-separated baselines from kernels.zoo (also sgd, momentum, "
+                        "adagrad, adabelief: each row costs its own tuning budget)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: runs/compare-<task>-<time>)")
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                   help="parallel trainings (processes, one thread each); the table does not "
+                        "depend on it")
+    p.add_argument("--seed", type=int, default=0,
+                   help="split seed, and root of the tuning-sampler and training seeds")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="override the task's epoch budget")
+    p.add_argument("--lr-range", type=float, nargs=2, default=list(LR_RANGE),
+                   metavar=("LOW", "HIGH"), help="log-uniform tuning range, for every optimizer")
+    p.add_argument("--backend", choices=("auto", *backends.BACKENDS), default="auto",
+                   help="kernel backend for every optimizer")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    try:
+        task = heldout.get_task(args.task)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.epochs is not None:
+        task = dataclasses.replace(task, epochs=args.epochs)
+    low, high = args.lr_range
+    if not (0 < low < high and math.isfinite(high)):
+        raise UsageError(f"--lr-range {low:g} {high:g}: need 0 < LOW < HIGH")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.backend != "auto" and not backends.get(args.backend).available("cpu"):
+        raise UsageError(f"--backend {args.backend}: compare trains on the CPU, and the "
+                         f"{args.backend} backend runs on {backends.get(args.backend).runs_on} "
+                         f"there: {backends.get(args.backend).instead}")
+    return Settings(task=task, seeds=args.seeds, trials=args.trials, seed=args.seed,
+                    lr_range=(low, high), backend=args.backend)
+
+
+def contenders_from(args: argparse.Namespace) -> list[Contender]:
+    out: list[Contender] = []
+    for arg in args.programs:
+        new = candidate(*resolve_program(arg))
+        if all(c.name != new.name for c in out):  # the same program twice is one row
+            out.append(new)
+    keys = [k.strip() for k in args.optimizers.split(",") if k.strip()]
+    if not keys:
+        raise UsageError("--optimizers is empty; name at least one baseline, e.g. adam")
+    return out + [baseline_contender(k) for k in dict.fromkeys(keys)]
+
+
+def _check_data(task: CompareTask, seed: int) -> None:
+    from engine.tasks.data import DataCorruptError, DataNotFoundError
+
+    try:
+        heldout.train_val(task, seed)
+    except (DataNotFoundError, DataCorruptError, ValueError) as err:
+        raise UsageError(' '.join(str(err).split())) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+        settings = settings_from(args)
+        contenders = contenders_from(args)
+        _check_data(settings.task, settings.seed)
+        out = args.out or Path("runs") / (f"compare-{settings.task.name}-"
+                                          f"{datetime.now():%Y%m%d-%H%M%S}")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a directory")
+    except UsageError as err:
+        print(f"engine.compare: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    from rich.console import Console
+
+    err_console = Console(stderr=True)
+    err_console.print(f"compare on {settings.task.name}: {len(contenders)} optimizers x "
+                      f"({settings.trials} tuning trials + {settings.seeds} seeds), "
+                      f"{args.workers} worker(s)")
+    report = run_compare(contenders, settings, args.workers, log=err_console.print)
+    report["command"] = shlex.join(["python", "-m", "engine.compare", *argv])
+    report["created"] = datetime.now().astimezone().isoformat(timespec="seconds")
+    paths = write_outputs(report, out)
+    print_table(report)
+    print(f"wrote {paths['markdown']}, {paths['json'].name}, {paths['plot'].name} "
+          f"({report['seconds']['total']:.0f} s)")
+    return 0

@@ -58,9 +58,9 @@ from codegen import backends
 from codegen.ir import ParseError, Program
 from engine import modes
 from engine.compare import stats
-from engine.tasks import heldout
+from engine.tasks import compare_tasks
 from engine.app.cli import Parser, UsageError, positive_int
-from engine.tasks.heldout import CompareTask
+from engine.tasks.compare_tasks import CompareTask
 from engine.tasks.protocol import FLOOR_FITNESS, derive_seed
 
 __all__ = ["BASELINES", "LR_RANGE", "Contender", "Settings", "UsageError", "baseline_contender",
@@ -214,7 +214,7 @@ def _train(settings: Settings, contender: Contender, lr: float, init_seed: int, 
     from kernels import EvolvedOptimizer
 
     task = settings.task
-    splits = heldout.train_val(task, settings.seed)
+    splits = compare_tasks.train_val(task, settings.seed)
     model = task.build_model(init_seed)
     optimizer = EvolvedOptimizer(model.parameters(), contender.program, lr,
                                  weight_decay=contender.weight_decay, backend=settings.backend)
@@ -260,7 +260,7 @@ def train_seed(job: SeedJob) -> dict:
                            _seed(s, _FINAL, 2 * job.index + 1))
     test_acc = FLOOR_FITNESS
     if result.reason is None:
-        test_acc = loss_accuracy(model, *heldout.load_test_split(s.task, s.seed),
+        test_acc = loss_accuracy(model, *compare_tasks.load_test_split(s.task, s.seed),
                             batch_size=s.task.eval_batch)[1]
     return {"seed": job.index, "test_acc": test_acc, "reason": result.reason,
             "best_val": max(result.val_acc, default=FLOOR_FITNESS), "epochs": result.epochs,
@@ -583,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="program text, a file holding one, or a run directory (its "
                         "summary.json's best program)")
     p.add_argument("--task", default="quick",
-                   help=f"one of: {', '.join(heldout.TASKS)}")
+                   help=f"one of: {', '.join(compare_tasks.TASKS)}")
     p.add_argument("--seeds", type=positive_int, default=5, help="training seeds per optimizer")
     p.add_argument("--trials", type=positive_int, default=15, help="tuning trials per optimizer")
     p.add_argument("--optimizers", default=",".join(BASELINES),
@@ -607,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     try:
-        task = heldout.get_task(args.task)
+        task = compare_tasks.get_task(args.task)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.epochs is not None:
@@ -641,7 +641,7 @@ def _check_data(task: CompareTask, seed: int) -> None:
     from engine.tasks.data import DataCorruptError, DataNotFoundError
 
     try:
-        heldout.train_val(task, seed)
+        compare_tasks.train_val(task, seed)
     except (DataNotFoundError, DataCorruptError, ValueError) as err:
         raise UsageError(' '.join(str(err).split())) from None
 

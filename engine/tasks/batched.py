@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from codegen.ir import STATES, Program, evaluate
-from engine.tasks.heldout import MLPSpec
+from engine.tasks.compare_tasks import MLPSpec
 from engine.tasks.training import (FitResult, ModelSpec, _keep_below, _pool_kernels, _PoolReluDropout,
                              _random_bytes, _ReluDropout, _scaled_mask)
 

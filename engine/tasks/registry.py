@@ -114,7 +114,7 @@ def _load_file(path: Path) -> types.ModuleType:
     return _FILE_MODULES[key]
 
 
-def _absolute(ref: str) -> str:
+def absolute(ref: str) -> str:
     """The reference with a file path made absolute, so workers elsewhere find the same file."""
     where, attr = _split(ref)
     if where.endswith(".py") or "/" in where:
@@ -129,7 +129,7 @@ def resolve(ref: str, device: str = "cpu") -> tuple[SupervisedTask, TaskRef]:
     if ref == "fmnist-cnn":
         raise TaskError("fmnist-cnn is the presets' protocol; choose its size with --preset")
     full = FAMILIES.get(ref, ref)
-    full = _absolute(full)
+    full = absolute(full)
     where, attr = _split(full)
     module = _module(where, ref)
     factory = getattr(module, attr, None)
@@ -167,3 +167,17 @@ def worker_task(tref: TaskRef) -> tuple[SupervisedTask, Loaded]:
         _WORKER.clear()  # one task per worker at a time: the data can be large
         _WORKER[tref] = (task, load_data(task, tref.device))
     return _WORKER[tref]
+
+
+def supervised_fitness(tref: TaskRef, make_optimizer, *, seed: int,
+                       time_limit: float | None = None, schedule=None):
+    """A candidate's fitness on the task `tref` names, in a worker. ALR's `make_optimizer(model)`
+    builds the candidate; DLR's `make_optimizer(model, lr)` builds SGD at the task's
+    initial_lr, which `schedule` then drives."""
+    from engine.tasks import supervised
+
+    task, data = worker_task(tref)
+    factory = make_optimizer if schedule is None else \
+        (lambda model: make_optimizer(model, task.initial_lr))
+    return supervised.supervised_fitness(task, data, factory, seed=seed, time_limit=time_limit,
+                                         schedule=schedule)

@@ -215,9 +215,19 @@ def _train(settings: Settings, contender: Contender, lr: float, init_seed: int, 
 
     task = settings.task
     splits = compare_tasks.train_val(task, settings.seed)
+
+    def optimizer_for(model):
+        return EvolvedOptimizer(model.parameters(), contender.program, lr,
+                                weight_decay=contender.weight_decay, backend=settings.backend)
+
+    if task.source == "supervised":  # a SupervisedTask: its loss, its metric as "val_acc"
+        from engine.tasks.supervised import Loaded, fit_supervised
+
+        return fit_supervised(compare_tasks.supervised(task), Loaded(splits.train, splits.val, None),
+                              optimizer_for, init_seed=init_seed, shuffle_seed=fit_seed,
+                              epochs=task.epochs, patience=task.epochs)
     model = task.build_model(init_seed)
-    optimizer = EvolvedOptimizer(model.parameters(), contender.program, lr,
-                                 weight_decay=contender.weight_decay, backend=settings.backend)
+    optimizer = optimizer_for(model)
     result = fit(model, optimizer, splits.train, splits.val, seed=fit_seed,
                  batch_size=task.batch_size, max_epochs=task.epochs, patience=task.epochs,
                  monitor="val_acc", eval_batch=task.eval_batch)
@@ -259,9 +269,14 @@ def train_seed(job: SeedJob) -> dict:
     model, result = _train(s, job.contender, job.lr, _seed(s, _FINAL, 2 * job.index),
                            _seed(s, _FINAL, 2 * job.index + 1))
     test_acc = FLOOR_FITNESS
-    if result.reason is None:
+    if result.reason is None and s.task.source == "supervised":
+        from engine.tasks.supervised import metric_value
+
+        test_acc = metric_value(compare_tasks.supervised(s.task), model,
+                                compare_tasks.load_test_split(s.task, s.seed))[1]
+    elif result.reason is None:
         test_acc = loss_accuracy(model, *compare_tasks.load_test_split(s.task, s.seed),
-                            batch_size=s.task.eval_batch)[1]
+                                 batch_size=s.task.eval_batch)[1]
     return {"seed": job.index, "test_acc": test_acc, "reason": result.reason,
             "best_val": max(result.val_acc, default=FLOOR_FITNESS), "epochs": result.epochs,
             "val_curve": list(result.val_acc), "seconds": time.perf_counter() - start}
@@ -583,7 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="program text, a file holding one, or a run directory (its "
                         "summary.json's best program)")
     p.add_argument("--task", default="quick",
-                   help=f"one of: {', '.join(compare_tasks.TASKS)}")
+                   help=f"one of: {', '.join(compare_tasks.TASKS)}; or a built-in task or "
+                        "FILE.py:CALLABLE returning an engine.tasks.SupervisedTask with a "
+                        "'test' split (its metric fills the accuracy columns)")
     p.add_argument("--seeds", type=positive_int, default=5, help="training seeds per optimizer")
     p.add_argument("--trials", type=positive_int, default=15, help="tuning trials per optimizer")
     p.add_argument("--optimizers", default=",".join(BASELINES),

@@ -34,8 +34,8 @@ from engine.tasks.data import load_fashion_mnist
 from engine.tasks.protocol import PRESETS, derive_seed, make_split, prepare
 from engine.tasks.training import ModelSpec
 
-__all__ = ["TASKS", "CompareTask", "MLP", "MLPSpec", "Splits", "get_task", "load_test_split",
-           "train_val"]
+__all__ = ["TASKS", "CompareTask", "MLP", "MLPSpec", "Splits", "from_reference", "get_task",
+           "load_test_split", "supervised", "train_val"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -87,15 +87,46 @@ class CompareTask:
     name: str
     about: str
     source: str
-    model: ModelSpec | MLPSpec
+    model: ModelSpec | MLPSpec | None  # None for a SupervisedTask's (source "supervised")
     batch_size: int
     epochs: int
     sizes: tuple[int | None, int | None, int | None] = (None, None, None)
     eval_batch: int = 1000
     held_out: bool = True
+    ref: str | None = None  # a SupervisedTask's reference (source "supervised")
 
     def build_model(self, seed: int) -> nn.Module:
+        if self.source == "supervised":
+            torch.manual_seed(seed)
+            return supervised(self).model()
         return self.model.build(seed)
+
+
+def from_reference(ref: str) -> CompareTask:
+    """A SupervisedTask (a built-in family or FILE.py:CALLABLE) as engine.compare trains it:
+    its model, batch size and epochs; its own train / val / test splits (it must have test)."""
+    from engine.tasks.registry import absolute, resolve
+
+    task, tref = resolve(ref)
+    return CompareTask(name=task.name, about=f"task {ref} ({task.metric} on its test split)",
+                       source="supervised", model=None, batch_size=task.batch_size,
+                       epochs=task.epochs, eval_batch=task.eval_batch,
+                       ref=tref.ref if ref not in TASKS else absolute(ref))
+
+
+@functools.lru_cache(maxsize=2)
+def supervised(task: CompareTask):
+    """The SupervisedTask behind a "supervised" CompareTask, resolved once per process."""
+    from engine.tasks.registry import resolve
+
+    return resolve(task.ref)[0]
+
+
+@functools.lru_cache(maxsize=2)
+def _supervised_data(task: CompareTask):
+    from engine.tasks.supervised import load_data
+
+    return load_data(supervised(task), need_test=True)
 
 
 TASKS: Mapping[str, CompareTask] = types.MappingProxyType({
@@ -126,11 +157,17 @@ TASKS: Mapping[str, CompareTask] = types.MappingProxyType({
 
 
 def get_task(name: str) -> CompareTask:
-    """The task called `name`; an unknown name is a ValueError listing the valid ones."""
-    try:
+    """The task called `name`, or the SupervisedTask a reference or built-in family names; an
+    unknown name is a ValueError listing the valid ones."""
+    from engine.tasks.registry import FAMILIES
+
+    if name in TASKS:
         return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}") from None
+    if ":" in name or (name in FAMILIES and name != "fmnist-cnn"):
+        return from_reference(name)  # a TaskError (a ValueError) says what is wrong
+    raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}, a built-in "
+                     f"task ({', '.join(n for n in FAMILIES if n != 'fmnist-cnn')}) or "
+                     "FILE.py:CALLABLE")
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,7 +224,11 @@ def _unseen_fmnist_indices(seed: int, sizes: tuple[int | None, ...]) -> tuple[np
 
 @functools.lru_cache(maxsize=2)
 def train_val(task: CompareTask, seed: int) -> Splits:
-    """The task's training and validation splits for split seed `seed` (cached per process)."""
+    """The task's training and validation splits for split seed `seed` (cached per process).
+    A SupervisedTask's splits are its own: the same for every seed."""
+    if task.source == "supervised":
+        data = _supervised_data(task)
+        return Splits(train=data.train, val=data.val, mean=np.zeros(()))
     if task.source == "preset":
         data = prepare(PRESETS[task.name], seed)
         train = data.chunks[0] if task.name != "paper" else data.train()
@@ -217,6 +258,8 @@ def load_test_split(task: CompareTask, seed: int) -> Pair:
 
     The only reader of test data: call it for the final evaluation, never while tuning.
     """
+    if task.source == "supervised":
+        return _supervised_data(task).test
     mean = train_val(task, seed).mean
     if task.source in ("preset", "fmnist-unseen"):
         test = load_fashion_mnist("test")

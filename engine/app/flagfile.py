@@ -76,6 +76,7 @@ def with_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     except UsageError as err:
         raise UsageError(f"--config {args.config}: {err}") from None
     for dest, value in vars(from_file).items():
-        if getattr(args, dest) in (None, False) and value not in (None, False):
+        default = parser.get_default(dest)  # left at its default on the command line: the file's
+        if getattr(args, dest) == default and value != default:
             setattr(args, dest, value)
     return args

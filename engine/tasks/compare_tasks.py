@@ -34,7 +34,7 @@ from engine.tasks.data import load_fashion_mnist
 from engine.tasks.protocol import PRESETS, derive_seed, make_split, prepare
 from engine.tasks.training import ModelSpec
 
-__all__ = ["TASKS", "CompareTask", "MLP", "MLPSpec", "Splits", "from_reference", "get_task",
+__all__ = ["TASKS", "CompareTask", "MLP", "MLPSpec", "Splits", "all_splits", "from_reference", "get_task",
            "load_test_split", "supervised", "train_val"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -271,3 +271,11 @@ def load_test_split(task: CompareTask, seed: int) -> Pair:
         _, _, index = _digits_indices(seed, task.sizes)
         return _tensors(digits.data[index], digits.target[index], mean, 16.0)
     raise ValueError(f"task {task.name!r} has an unknown data source {task.source!r}")
+
+
+def all_splits(name: str, seed: int) -> dict[str, Pair]:
+    """The task `name`'s three splits as a SupervisedTask's data() returns them: how the
+    built-in families fmnist-mlp and digits-mlp share these tasks' data."""
+    task = TASKS[name]
+    splits = train_val(task, seed)
+    return {"train": splits.train, "val": splits.val, "test": load_test_split(task, seed)}

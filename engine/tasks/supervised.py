@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.tasks.epochs import schedule_lr, train_epoch
 from engine.tasks.training import FitResult
 
 __all__ = ["LOSSES", "METRICS", "Loaded", "SupervisedTask", "TaskError", "check_task",
@@ -208,30 +209,12 @@ def fit_supervised(
     best_value, best_epoch, best_state, reason = None, -1, None, None
     model.train()
     for epoch in range(epochs):
-        if schedule is not None:
-            lr = float(schedule(epoch, optimizer.param_groups[0]["lr"]))
-            if not math.isfinite(lr):
-                reason = f"diverged: schedule gave lr={lr} at epoch {epoch}"
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        reason = schedule_lr(optimizer, schedule, epoch)
+        if reason is not None:
+            break
         order = torch.randperm(n, generator=shuffle).to(device)
-        loss_sum = 0.0
-        for first in range(0, n, task.batch_size):
-            idx = order[first:first + task.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[idx]), y[idx])
-            batch_loss = float(loss.detach())
-            if not math.isfinite(batch_loss):
-                reason = (f"diverged: training loss {batch_loss} at epoch {epoch}, "
-                          f"step {first // task.batch_size}")
-                break
-            loss.backward()
-            optimizer.step()
-            loss_sum += batch_loss * len(idx)
-            if deadline is not None and time.perf_counter() > deadline:
-                reason = f"timeout: deadline passed at epoch {epoch}, step {first // task.batch_size}"
-                break
+        loss_sum, reason = train_epoch(lambda idx: loss_fn(model(x[idx]), y[idx]), optimizer,
+                                       order, task.batch_size, epoch, deadline)
         if reason is not None:
             break
         val_loss, value = metric_value(task, model, data.val)
@@ -246,6 +229,9 @@ def fit_supervised(
             best_value, best_epoch = value, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif epoch - best_epoch >= patience:
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            reason = f"timeout: deadline passed after epoch {epoch}"
             break
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -11,12 +11,9 @@ from engine.tasks.supervised import SupervisedTask
 
 
 def load() -> dict:
-    from engine.tasks import compare_tasks
+    from engine.tasks.compare_tasks import all_splits
 
-    spec = compare_tasks.TASKS["digits"]
-    splits = compare_tasks.train_val(spec, 0)
-    return {"train": splits.train, "val": splits.val,
-            "test": compare_tasks.load_test_split(spec, 0)}
+    return all_splits("digits", 0)
 
 
 def build():

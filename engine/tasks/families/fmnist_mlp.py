@@ -12,12 +12,9 @@ from engine.tasks.supervised import SupervisedTask
 
 
 def load() -> dict:
-    from engine.tasks import compare_tasks
+    from engine.tasks.compare_tasks import all_splits
 
-    spec = compare_tasks.TASKS["fmnist-mlp"]
-    splits = compare_tasks.train_val(spec, 0)
-    return {"train": splits.train, "val": splits.val,
-            "test": compare_tasks.load_test_split(spec, 0)}
+    return all_splits("fmnist-mlp", 0)
 
 
 def build():

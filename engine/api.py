@@ -9,6 +9,7 @@ instead of exit status 2. No signal handler is installed and nothing global is l
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from dataclasses import dataclass
@@ -100,12 +101,35 @@ def search(task: str | Callable[[], Any] | None = None, mode: str = "alr", *,
     if resume:
         options["mode"] = None  # the run's own, from its config.json
     try:
-        code = _main(_flags(options))
+        with _process_settings_kept():
+            code = _main(_flags(options))
     except (UsageError, StoreError) as err:
         raise SearchError(" ".join(str(err).split())) from None
     if code == 130:
         raise KeyboardInterrupt
     return _result(Path(out))
+
+
+@contextlib.contextmanager
+def _process_settings_kept():
+    """Undo what training in this process sets for itself (the serial executor configures its
+    caller as a worker: one thread, freed heap kept), so a notebook is left as it was."""
+    import sys
+
+    import torch
+
+    threads = torch.get_num_threads()
+    numba = sys.modules.get("numba")
+    numba_threads = numba.get_num_threads() if numba is not None else None
+    try:
+        yield
+    finally:
+        if numba is not None and numba_threads is not None:
+            numba.set_num_threads(numba_threads)
+        torch.set_num_threads(threads)  # after numba's: its OpenMP layer resets torch's
+        from engine.tasks.training import retain_heap
+
+        retain_heap(False)
 
 
 def _result(run_dir: Path) -> SearchResult:

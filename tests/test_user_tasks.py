@@ -93,6 +93,16 @@ def test_engine_search_runs_in_process_and_resumes(tmp_path, toy):
         engine.search(str(tmp_path / "nope.py") + ":task", out=tmp_path / "x")
 
 
+def test_engine_search_serial_leaves_the_process_as_it_was(tmp_path, toy):
+    import engine
+
+    torch.set_num_threads(2)
+    result = engine.search(f"{toy}:task", generations=1, population=6, out=tmp_path / "s",
+                           executor="serial", preset="smoke", store=tmp_path / "store.sqlite")
+    assert result.status == "finished"
+    assert torch.get_num_threads() == 2  # the serial executor had set it to 1 for training
+
+
 def test_dlr_drives_sgd_on_the_task(toy):
     from codegen.ir import Schedule
     from engine import modes

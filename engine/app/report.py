@@ -189,6 +189,7 @@ def summary(outcome: RunOutputs) -> dict:
         "run": cfg.name, "status": outcome.status, "mode": mode.name, "preset": cfg.preset,
         "seed": cfg.seed, "command": cfg.command, "reproduce": cfg.reproduce,
         "versions": outcome.versions,
+        **({"task": cfg.task} if cfg.task else {}),  # a preset run's summary is unchanged
         "generations_done": len(history), "generations": cfg.evolution.generations,
         "population": cfg.evolution.population,
         "best": {"program": best_text, "canonical": str(best.canonical()), "hash": best.hash,
@@ -389,7 +390,10 @@ def _fame_markdown(fame: Sequence[dict]) -> str:
 def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) -> str:
     best, baseline, counts = data["best"], data["baseline"], data["evaluations"]
     lines = [f"# AutoLR run {data['run']}", "",
-             f"Evolved {mode.evolves} on the `{data['preset']}` preset, seed {data['seed']}: "
+             f"Evolved {mode.evolves} on "
+             + (f"the task `{data['task']}` (search size `{data['preset']}`)" if data.get("task")
+                else f"the `{data['preset']}` preset")
+             + f", seed {data['seed']}: "
              f"{data['generations_done']} of {data['generations']} generations of "
              f"{data['population']}, status **{data['status']}**, "
              f"{_duration(data['wall_seconds'])} of wall time over {data['sessions']} "

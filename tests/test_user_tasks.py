@@ -103,6 +103,20 @@ def test_engine_search_serial_leaves_the_process_as_it_was(tmp_path, toy):
                            executor="serial", preset="smoke", store=tmp_path / "store.sqlite")
     assert result.status == "finished"
     assert torch.get_num_threads() == 2  # the serial executor had set it to 1 for training
+    # A resume after the task file changed would mix two tasks' fitnesses in one run: refused.
+    toy.write_text(TOY.replace("manual_seed(0)", "manual_seed(1)"))
+    with pytest.raises(engine.SearchError, match="changed since the run started"):
+        engine.search(f"{toy}:task", out=tmp_path / "s", resume=True, generations=2,
+                      executor="serial", store=tmp_path / "store.sqlite")
+
+
+def test_device_flag_errors_are_exit_2(tmp_path, capsys, toy):
+    assert main(["--device", "cpu", "--preset", "smoke", "--out", str(tmp_path / "r")]) == 2
+    assert "--device applies to a --task" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(_run_args(tmp_path, f"{toy}:task", "--device", "cuda")) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "torch sees no CUDA GPU" in err
 
 
 def test_dlr_drives_sgd_on_the_task(toy):

@@ -150,6 +150,7 @@ class RunConfig:
     versions: dict = field(default_factory=dict)
     task: str | None = None  # a task reference (--task); None: the preset's Fashion-MNIST CNN
     device: str | None = None  # cpu or cuda for a --task; None: the GPU when there is one
+    task_digest: str | None = None  # the --task's definition when the run started
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str):
@@ -208,7 +209,8 @@ class RunConfig:
             "reproduce": self.reproduce, "created": self.created, "versions": self.versions,
         }
         # Only when set: a preset run's config.json stays what it always was.
-        data.update({k: v for k, v in (("task", self.task), ("device", self.device)) if v})
+        data.update({k: v for k, v in (("task", self.task), ("device", self.device),
+                                       ("task_digest", self.task_digest)) if v})
         return data
 
     @classmethod
@@ -250,9 +252,9 @@ _JSON_KEYS: dict[str, tuple[type, ...]] = {
     "executor": (str,), "workers": (int, type(None)), "ray_address": (str, type(None)),
     "store": (str,), "backend": (str,), "tensorboard": (str, type(None)), "command": (str,),
     "reproduce": (str,), "created": (str,), "versions": (dict,), "task": (str, type(None)),
-    "device": (str, type(None)),
+    "device": (str, type(None)), "task_digest": (str, type(None)),
 }
-_OPTIONAL_KEYS = ("task", "device")
+_OPTIONAL_KEYS = ("task", "device", "task_digest")
 _PATH_KEYS = ("out", "grammar", "seed_programs", "store", "tensorboard")
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object",
                bool: "true or false", type(None): "null"}

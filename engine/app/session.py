@@ -32,6 +32,7 @@ run directory at a time (`engine.app.runlock`); a second gets exit status 2 and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -126,6 +127,12 @@ def _main(argv: list[str]) -> int:
             raise UsageError(f"--tensorboard {config.tensorboard}: cannot write there "
                              f"({err.strerror}); choose another directory") from None
     task = check_task(config)
+    if task is not None and args.resume and config.task_digest not in (None, task.digest):
+        raise UsageError(f"--resume: the task {config.task} changed since the run started "
+                         "(its file or settings), so its fitnesses would not compare with the "
+                         "run's; start a new run (another --out) to evolve on the edited task")
+    if task is not None:
+        config = dataclasses.replace(config, task_digest=task.digest)
     if task is None and not config.ray_address:
         _check_data()
     _check_store(config.store)
@@ -135,16 +142,20 @@ def _main(argv: list[str]) -> int:
 def check_task(config: RunConfig):
     """The run's --task resolved and checked once, here, before any worker or file exists: a
     TaskRef for the jobs, or None for the preset's Fashion-MNIST CNN."""
+    import torch
+
     if config.task is None:
+        if config.device is not None:
+            raise UsageError("--device applies to a --task; the presets' Fashion-MNIST CNN "
+                             "trains on the GPU when there is one, else on the CPU")
         return None
     from engine.tasks.registry import resolve
     from engine.tasks.supervised import TaskError, check_task as check
 
-    device = config.device
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU on this machine; use "
+                         "--device cpu (or leave --device out)")
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         task, ref = resolve(config.task, device)
         check(task, device)

@@ -22,12 +22,16 @@ from engine.tasks.registry import FAMILIES, resolve, worker_task
 ROOT = Path(__file__).resolve().parents[1]
 
 TOY = textwrap.dedent('''
+    import os
+
     import torch
     from engine.tasks import SupervisedTask
 
     EPOCHS = 3
 
     def load():
+        with open(__file__ + ".loads", "a") as log:  # which processes loaded the data
+            log.write(f"{os.getpid()}\\n")
         g = torch.Generator().manual_seed(0)
         x = torch.randn(240, 6, generator=g)
         y = (x[:, 0] + x[:, 1] > 0).long()
@@ -77,6 +81,9 @@ def test_a_task_file_is_evolved_through_the_cli_on_the_local_pool(tmp_path, toy)
     trained = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").open()
                if '"evaluation"' in line]
     assert any(e["source"] == "trained" and e["reason"] is None for e in trained)
+    # The parent's check and each worker process loaded the data once, however many they trained.
+    loads = Path(f"{toy}.loads").read_text().split()
+    assert len(set(loads)) == len(loads) <= 3 and sum(e["source"] == "trained" for e in trained) > 3
 
 
 def test_engine_search_runs_in_process_and_resumes(tmp_path, toy):

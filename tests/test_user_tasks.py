@@ -303,3 +303,20 @@ def test_the_readme_example_runs_verbatim(tmp_path):
                            store=tmp_path / "store.sqlite")
     assert result.status == "finished" and result.fitness > 0.5
     assert result.summary["best"]["fitness"] == result.fitness
+
+
+def test_engine_compare_takes_a_task_file(tmp_path, toy, capsys):
+    from engine.compare.comparison import main as compare
+
+    out = tmp_path / "cmp"
+    assert compare(["weight: mul(0.01, sign(grad))", "--task", f"{toy}:task", "--seeds", "2",
+                    "--trials", "2", "--optimizers", "adam", "--workers", "1", "--out",
+                    str(out)]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert report["task"]["name"] == "toy"
+    assert all(0.5 < s["test_acc"] <= 1.0 for row in report["rows"] for s in row["seeds"])
+    no_test = tmp_path / "no_test.py"
+    no_test.write_text(TOY.replace(',\n            "test": (x[200:], y[200:])}', "}"))
+    capsys.readouterr()
+    assert compare(["weight: mul(0.01, grad)", "--task", f"{no_test}:task"]) == 2
+    assert "no 'test' split (engine.compare measures on it)" in capsys.readouterr().err

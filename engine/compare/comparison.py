@@ -223,7 +223,8 @@ def _train(settings: Settings, contender: Contender, lr: float, init_seed: int, 
     if task.source == "supervised":  # a SupervisedTask: its loss, its metric as "val_acc"
         from engine.tasks.supervised import Loaded, fit_supervised
 
-        return fit_supervised(compare_tasks.supervised(task), Loaded(splits.train, splits.val, None),
+        data = Loaded(splits.train, splits.val, None)
+        return fit_supervised(compare_tasks.supervised(task), data,
                               optimizer_for, init_seed=init_seed, shuffle_seed=fit_seed,
                               epochs=task.epochs, patience=task.epochs)
     model = task.build_model(init_seed)

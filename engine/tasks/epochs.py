@@ -49,5 +49,6 @@ def train_epoch(
         optimizer.step()
         loss_sum += batch_loss * len(idx)
         if deadline is not None and time.perf_counter() > deadline:
-            return loss_sum, f"timeout: deadline passed at epoch {epoch}, step {first // batch_size}"
+            step = first // batch_size
+            return loss_sum, f"timeout: deadline passed at epoch {epoch}, step {step}"
     return loss_sum, None

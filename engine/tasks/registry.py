@@ -30,7 +30,8 @@ from pathlib import Path
 
 from engine.tasks.supervised import Loaded, SupervisedTask, TaskError, load_data
 
-__all__ = ["FAMILIES", "TaskRef", "is_builtin_cnn", "resolve", "worker_task"]
+__all__ = ["FAMILIES", "TaskRef", "absolute", "is_builtin_cnn", "resolve", "supervised_fitness",
+           "worker_task"]
 
 # Built-in families: the name a user types -> the reference it stands for.
 FAMILIES: Mapping[str, str] = types.MappingProxyType({

@@ -76,7 +76,8 @@ def test_a_task_file_is_evolved_through_the_cli_on_the_local_pool(tmp_path, toy)
     assert summary["status"] == "finished" and summary["best"]["fitness"] > 0.5
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["task"] == summary["task"] == f"{toy}:task"
-    assert f"the task `{toy}:task`" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"the task `{toy}:task`" in report and "the task's metric on its validation" in report
     assert f"task {toy}:task" in done.stdout  # the display's first line names it
     trained = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").open()
                if '"evaluation"' in line]

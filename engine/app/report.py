@@ -406,8 +406,11 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
         delta = data["best_minus_baseline"]
         verdict = "beats" if delta > 0 else ("ties" if delta == 0 else "does not beat")
         lines += ["", f"The best evolved program {verdict} the baseline "
-                      f"({delta:+.4f}). Fitness is the protocol's accuracy on a held-out fitness "
-                      "set (ALR: the minimum over trials)."]
+                      f"({delta:+.4f}). "
+                      + ("Fitness is the task's metric on its validation split, best epoch "
+                         "restored." if data.get("task") else
+                         "Fitness is the protocol's accuracy on a held-out fitness set (ALR: "
+                         "the minimum over trials).")]
     lines += ["", "## The best program", "", *_fenced(best["canonical"]), "",
               "`best_optimizer.py` is a standalone copy of it for your own project "
               "(needs only torch):", "", "```python",
@@ -422,7 +425,13 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
         secs = "" if g["seconds"] is None else f"{g['seconds']:.0f}"
         lines.append(f"| {g['generation']} | {g['best']:.4f} | {g['median']:.4f} | "
                      f"{g['worst']:.4f} | {g['evaluated']} | {secs} |")
-    if "curves" in plots:
+    if "curves" in plots and data.get("task"):
+        lines += ["", "## Training curves", "",
+                  "The task's metric on its validation split after each epoch (what early "
+                  "stopping watches) of the best program and the baseline; the fitness is its "
+                  "best epoch's, drawn as a dotted level line.", "",
+                  f"![training curves](plots/{plots['curves']})"]
+    elif "curves" in plots:
         lines += ["", "## Training curves", "",
                   "Accuracy on the validation split after each epoch (what early stopping "
                   "watches) of the best program and the baseline, retrained (or recorded when "

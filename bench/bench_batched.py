@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from engine.tasks.batched import KernelUpdate, Member, train_batch
 from engine.tasks.data import DataNotFoundError
-from engine.tasks.heldout import MLPSpec, get_task, train_val
+from engine.tasks.compare_tasks import MLPSpec, get_task, train_val
 from engine.tasks.protocol import PRESETS, prepare
 from engine.tasks.training import ModelSpec, configure_process, loss_accuracy, fit
 from kernels import EvolvedOptimizer, zoo

@@ -17,7 +17,7 @@ import torch
 from codegen.ir import Program
 from engine.tasks.batched import (ArenaViews, KernelUpdate, Member, StackedModel, fit_batched,
                             train_batch)
-from engine.tasks.heldout import MLPSpec, get_task, train_val
+from engine.tasks.compare_tasks import MLPSpec, get_task, train_val
 from engine.tasks.training import ModelSpec, fit
 from kernels import EvolvedOptimizer, zoo
 

@@ -19,12 +19,12 @@ import torch
 
 from codegen.ir import Program
 from engine.compare import cli, stats, tables, tuning
-from engine.tasks import heldout
+from engine.tasks import compare_tasks
 from engine.compare.tuning import Settings, baseline_contender, candidate, run_compare
 from kernels import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = dataclasses.replace(heldout.get_task("digits"), epochs=2)
+TINY = dataclasses.replace(compare_tasks.get_task("digits"), epochs=2)
 NAN_PROGRAM = "weight: sqrt(neg(square(grad)))"  # NaN for every nonzero gradient
 # NaN exactly where lr * |grad| > 1: diverges at large step factors only.
 EDGY_PROGRAM = "weight: mul(lr, div(grad, sqrt(sub(1.0, square(mul(lr, grad))))))"
@@ -105,20 +105,20 @@ def test_program_from_text_file_and_run_directory(tmp_path):
 
 
 def test_tasks_have_disjoint_fixed_splits():
-    task = heldout.get_task("digits")
-    a = heldout.train_val(task, 0)
-    for cached in (heldout.train_val, heldout.load_test_split, heldout._digits_indices):
+    task = compare_tasks.get_task("digits")
+    a = compare_tasks.train_val(task, 0)
+    for cached in (compare_tasks.train_val, compare_tasks.load_test_split, compare_tasks._digits_indices):
         cached.cache_clear()  # the same split again, computed afresh: not the cached object
-    b = heldout.train_val(task, 0)
+    b = compare_tasks.train_val(task, 0)
     assert a is not b
     assert all(torch.equal(x, y) for x, y in zip((*a.train, *a.val), (*b.train, *b.val)))
-    x_test, _ = heldout.load_test_split(task, 0)
+    x_test, _ = compare_tasks.load_test_split(task, 0)
     rows = {tuple(r.tolist()) for r in a.train[0]}
     assert not rows & {tuple(r.tolist()) for r in x_test}  # digits has few exact duplicates
     assert len(a.train[1]) == 997 and len(a.val[1]) == 350 and len(x_test) == 450
-    assert not torch.equal(heldout.train_val(task, 1).train[0], a.train[0])
+    assert not torch.equal(compare_tasks.train_val(task, 1).train[0], a.train[0])
     with pytest.raises(ValueError, match="unknown task 'nope'; choose one of: quick"):
-        heldout.get_task("nope")
+        compare_tasks.get_task("nope")
 
 
 # -- the guarantees ----------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def test_tuning_never_reads_the_test_split(monkeypatch):
     is poisoned (labels rotated): the tuning and the chosen values stay identical to the bit,
     only the test accuracies move. Tuning could not have looked."""
     events = []
-    real_tune, real_test = tuning.tune, heldout.load_test_split
+    real_tune, real_test = tuning.tune, compare_tasks.load_test_split
 
     def spy_tune(job):
         events.append("tune")
@@ -139,7 +139,7 @@ def test_tuning_never_reads_the_test_split(monkeypatch):
         return real_test(task, seed)
 
     monkeypatch.setattr(tuning, "tune", spy_tune)
-    monkeypatch.setattr(heldout, "load_test_split", spy_test)
+    monkeypatch.setattr(compare_tasks, "load_test_split", spy_test)
     clean = run_compare(contenders(), settings())
     assert events.count("tune") == 3 and "test" in events
     assert "test" not in events[: max(i for i, e in enumerate(events) if e == "tune") + 1]
@@ -148,7 +148,7 @@ def test_tuning_never_reads_the_test_split(monkeypatch):
         x, y = real_test(task, seed)
         return x, (y + 1) % 10
 
-    monkeypatch.setattr(heldout, "load_test_split", poisoned)
+    monkeypatch.setattr(compare_tasks, "load_test_split", poisoned)
     bad = run_compare(contenders(), settings())
     for a, b in zip(clean["rows"], bad["rows"]):
         assert without_times(a["tuning"]) == without_times(b["tuning"])
@@ -159,7 +159,7 @@ def test_tuning_never_reads_the_test_split(monkeypatch):
     def forbidden(task, seed):
         raise AssertionError("tuning read the test split")
 
-    monkeypatch.setattr(heldout, "load_test_split", forbidden)
+    monkeypatch.setattr(compare_tasks, "load_test_split", forbidden)
     for contender in contenders():
         tuning.tune(tuning.TuneJob(settings(), contender))  # never calls it
 
@@ -167,7 +167,7 @@ def test_tuning_never_reads_the_test_split(monkeypatch):
 def test_test_split_raises_during_tuning_and_is_read_once_per_seed_after(monkeypatch):
     """The test-split loader raises whenever a tuning job is running (and records it, in case
     the raise were swallowed); after tuning, each seed's final scoring reads it exactly once."""
-    real_tune, real_test = tuning.tune, heldout.load_test_split
+    real_tune, real_test = tuning.tune, compare_tasks.load_test_split
     state = {"tuning": False, "during": 0, "after": 0}
 
     def tune(job):
@@ -185,7 +185,7 @@ def test_test_split_raises_during_tuning_and_is_read_once_per_seed_after(monkeyp
         return real_test(task, seed)
 
     monkeypatch.setattr(tuning, "tune", tune)
-    monkeypatch.setattr(heldout, "load_test_split", load_test_split)
+    monkeypatch.setattr(compare_tasks, "load_test_split", load_test_split)
     report = run_compare(contenders(), settings(seeds=3))
     assert state["during"] == 0 and all(row["failed"] is None for row in report["rows"])
     assert all(s["reason"] is None for row in report["rows"] for s in row["seeds"])

@@ -27,6 +27,8 @@ from engine.app.runlock import LOCK_NAME
 from engine.search.seeds import DEFAULT_SEED_LR, SeedError, read_seed_file, snap_all
 from engine.fitness.store import versions
 from engine.tasks.protocol import PRESETS
+from engine.tasks.registry import FAMILIES, absolute, is_builtin_cnn
+from engine.tasks.supervised import TaskError
 
 __all__ = ["MAX_SEED", "PRESET_DEFAULTS", "RESUMABLE", "RunConfig", "build_parser",
            "check_out_dir", "check_seed", "new_config", "resumed_config"]
@@ -107,6 +109,7 @@ def check_seed(value: int) -> int:
 
 
 EXECUTORS = ("serial", "local", "ray")
+DEVICES = ("cpu", "cuda")
 BACKENDS = ("auto", *backends.BACKENDS)
 
 
@@ -145,6 +148,9 @@ class RunConfig:
     reproduce: str = ""
     created: str = ""
     versions: dict = field(default_factory=dict)
+    task: str | None = None  # a task reference (--task); None: the preset's Fashion-MNIST CNN
+    device: str | None = None  # cpu or cuda for a --task; None: the GPU when there is one
+    task_digest: str | None = None  # the --task's definition when the run started
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str):
@@ -167,6 +173,8 @@ class RunConfig:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.executor != "ray" and self.ray_address:
             raise ValueError("--ray-address applies to --executor ray")
+        if self.device not in (None, *DEVICES):
+            raise ValueError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.executor == "serial" and self.workers not in (None, 1):
             raise ValueError("--executor serial runs one candidate at a time; drop --workers")
 
@@ -188,7 +196,7 @@ class RunConfig:
         def text(path: Path | None) -> str | None:
             return None if path is None else str(path)
 
-        return {
+        data = {
             "format": FORMAT, "version": VERSION, "name": self.name, "out": str(self.out),
             "mode": self.mode.name, "preset": self.preset, "seed": self.seed,
             "evolution": asdict(self.evolution), "grammar": text(self.grammar),
@@ -200,6 +208,10 @@ class RunConfig:
             "tensorboard": text(self.tensorboard), "command": self.command,
             "reproduce": self.reproduce, "created": self.created, "versions": self.versions,
         }
+        # Only when set: a preset run's config.json stays what it always was.
+        data.update({k: v for k, v in (("task", self.task), ("device", self.device),
+                                       ("task_digest", self.task_digest)) if v})
+        return data
 
     @classmethod
     def from_json(cls, data: object, source: str = "config.json") -> RunConfig:
@@ -210,6 +222,8 @@ class RunConfig:
             raise ValueError(f"{source} is not an AutoLR run config of version {VERSION}")
         values = {}
         for key, kinds in _JSON_KEYS.items():
+            if key in _OPTIONAL_KEYS and key not in data:  # written before the key existed
+                continue
             if key not in data:
                 raise ValueError(f"{source}: key {key!r} is missing; restore the file from a "
                                  "copy of the run")
@@ -237,8 +251,10 @@ _JSON_KEYS: dict[str, tuple[type, ...]] = {
     "time_limit": (*_NUMBER, type(None)), "time_budget": (*_NUMBER, type(None)),
     "executor": (str,), "workers": (int, type(None)), "ray_address": (str, type(None)),
     "store": (str,), "backend": (str,), "tensorboard": (str, type(None)), "command": (str,),
-    "reproduce": (str,), "created": (str,), "versions": (dict,),
+    "reproduce": (str,), "created": (str,), "versions": (dict,), "task": (str, type(None)),
+    "device": (str, type(None)), "task_digest": (str, type(None)),
 }
+_OPTIONAL_KEYS = ("task", "device", "task_digest")
 _PATH_KEYS = ("out", "grammar", "seed_programs", "store", "tensorboard")
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object",
                bool: "true or false", type(None): "null"}
@@ -268,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {modes.DEFAULT.name})")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help=f"task and search size, {presets}; see below (default: quick)")
+    p.add_argument("--task", default=None, metavar="TASK",
+                   help="what candidates train on: a built-in task (" + ", ".join(FAMILIES)
+                        + ") or FILE.py:CALLABLE / MODULE:CALLABLE returning an "
+                        "engine.tasks.SupervisedTask (default: the preset's fmnist-cnn)")
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help="where a --task's model and data train (default: cuda when there is "
+                        "a GPU, else cpu)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="take flags from a TOML or JSON file (keys are flag names, or a run's "
+                        "config.json); flags on the command line override it")
     p.add_argument("--seed", type=_seed, default=None,
                    help="seed of the search and of the data split, 0 to 2**63 - 1 (default: 0)")
     p.add_argument("--out", type=Path, default=None,
@@ -355,6 +381,14 @@ def _load_grammar(path: Path, mode: Mode) -> Grammar:
     return grammar
 
 
+def _task_label(task: str | None) -> str | None:
+    """A task reference as a run directory's name takes it: the file's or callable's stem."""
+    if task is None:
+        return None
+    where, _, attr = task.rpartition(":")
+    return task if not where else Path(where).stem.split(".")[-1] if attr == "task" else attr
+
+
 def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
     mode, preset = modes.get(args.mode or modes.DEFAULT), args.preset or "quick"
     seed = 0 if args.seed is None else args.seed
@@ -381,7 +415,13 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
     if len(seeds) > population:
         raise UsageError(f"{len(seeds)} seed programs do not fit in a population of "
                          f"{population}; raise --population or seed fewer")
-    out = args.out or _fresh_dir(mode.name, preset, seed)
+    task = None if is_builtin_cnn(args.task) else args.task
+    if task is not None and task not in FAMILIES:
+        try:
+            task = absolute(task)  # workers elsewhere, and a resume from elsewhere, find it
+        except TaskError as err:
+            raise UsageError(str(err)) from None
+    out = args.out or _fresh_dir(mode.name, _task_label(task) or preset, seed)
     reproduce = ["-m", "engine.run", "--mode", mode.name, "--preset", preset, "--seed", str(seed),
                  "--population", str(evolution.population), "--generations",
                  str(evolution.generations)]
@@ -391,6 +431,10 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         reproduce += ["--seed-programs", str(args.seed_programs), "--seed-lr", repr(seed_lr)]
     if args.seed_zoo is False:
         reproduce.append("--no-seed-zoo")
+    if task is not None:
+        reproduce += ["--task", task]
+    if args.device is not None:
+        reproduce += ["--device", args.device]
     try:
         return RunConfig(
             name=out.name, out=out, mode=mode, preset=preset, seed=seed, evolution=evolution,
@@ -407,7 +451,7 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
             command=shlex.join(["python", "-m", "engine.run", *argv]),
             reproduce=shlex.join(["python", *reproduce]),
             created=datetime.now().astimezone().isoformat(timespec="seconds"),
-            versions=versions())
+            versions=versions(), task=task, device=args.device)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -428,7 +472,13 @@ def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
     except ValueError as err:
         raise UsageError(f"--resume: {err}") from None
     fixed = {"mode": config.mode.name, "preset": config.preset, "seed": config.seed,
-             "population": config.evolution.population, "seed_zoo": config.seed_zoo}
+             "population": config.evolution.population, "seed_zoo": config.seed_zoo,
+             "device": config.device}
+    given_task = None if is_builtin_cnn(args.task) else args.task
+    if args.task is not None and given_task not in (config.task, None) \
+            and absolute(given_task) != config.task:
+        raise UsageError(f"--resume: --task {args.task} differs from the run's "
+                         f"{config.task or 'fmnist-cnn'}; only {', '.join(RESUMABLE)} may change")
     for name, saved in fixed.items():
         given = getattr(args, name)
         if given is not None and given != saved:
@@ -465,3 +515,4 @@ def check_out_dir(out: Path, config: RunConfig) -> None:
     if any(p.name != LOCK_NAME for p in out.iterdir()):  # a lock alone: a run killed at start
         raise UsageError(f"{out} is not empty and holds no AutoLR run; choose a new or empty "
                          "directory for --out")
+

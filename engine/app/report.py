@@ -204,6 +204,7 @@ def summary(outcome: RunOutputs, parsed: Phenotypes | None = None) -> dict:
         "run": cfg.name, "status": outcome.status, "mode": mode.name, "preset": cfg.preset,
         "seed": cfg.seed, "command": cfg.command, "reproduce": cfg.reproduce,
         "versions": outcome.versions,
+        **({"task": cfg.task} if cfg.task else {}),  # a preset run's summary is unchanged
         "generations_done": len(history), "generations": cfg.evolution.generations,
         "population": cfg.evolution.population,
         "best": {"program": best_text, "canonical": str(best.canonical()), "hash": best.hash,
@@ -404,7 +405,10 @@ def _fame_markdown(fame: Sequence[dict]) -> str:
 def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) -> str:
     best, baseline, counts = data["best"], data["baseline"], data["evaluations"]
     lines = [f"# AutoLR run {data['run']}", "",
-             f"Evolved {mode.evolves} on the `{data['preset']}` preset, seed {data['seed']}: "
+             f"Evolved {mode.evolves} on "
+             + (f"the task `{data['task']}` (search size `{data['preset']}`)" if data.get("task")
+                else f"the `{data['preset']}` preset")
+             + f", seed {data['seed']}: "
              f"{data['generations_done']} of {data['generations']} generations of "
              f"{data['population']}, status **{data['status']}**, "
              f"{_duration(data['wall_seconds'])} of wall time over {data['sessions']} "
@@ -417,8 +421,11 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
         delta = data["best_minus_baseline"]
         verdict = "beats" if delta > 0 else ("ties" if delta == 0 else "does not beat")
         lines += ["", f"The best evolved program {verdict} the baseline "
-                      f"({delta:+.4f}). Fitness is the protocol's accuracy on a held-out fitness "
-                      "set (ALR: the minimum over trials)."]
+                      f"({delta:+.4f}). "
+                      + ("Fitness is the task's metric on its validation split, best epoch "
+                         "restored." if data.get("task") else
+                         "Fitness is the protocol's accuracy on a held-out fitness set (ALR: "
+                         "the minimum over trials).")]
     lines += ["", "## The best program", "", *_fenced(best["canonical"]), "",
               "`best_optimizer.py` is a standalone copy of it for your own project "
               "(needs only torch):", "", "```python",
@@ -433,7 +440,13 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
         secs = "" if g["seconds"] is None else f"{g['seconds']:.0f}"
         lines.append(f"| {g['generation']} | {g['best']:.4f} | {g['median']:.4f} | "
                      f"{g['worst']:.4f} | {g['evaluated']} | {secs} |")
-    if "curves" in plots:
+    if "curves" in plots and data.get("task"):
+        lines += ["", "## Training curves", "",
+                  "The task's metric on its validation split after each epoch (what early "
+                  "stopping watches) of the best program and the baseline; the fitness is its "
+                  "best epoch's, drawn as a dotted level line.", "",
+                  f"![training curves](plots/{plots['curves']})"]
+    elif "curves" in plots:
         lines += ["", "## Training curves", "",
                   "Accuracy on the validation split after each epoch (what early stopping "
                   "watches) of the best program and the baseline, retrained (or recorded when "

@@ -32,6 +32,7 @@ run directory at a time (`engine.app.runlock`); a second gets exit status 2 and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -48,6 +49,7 @@ from engine.search.evolve import CheckpointError, GenerationRecord, RunResult, e
 from engine.search.grammar import Grammar
 from engine.app.config import RunConfig, build_parser, check_out_dir, new_config, \
     resumed_config
+from engine.app.flagfile import with_config_file
 from engine.rundir import CHECKPOINTS, EVENTS, append_event, end_line, newest_checkpoint, \
     read_events, write_atomic, write_json
 from engine.app.runlock import RunLock, RunLocked
@@ -103,7 +105,8 @@ def _terminate(signum, frame):  # SIGTERM behaves as Ctrl-C: checkpointed stop, 
 
 
 def _main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = with_config_file(parser, parser.parse_args(argv))
     if args.resume:
         if args.out is None:
             raise UsageError("--resume needs --out RUN_DIR, the directory of the run to continue")
@@ -123,10 +126,42 @@ def _main(argv: list[str]) -> int:
         except OSError as err:  # now, not after the first generation
             raise UsageError(f"--tensorboard {config.tensorboard}: cannot write there "
                              f"({err.strerror}); choose another directory") from None
-    if not config.ray_address:
+    task = check_task(config)
+    if task is not None and args.resume and config.task_digest not in (None, task.digest):
+        raise UsageError(f"--resume: the task {config.task} changed since the run started "
+                         "(its file or settings), so its fitnesses would not compare with the "
+                         "run's; start a new run (another --out) to evolve on the edited task")
+    if task is not None:
+        config = dataclasses.replace(config, task_digest=task.digest)
+    if task is None and not config.ray_address:
         _check_data()
     _check_store(config.store)
-    return Session(config.out, config, resumed=args.resume).run()
+    return Session(config.out, config, resumed=args.resume, task=task).run()
+
+
+def check_task(config: RunConfig):
+    """The run's --task resolved and checked once, here, before any worker or file exists: a
+    TaskRef for the jobs, or None for the preset's Fashion-MNIST CNN."""
+    import torch
+
+    if config.task is None:
+        if config.device is not None:
+            raise UsageError("--device applies to a --task; the presets' Fashion-MNIST CNN "
+                             "trains on the GPU when there is one, else on the CPU")
+        return None
+    from engine.tasks.registry import resolve
+    from engine.tasks.supervised import TaskError, check_task as check
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU on this machine; use "
+                         "--device cpu (or leave --device out)")
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        task, ref = resolve(config.task, device)
+        check(task, device)
+    except TaskError as err:
+        raise UsageError(str(err)) from None
+    return ref
 
 
 def _check_store(path: Path) -> None:
@@ -150,8 +185,10 @@ class Session:
     """One process's share of a run: sets up the store and executor, drives evolve, logs each
     answer to events.jsonl, keeps the display current, and writes the outputs at the end."""
 
-    def __init__(self, out: Path, config: RunConfig, resumed: bool) -> None:
+    def __init__(self, out: Path, config: RunConfig, resumed: bool, task=None) -> None:
+        """`task`: the checked TaskRef of a --task run (`check_task`), else None."""
         self.out, self.config, self.resumed = out, config, resumed
+        self.task = task
         self.mode, self.preset, self.seed = config.mode, config.preset, config.seed
         self.evolution = config.evolution
         self.started = time.time()
@@ -164,7 +201,7 @@ class Session:
         self.events_path = out / EVENTS
         self.tracker = None  # engine.app.tracking.TensorBoardLog with --tensorboard
         self.curves_dir = config.store.parent / "curves" / \
-            f"{self.mode.name}-{self.preset}-seed{self.seed}"
+            f"{self.mode.name}-{task.key if task else self.preset}-seed{self.seed}"
 
     # -- events and curves ---------------------------------------------------------------------
 
@@ -286,11 +323,17 @@ class Session:
                                  f"({outcome.reason}), so no candidate could train; fix that "
                                  "and run again")
 
+    def _evaluator(self, store, executor, backend: str):
+        from engine.fitness.evaluator import Evaluator
+
+        return Evaluator(self.mode, self.task or self.preset, self.seed, store, executor,
+                         time_limit=self.config.time_limit, backend=backend,
+                         run=self.config.name)
+
     def _start(self, store, executor, backend: str) -> tuple[str, str]:
         """Set up a (resumed) run: history, run files, evaluator, display, tracker; the mode's
         baseline (name, text)."""
         from engine.app.show import Display
-        from engine.fitness.evaluator import Evaluator
 
         out, config = self.out, self.config
         done = newest_checkpoint(out / CHECKPOINTS).body if self.resumed else None
@@ -304,12 +347,10 @@ class Session:
         self.log({"event": "session", "resumed": self.resumed, "pid": os.getpid(),
                   "command": shlex.join(["python", "-m", "engine.run", *sys.argv[1:]]),
                   "executor": config.executor, "workers": executor.workers})
-        self.evaluator = Evaluator(self.mode, self.preset, self.seed, store, executor,
-                                   time_limit=config.time_limit, backend=backend,
-                                   run=config.name)
+        self.evaluator = self._evaluator(store, executor, backend)
         base_name, base_text = self.mode.baseline()
         known = store.lookup(self.mode.parse(base_text).hash,
-                             self.preset, self.evaluator.protocol, self.seed)
+                             self.evaluator.task, self.evaluator.protocol, self.seed)
         self.display = Display(config, self.history, self.events(),
                                None if known is None else (base_name, known.fitness),
                                workers=executor.workers)
@@ -378,7 +419,7 @@ class Session:
         return reason
 
     def finish(self, status: str, base_name: str, base_text: str, executor, versions) -> dict:
-        from engine.fitness.evaluator import Evaluator, train
+        from engine.fitness.evaluator import train
         from engine.app.report import RunOutputs, write_all
 
         # The history as evolve returned it; a run stopped early has the generations that
@@ -386,9 +427,7 @@ class Session:
         history = list(self.result.history) if self.result is not None else list(self.history)
         best_text, _ = max(((r.best_phenotype, r.best) for r in history), key=lambda p: p[1])
         parse = self.mode.parse
-        base_eval = Evaluator(self.mode, self.preset, self.seed, self.evaluator.store, executor,
-                              time_limit=self.config.time_limit,
-                              backend=self.evaluator.backend, run=self.config.name)
+        base_eval = self._evaluator(self.evaluator.store, executor, self.evaluator.backend)
         [answer] = base_eval.evaluate([base_text])
         if answer.reason is not None:
             raise RunFailed(f"the baseline {base_name} failed ({answer.reason}), so the run "

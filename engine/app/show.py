@@ -78,7 +78,8 @@ class Display:
         self.live: Live | None = None
         where = (f"{config.executor} executor, {workers} worker{'s' * (workers != 1)}")
         self.message(f"AutoLR {self.mode.title} run [bold]{escape(config.name)}[/] "
-                     f"(preset {config.preset}, seed {config.seed}, population "
+                     f"({f'task {escape(config.task)}, ' if config.task else ''}"
+                     f"preset {config.preset}, seed {config.seed}, population "
                      f"{config.evolution.population}, {self.generations} generations, "
                      f"{where})\nwriting to {escape(str(config.out))}"
                      + (f"\nresuming after generation {len(history) - 1}" if history else ""),

@@ -18,8 +18,8 @@ from engine.compare.tables import print_table, write_outputs
 from engine.compare.tuning import (
     BASELINES, LR_RANGE, Contender, Settings, baseline_contender, candidate, resolve_program,
     run_compare)
-from engine.tasks import heldout
-from engine.tasks.heldout import CompareTask
+from engine.tasks import compare_tasks
+from engine.tasks.compare_tasks import CompareTask
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="program text, a file holding one, or a run directory (its "
                         "summary.json's best program)")
     p.add_argument("--task", default="quick",
-                   help=f"one of: {', '.join(heldout.TASKS)}")
+                   help=f"one of: {', '.join(compare_tasks.TASKS)}; or a built-in task or "
+                        "FILE.py:CALLABLE returning an engine.tasks.SupervisedTask with a "
+                        "'test' split (its metric fills the accuracy columns)")
     p.add_argument("--seeds", type=positive_int, default=5, help="training seeds per optimizer")
     p.add_argument("--trials", type=positive_int, default=15, help="tuning trials per optimizer")
     p.add_argument("--optimizers", default=",".join(BASELINES),
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     try:
-        task = heldout.get_task(args.task)
+        task = compare_tasks.get_task(args.task)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.epochs is not None:
@@ -93,7 +95,7 @@ def _check_data(task: CompareTask, seed: int) -> None:
     from engine.tasks.data import DataCorruptError, DataNotFoundError
 
     try:
-        heldout.train_val(task, seed)
+        compare_tasks.train_val(task, seed)
     except (DataNotFoundError, DataCorruptError, ValueError) as err:
         raise UsageError(' '.join(str(err).split())) from None
 

@@ -51,8 +51,8 @@ from engine import modes
 from engine.app.cli import UsageError
 from engine.compare import stats
 from engine.compare.tables import summarise
-from engine.tasks import heldout
-from engine.tasks.heldout import CompareTask
+from engine.tasks import compare_tasks
+from engine.tasks.compare_tasks import CompareTask
 from engine.tasks.protocol import FLOOR_FITNESS, derive_seed
 
 __all__ = ["BASELINES", "LR_RANGE", "Contender", "Settings", "baseline_contender", "candidate",
@@ -204,10 +204,21 @@ def _train(settings: Settings, contender: Contender, lr: float, init_seed: int, 
     from kernels import EvolvedOptimizer
 
     task = settings.task
-    splits = heldout.train_val(task, settings.seed)
+    splits = compare_tasks.train_val(task, settings.seed)
+
+    def optimizer_for(model):
+        return EvolvedOptimizer(model.parameters(), contender.program, lr,
+                                weight_decay=contender.weight_decay, backend=settings.backend)
+
+    if task.source == "supervised":  # a SupervisedTask: its loss, its metric as "val_acc"
+        from engine.tasks.supervised import Loaded, fit_supervised
+
+        data = Loaded(splits.train, splits.val, None)
+        return fit_supervised(compare_tasks.supervised(task), data,
+                              optimizer_for, init_seed=init_seed, shuffle_seed=fit_seed,
+                              epochs=task.epochs, patience=task.epochs)
     model = task.build_model(init_seed)
-    optimizer = EvolvedOptimizer(model.parameters(), contender.program, lr,
-                                 weight_decay=contender.weight_decay, backend=settings.backend)
+    optimizer = optimizer_for(model)
     result = fit(model, optimizer, splits.train, splits.val, seed=fit_seed,
                  batch_size=task.batch_size, max_epochs=task.epochs, patience=task.epochs,
                  monitor="val_acc", eval_batch=task.eval_batch)
@@ -249,9 +260,14 @@ def train_seed(job: SeedJob) -> dict:
     model, result = _train(s, job.contender, job.lr, _seed(s, _FINAL, 2 * job.index),
                            _seed(s, _FINAL, 2 * job.index + 1))
     test_acc = FLOOR_FITNESS
-    if result.reason is None:
-        test_acc = loss_accuracy(model, *heldout.load_test_split(s.task, s.seed),
-                            batch_size=s.task.eval_batch)[1]
+    if result.reason is None and s.task.source == "supervised":
+        from engine.tasks.supervised import metric_value
+
+        test_acc = metric_value(compare_tasks.supervised(s.task), model,
+                                compare_tasks.load_test_split(s.task, s.seed))[1]
+    elif result.reason is None:
+        test_acc = loss_accuracy(model, *compare_tasks.load_test_split(s.task, s.seed),
+                                 batch_size=s.task.eval_batch)[1]
     return {"seed": job.index, "test_acc": test_acc, "reason": result.reason,
             "best_val": max(result.val_acc, default=FLOOR_FITNESS), "epochs": result.epochs,
             "val_curve": list(result.val_acc), "seconds": time.perf_counter() - start}

@@ -29,6 +29,7 @@ from engine.exec import Executor, Outcome
 from engine.fitness.screening import fingerprint, probe_updates, screen
 from engine.fitness.store import Record, Store, not_reusable
 from engine.tasks.protocol import FLOOR_FITNESS, EvalResult, Task, get_task
+from engine.tasks.registry import TaskRef
 
 if TYPE_CHECKING:  # the modes build on this package (engine.modes -> engine.fitness)
     from engine.modes import Mode
@@ -46,7 +47,7 @@ class Job:
 
     mode: Mode
     program: Program | Schedule
-    task: Task
+    task: Task | TaskRef  # a preset's Task, or a user task's reference (resolved in the worker)
     seed: int
     time_limit: float | None
     backend: str
@@ -123,16 +124,23 @@ class Batch:
 class Evaluator:
     """Evaluates batches of candidate texts for one (mode, task, seed); keeps counts by source."""
 
-    def __init__(self, mode: Mode, task: str, seed: int, store: Store, executor: Executor, *,
+    def __init__(self, mode: Mode, task: str | TaskRef, seed: int, store: Store,
+                 executor: Executor, *,
                  time_limit: float | None = None, backend: str = "numba", run: str | None = None,
                  worker: Callable[[Job], EvalResult] = train):
-        """`worker` runs one Job in an executor's worker (module-level, so it pickles); tests
-        substitute one that misbehaves on purpose."""
-        self.definition = get_task(task)  # an unknown preset fails here, before any work
-        self.mode, self.task, self.seed = _checked(mode), task, seed
+        """`task`: a preset's name, or a user task's checked TaskRef. `worker` runs one Job in
+        an executor's worker (module-level, so it pickles); tests substitute one that
+        misbehaves on purpose."""
+        if isinstance(task, TaskRef):
+            self.definition: Task | TaskRef = task
+            name = task.name
+        else:
+            self.definition = get_task(task)  # an unknown preset fails here, before any work
+            name = task
+        self.mode, self.task, self.seed = _checked(mode), name, seed
         # The store's protocol key names the task's digest too: the store must not answer from
-        # a preset's older definition.
-        self.protocol = f"{self.mode.name}/{task}@{self.definition.digest}"
+        # a task's older definition (a preset's, or a user task file's before an edit).
+        self.protocol = f"{self.mode.name}/{name}@{self.definition.digest}"
         self.store, self.executor = store, executor
         self.time_limit, self.backend, self.run = time_limit, backend, run
         self.worker = worker

@@ -172,9 +172,17 @@ class _Alr(Mode):
         import dataclasses
 
         import kernels
-        from engine.tasks.protocol import alr_fitness
+        from engine.tasks.protocol import Task, alr_fitness
 
         kernel, compile_seconds = self._compiled(program, backend)
+        if not isinstance(task, Task):  # a user task's TaskRef
+            from engine.tasks.registry import supervised_fitness
+
+            result = supervised_fitness(
+                task, lambda model: kernels.EvolvedOptimizer(model.parameters(), program,
+                                                             backend=backend, kernel=kernel),
+                seed=seed, time_limit=time_limit)
+            return dataclasses.replace(result, compile_seconds=compile_seconds)
         result = alr_fitness(
             task, lambda params: kernels.EvolvedOptimizer(params, program, backend=backend,
                                                           kernel=kernel),
@@ -226,8 +234,16 @@ class _Dlr(Mode):
 
     def train(self, task: Task, program: Schedule, *, seed: int, time_limit: float | None,
               backend: str) -> EvalResult:
-        from engine.tasks.protocol import dlr_fitness
+        import torch
 
+        from engine.tasks.protocol import Task, dlr_fitness
+
+        if not isinstance(task, Task):  # a user task's TaskRef: SGD at its initial_lr
+            from engine.tasks.registry import supervised_fitness
+
+            return supervised_fitness(
+                task, lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr),
+                seed=seed, time_limit=time_limit, schedule=program)
         return dlr_fitness(task, program, seed=seed, time_limit=time_limit)
 
     def behaviour(self, program: Program | Schedule, preset: str | None = None) -> str:

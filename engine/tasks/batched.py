@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from codegen.ir import STATES, Program
-from engine.tasks.heldout import MLPSpec
+from engine.tasks.compare_tasks import MLPSpec
 from engine.tasks.stacked import StackedModel
 from engine.tasks.training import FitResult, ModelSpec
 

@@ -20,15 +20,14 @@ import dataclasses
 import functools
 import hashlib
 import time
-import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engine.tasks.data import FashionMNIST, load_fashion_mnist
-from engine.tasks.training import FitResult, ModelSpec, loss_accuracy, fit
+from engine.tasks.training import FitResult, ModelSpec, fit, loss_accuracy
 
 __all__ = [
     "FLOOR_FITNESS",
@@ -484,39 +483,22 @@ def dlr_fitness(
 
 
 # --- presets ----------------------------------------------------------------------------------
+# The presets are the fmnist-cnn family's sizes (engine/tasks/families/fmnist_cnn.py, named in
+# the task registry), looked up on first use: that module builds them from the classes above.
 
-PRESETS: Mapping[str, Task] = types.MappingProxyType(
-    {
-        # Seconds, for tests: a narrow CNN on a 1,600-image pool, a few epochs.
-        "smoke": Task(
-            name="smoke",
-            data=DataSpec(val=200, fitness=200, chunk=600, pool=1600),
-            model=ModelSpec(conv1=4, conv2=8, dense=16),
-            alr=AlrProtocol(trials=2, batch_size=100, max_epochs=3, patience=2, abort_below=0.5),
-            dlr=DlrProtocol(batch_size=100, max_epochs=3, patience=2, chunks=1),
-        ),
-        # The main job's default on a 2-core CPU: ~7 s of one-thread training for an Adam-like
-        # candidate, less for a bad one (one trial, then the abort). The half-width CNN is 3x
-        # cheaper per image than the reference; batch 100 gives the optimizer 30 steps an epoch.
-        "quick": Task(
-            name="quick",
-            data=DataSpec(val=1000, fitness=2000, chunk=3000, pool=12000),
-            model=ModelSpec(conv1=16, conv2=32, dense=64),
-            alr=AlrProtocol(trials=2, batch_size=100, max_epochs=4, patience=2, abort_below=0.7),
-            dlr=DlrProtocol(batch_size=100, max_epochs=8, patience=3, chunks=1),
-        ),
-        # The original protocol (docs/protocol.md, "Evaluation protocol"), for a GPU or a long
-        # CPU run.
-        "paper": Task(
-            name="paper", data=DataSpec(), model=ModelSpec(), alr=AlrProtocol(), dlr=DlrProtocol()
-        ),
-    }
-)
+
+def __getattr__(name: str) -> object:
+    if name == "PRESETS":
+        from engine.tasks.families.fmnist_cnn import SIZES
+
+        return SIZES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_task(name: str) -> Task:
     """The preset called `name`; an unknown name is an error that lists the valid ones."""
+    presets = globals().get("PRESETS") or __getattr__("PRESETS")  # a test may patch PRESETS
     try:
-        return PRESETS[name]
+        return presets[name]
     except KeyError:
-        raise ValueError(f"unknown task preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
+        raise ValueError(f"unknown task preset {name!r}; valid presets: {', '.join(presets)}") from None

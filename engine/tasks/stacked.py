@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.tasks.heldout import MLPSpec
+from engine.tasks.compare_tasks import MLPSpec
 from engine.tasks.training import (ModelSpec, _keep_below, _pool_kernels, _PoolReluDropout,
                                    _random_bytes, _ReluDropout, _scaled_mask)
 

@@ -30,12 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.tasks.epochs import schedule_lr, train_epoch
+
 try:
     import numba
 except ImportError:  # the torch path below computes the same, only slower
     numba = None
 
-__all__ = ["CNN", "FitResult", "ModelSpec", "configure_process", "fit", "loss_accuracy", "retain_heap"]
+__all__ = ["CNN", "FitResult", "ModelSpec", "configure_process", "fit", "loss_accuracy",
+           "retain_heap"]
 
 # glibc mallopt parameters (malloc.h); the values are part of glibc's ABI.
 _M_TRIM_THRESHOLD = -1
@@ -441,30 +444,13 @@ def fit(
     reason = None
     model.train()
     for epoch in range(max_epochs):
-        if schedule is not None:
-            lr = float(schedule(epoch, optimizer.param_groups[0]["lr"]))
-            if not math.isfinite(lr):
-                reason = f"diverged: schedule gave lr={lr} at epoch {epoch}"
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        reason = schedule_lr(optimizer, schedule, epoch)
+        if reason is not None:
+            break
         order = torch.randperm(n, generator=shuffle_gen).to(device)
-        loss_sum = 0.0
-        for first in range(0, n, batch_size):
-            idx = order[first : first + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[idx], dropout=dropout_gen), y[idx])
-            batch_loss = float(loss.detach())
-            if not math.isfinite(batch_loss):
-                step = first // batch_size
-                reason = f"diverged: training loss {batch_loss} at epoch {epoch}, step {step}"
-                break
-            loss.backward()
-            optimizer.step()
-            loss_sum += batch_loss * len(idx)
-            if deadline is not None and time.perf_counter() > deadline:
-                reason = f"timeout: deadline passed at epoch {epoch}, step {first // batch_size}"
-                break
+        loss_sum, reason = train_epoch(
+            lambda idx: F.cross_entropy(model(x[idx], dropout=dropout_gen), y[idx]),
+            optimizer, order, batch_size, epoch, deadline)
         if reason is not None:
             break
         val_loss, val_acc = loss_accuracy(model, *val, batch_size=eval_batch)

@@ -1,5 +1,7 @@
 """The tasks `engine.compare` trains on: the evolution task, held-out ones, and their three splits.
 
+(Named for what it holds; it was `heldout.py`, though not all of its tasks are held out.)
+
 An optimizer found on one task is only interesting if it also works where it was not found, so
 besides the evolution presets (`quick`, and `paper` for a GPU or a long CPU run) there are tasks
 that differ in architecture (`fmnist-mlp`: an MLP on Fashion-MNIST images the quick evolution run
@@ -29,11 +31,11 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from engine.tasks.data import load_fashion_mnist
-from engine.tasks.protocol import PRESETS, make_split, prepare
+from engine.tasks.protocol import PRESETS, derive_seed, make_split, prepare
 from engine.tasks.training import ModelSpec
 
-__all__ = ["TASKS", "CompareTask", "MLP", "MLPSpec", "Splits", "get_task", "load_test_split",
-           "train_val"]
+__all__ = ["TASKS", "CompareTask", "MLP", "MLPSpec", "Splits", "all_splits", "from_reference", "get_task",
+           "load_test_split", "supervised", "train_val"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -85,15 +87,46 @@ class CompareTask:
     name: str
     about: str
     source: str
-    model: ModelSpec | MLPSpec
+    model: ModelSpec | MLPSpec | None  # None for a SupervisedTask's (source "supervised")
     batch_size: int
     epochs: int
     sizes: tuple[int | None, int | None, int | None] = (None, None, None)
     eval_batch: int = 1000
     held_out: bool = True
+    ref: str | None = None  # a SupervisedTask's reference (source "supervised")
 
     def build_model(self, seed: int) -> nn.Module:
+        if self.source == "supervised":
+            torch.manual_seed(seed)
+            return supervised(self).model()
         return self.model.build(seed)
+
+
+def from_reference(ref: str) -> CompareTask:
+    """A SupervisedTask (a built-in family or FILE.py:CALLABLE) as engine.compare trains it:
+    its model, batch size and epochs; its own train / val / test splits (it must have test)."""
+    from engine.tasks.registry import absolute, resolve
+
+    task, tref = resolve(ref)
+    return CompareTask(name=task.name, about=f"task {ref} ({task.metric} on its test split)",
+                       source="supervised", model=None, batch_size=task.batch_size,
+                       epochs=task.epochs, eval_batch=task.eval_batch,
+                       ref=tref.ref if ref not in TASKS else absolute(ref))
+
+
+@functools.lru_cache(maxsize=2)
+def supervised(task: CompareTask):
+    """The SupervisedTask behind a "supervised" CompareTask, resolved once per process."""
+    from engine.tasks.registry import resolve
+
+    return resolve(task.ref)[0]
+
+
+@functools.lru_cache(maxsize=2)
+def _supervised_data(task: CompareTask):
+    from engine.tasks.supervised import load_data
+
+    return load_data(supervised(task), need_test=True)
 
 
 TASKS: Mapping[str, CompareTask] = types.MappingProxyType({
@@ -124,11 +157,17 @@ TASKS: Mapping[str, CompareTask] = types.MappingProxyType({
 
 
 def get_task(name: str) -> CompareTask:
-    """The task called `name`; an unknown name is a ValueError listing the valid ones."""
-    try:
+    """The task called `name`, or the SupervisedTask a reference or built-in family names; an
+    unknown name is a ValueError listing the valid ones."""
+    from engine.tasks.registry import FAMILIES
+
+    if name in TASKS:
         return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}") from None
+    if ":" in name or (name in FAMILIES and name != "fmnist-cnn"):
+        return from_reference(name)  # a TaskError (a ValueError) says what is wrong
+    raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}, a built-in "
+                     f"task ({', '.join(n for n in FAMILIES if n != 'fmnist-cnn')}) or "
+                     "FILE.py:CALLABLE")
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,8 +179,9 @@ class Splits:
     mean: np.ndarray  # the training split's mean input, subtracted from every split
 
 
-def _seed(seed: int, purpose: int) -> int:
-    return int(np.random.SeedSequence([seed, 0xC0DE, purpose]).generate_state(1)[0])
+# SeedSequence purposes of the splits (engine.tasks.protocol.derive_seed), apart from the
+# evolution's (0-2) and the comparison's own; scikit-learn's random_state takes 32 bits.
+_DIGITS_TEST, _DIGITS_VAL, _FMNIST_UNSEEN = 0xC0DE1, 0xC0DE2, 0xC0DE3
 
 
 def _tensors(x: np.ndarray, y: np.ndarray, mean: np.ndarray, scale: float) -> Pair:
@@ -159,10 +199,11 @@ def _digits_indices(seed: int, sizes: tuple[int | None, ...]) -> tuple[np.ndarra
 
     labels = load_digits().target
     n_train, n_val, n_test = sizes
-    rest, test = train_test_split(np.arange(len(labels)), test_size=n_test,
-                                  stratify=labels, random_state=_seed(seed, 1) % 2**32)
+    rest, test = train_test_split(np.arange(len(labels)), test_size=n_test, stratify=labels,
+                                  random_state=derive_seed(seed, _DIGITS_TEST, bits=32))
     train, val = train_test_split(rest, test_size=n_val, train_size=n_train,
-                                  stratify=labels[rest], random_state=_seed(seed, 2) % 2**32)
+                                  stratify=labels[rest],
+                                  random_state=derive_seed(seed, _DIGITS_VAL, bits=32))
     return np.sort(train), np.sort(val), np.sort(test)
 
 
@@ -176,13 +217,18 @@ def _unseen_fmnist_indices(seed: int, sizes: tuple[int | None, ...]) -> tuple[np
     unseen = np.setdiff1d(np.arange(len(labels)), used)
     n_train, n_val, _ = sizes
     train, val = train_test_split(unseen, train_size=n_train, test_size=n_val,
-                                  stratify=labels[unseen], random_state=_seed(seed, 3) % 2**32)
+                                  stratify=labels[unseen],
+                                  random_state=derive_seed(seed, _FMNIST_UNSEEN, bits=32))
     return np.sort(train), np.sort(val)
 
 
 @functools.lru_cache(maxsize=2)
 def train_val(task: CompareTask, seed: int) -> Splits:
-    """The task's training and validation splits for split seed `seed` (cached per process)."""
+    """The task's training and validation splits for split seed `seed` (cached per process).
+    A SupervisedTask's splits are its own: the same for every seed."""
+    if task.source == "supervised":
+        data = _supervised_data(task)
+        return Splits(train=data.train, val=data.val, mean=np.zeros(()))
     if task.source == "preset":
         data = prepare(PRESETS[task.name], seed)
         train = data.chunks[0] if task.name != "paper" else data.train()
@@ -212,6 +258,8 @@ def load_test_split(task: CompareTask, seed: int) -> Pair:
 
     The only reader of test data: call it for the final evaluation, never while tuning.
     """
+    if task.source == "supervised":
+        return _supervised_data(task).test
     mean = train_val(task, seed).mean
     if task.source in ("preset", "fmnist-unseen"):
         test = load_fashion_mnist("test")
@@ -223,3 +271,11 @@ def load_test_split(task: CompareTask, seed: int) -> Pair:
         _, _, index = _digits_indices(seed, task.sizes)
         return _tensors(digits.data[index], digits.target[index], mean, 16.0)
     raise ValueError(f"task {task.name!r} has an unknown data source {task.source!r}")
+
+
+def all_splits(name: str, seed: int) -> dict[str, Pair]:
+    """The task `name`'s three splits as a SupervisedTask's data() returns them: how the
+    built-in families fmnist-mlp and digits-mlp share these tasks' data."""
+    task = TASKS[name]
+    splits = train_val(task, seed)
+    return {"train": splits.train, "val": splits.val, "test": load_test_split(task, seed)}

@@ -1,0 +1,1 @@
+"""The built-in task families, one file each, named in `engine.tasks.registry.FAMILIES`."""

@@ -17,9 +17,9 @@ import time
 import pytest
 
 from codegen import ir
-from engine.search.evolve import EvolutionConfig, evolve
-from engine.search.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
-from engine.search.sge import individual_from_text, initialise, map_genotype
+from engine.evolution.evolve import EvolutionConfig, evolve
+from engine.evolution.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
+from engine.evolution.sge import individual_from_text, initialise, map_genotype
 
 GRAMMARS = {"alr": (load_grammar(ALR_GRAMMAR), 6, 17), "dlr": (load_grammar(DLR_GRAMMAR), 3, 10)}
 POPULATION = 100

@@ -9,11 +9,11 @@ import pytest
 
 from codegen.ir import Const, Program, walk
 from engine.modes import ALR as ALR_MODE
-from engine.search.grammar import ALR_EXT_GRAMMAR, ALR_GRAMMAR, load_grammar, parse_grammar
-from engine.search.seeds import ADABELIEF_PAPER_OPS, ADAM_PAPER_OPS, LION_PAPER_OPS, SeedProgram, \
+from engine.evolution.grammar import ALR_EXT_GRAMMAR, ALR_GRAMMAR, load_grammar, parse_grammar
+from engine.evolution.seeds import ADABELIEF_PAPER_OPS, ADAM_PAPER_OPS, LION_PAPER_OPS, SeedProgram, \
     snap, with_lr
-from engine.search.sge import initialise, map_genotype, mutate_genotype
-from engine.search.sge import individual_from_text
+from engine.evolution.sge import initialise, map_genotype, mutate_genotype
+from engine.evolution.sge import individual_from_text
 from kernels import zoo
 
 EXT = load_grammar(ALR_EXT_GRAMMAR)

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from engine.fitness.evaluator import Evaluation
-from engine.search.evolve import EvolutionConfig, GenerationRecord
+from engine.evolution.evolve import EvolutionConfig, GenerationRecord
 from engine.app.config import RunConfig
 from engine.app.show import Display
 

@@ -8,13 +8,13 @@ from collections import Counter
 
 import pytest
 
-from engine.search.diversity import forced_change, remutated, stagnant
-from engine.search.evolve import EvolutionConfig, evolve
+from engine.evolution.diversity import forced_change, remutated, stagnant
+from engine.evolution.evolve import EvolutionConfig, evolve
 from engine.modes import ALR as ALR_MODE
-from engine.search.grammar import ALR_EXT_GRAMMAR, load_grammar, parse_grammar
-from engine.search.seeds import ADAM_PAPER_OPS, SeedProgram, snap
-from engine.search.sge import initialise, mutate
-from engine.search.structure import canonical_key, structure_key
+from engine.evolution.grammar import ALR_EXT_GRAMMAR, load_grammar, parse_grammar
+from engine.evolution.seeds import ADAM_PAPER_OPS, SeedProgram, snap
+from engine.evolution.sge import initialise, mutate
+from engine.evolution.structure import canonical_key, structure_key
 from test_evolve import ALR, SMALL, aligned, hashed
 
 EXT = load_grammar(ALR_EXT_GRAMMAR)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from codegen.ir import Program, Schedule, reference_step
-from engine.search.evolve import (CheckpointError, EvolutionConfig, Scored, _tournament, evolve,
+from engine.evolution.evolve import (CheckpointError, EvolutionConfig, Scored, _tournament, evolve,
                            load_checkpoint)
-from engine.search.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
+from engine.evolution.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
 
 ALR = load_grammar(ALR_GRAMMAR)
 DLR = load_grammar(DLR_GRAMMAR)

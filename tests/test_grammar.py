@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import engine.search.grammar
-from engine.search.derivation import DerivationError, derive
-from engine.search.grammar import (ALR_GRAMMAR, DLR_GRAMMAR, GrammarError, load_grammar,
+import engine.evolution.grammar
+from engine.evolution.derivation import DerivationError, derive
+from engine.evolution.grammar import (ALR_GRAMMAR, DLR_GRAMMAR, GrammarError, load_grammar,
                                    parse_grammar)
 
 
@@ -149,7 +149,7 @@ def test_every_kind_has_a_distinct_message(tmp_path):
                          ("not-text", b"\x89PNG\r\n\x1a\n\xff\xfe", None,
                           "is not a UTF-8 text file")]
     raised = set(re.findall(r'GrammarError\([^,]+, [^,]+, "([a-z-]+)"',
-                            Path(engine.search.grammar.__file__).read_text()))
+                            Path(engine.evolution.grammar.__file__).read_text()))
     assert raised and raised == {case[0] for case in cases}
     texts = []
     for n, (kind, text, _, _) in enumerate(cases):

@@ -9,8 +9,8 @@ import pytest
 
 from codegen.ir import Program, Schedule
 from engine import modes
-from engine.search.grammar import load_grammar
-from engine.search.seeds import snap_all
+from engine.evolution.grammar import load_grammar
+from engine.evolution.seeds import snap_all
 
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
 

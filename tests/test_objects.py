@@ -146,7 +146,7 @@ def test_every_user_of_step_counters_steps_them_with_the_programs_stepper(tmp_pa
 def test_the_report_parses_each_distinct_phenotype_once(tmp_path, monkeypatch):
     from engine.app.config import RunConfig
     from engine.app.report import RunOutputs, write_all
-    from engine.search.evolve import EvolutionConfig, GenerationRecord
+    from engine.evolution.evolve import EvolutionConfig, GenerationRecord
 
     texts = [f"weight: mul({0.01 * (i + 1):.2f}, grad)" for i in range(12)]
     history = []

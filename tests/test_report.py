@@ -20,14 +20,14 @@ import torch
 import kernels
 from codegen.ir import Program, Schedule
 from engine.fitness import outcomes
-from engine.search.evolve import EvolutionConfig, GenerationRecord
+from engine.evolution.evolve import EvolutionConfig, GenerationRecord
 from engine.modes.export import render_alr, render_dlr
-from engine.search.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
+from engine.evolution.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar
 from engine.app.report import evaluation_counts, hall_of_fame, reason_kind, wall_seconds
 from engine.app.config import RunConfig
 from engine import modes
-from engine.search.seeds import snap
-from engine.search.sge import initialise
+from engine.evolution.seeds import snap
+from engine.evolution.sge import initialise
 from engine.tasks.training import ModelSpec
 from randprog import random_program
 

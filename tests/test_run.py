@@ -27,10 +27,10 @@ from engine.fitness import outcomes
 from engine.app import session as run_module
 from engine.app import show as show_module
 from engine.tasks.data import DataNotFoundError, find_data_dir
-from engine.search.grammar import ALR_GRAMMAR, load_grammar
+from engine.evolution.grammar import ALR_GRAMMAR, load_grammar
 from engine.rundir import end_line
 from engine.modes import ALR, DLR
-from engine.search.seeds import SeedError, SeedProgram, read_seed_file, snap
+from engine.evolution.seeds import SeedError, SeedProgram, read_seed_file, snap
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -463,7 +463,7 @@ def test_paper_ops_seeds_compute_what_the_zoo_computes():
     steps are the same (sign(c) as c / sqrt(c*c) is exact), AdaBelief's within the bias
     corrections' float32 pow."""
     from codegen.ir import Program, evaluate, reference_step
-    from engine.search.seeds import ADABELIEF_PAPER_OPS, LION_PAPER_OPS
+    from engine.evolution.seeds import ADABELIEF_PAPER_OPS, LION_PAPER_OPS
     from kernels import zoo
 
     c = np.concatenate([np.geomspace(1e-18, 1e18, 2001), [0.0]]).astype(np.float32)
@@ -493,7 +493,7 @@ def test_snapping_and_seed_files(tmp_path):
     assert [s.name for s in seeds] == ["sgd", "a comment"] and seeds[1].where.endswith("line 4")
     assert snap(seeds[0], grammar, ALR, 17).splitlines()[-1] == "weight: mul(0.05072436, grad)"
     assert "mul(neg(1.0), alpha)" in snap(seeds[1], grammar, ALR, 17)
-    from engine.search.grammar import DLR_GRAMMAR
+    from engine.evolution.grammar import DLR_GRAMMAR
 
     dlr = load_grammar(DLR_GRAMMAR)
     text = snap(SeedProgram("s", "if(epoch < 4.4, 0.05, if(lr > 0.001, 0.01, 0.02))"), dlr, DLR, 8)
@@ -560,7 +560,7 @@ def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, alr_
     bad.write_text("<start> ::= weight: <e>\n<e> ::= grad | <missing>\n")
     err = one_line_error(capsys, ["--grammar", bad], "bad.bnf:2")
     assert "missing" in err
-    from engine.search.grammar import DLR_GRAMMAR
+    from engine.evolution.grammar import DLR_GRAMMAR
 
     one_line_error(capsys, ["--mode", "alr", "--grammar", DLR_GRAMMAR], "are not ALR programs")
     # Seed programs that cannot enter the population.

@@ -12,7 +12,7 @@ import pytest
 from engine import modes
 from engine.app import session as run_module
 from engine.app.cli import UsageError
-from engine.search.evolve import EvolutionConfig
+from engine.evolution.evolve import EvolutionConfig
 from engine.app.config import MAX_SEED, RunConfig, build_parser, new_config, resumed_config
 
 # config.json as engine.run wrote it before RunConfig existed (commit 346cc89, `--mode alr
@@ -22,7 +22,7 @@ BEFORE = {
     "preset": "smoke", "seed": 3,
     "evolution": {"population": 6, "generations": 3, "elitism": 1, "tournament": 2,
                   "p_cross": 0.9, "p_mut": 0.15, "min_depth": 4, "max_depth": 17, "seed": 3},
-    "grammar": "/tmp/rc-base/engine/search/grammars/alr.bnf",
+    "grammar": "/tmp/rc-base/engine/evolution/grammars/alr.bnf",
     "grammar_text": "# ALR (adaptive) grammar\n<start> ::= ...\n",
     "seeds": {"adam": "weight: sub(weight, grad)"}, "seed_zoo": True, "seed_programs": None,
     "seed_lr": 0.001, "time_limit": 120.0, "time_budget": None, "executor": "serial",
@@ -37,7 +37,7 @@ BEFORE = {
                  "numba": "0.68.1", "numpy": "2.4.6", "triton": "3.6.0"},
 }
 
-# EvolutionConfig's options added since (engine/search/evolve.py), read as their defaults: off.
+# EvolutionConfig's options added since (engine/evolution/evolve.py), read as their defaults: off.
 ADDED = {"p_mut_const": None, "remutate": 0, "niche_cap": 0, "restart_after": 0}
 
 

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 
 from codegen.ir import Program, Schedule
-from engine.search.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar, parse_grammar
-from engine.search.sge import (crossover, individual_from_text, initialise, map_genotype, mutate,
+from engine.evolution.grammar import ALR_GRAMMAR, DLR_GRAMMAR, load_grammar, parse_grammar
+from engine.evolution.sge import (crossover, individual_from_text, initialise, map_genotype, mutate,
                         mutate_genotype)
 
 ALR = load_grammar(ALR_GRAMMAR)

@@ -18,8 +18,8 @@ from rich.console import Console
 
 from engine.app import config as run_config
 from engine.app.config import RunConfig
-from engine.search.evolve import EvolutionConfig, evolve
-from engine.search.grammar import ALR_GRAMMAR, load_grammar
+from engine.evolution.evolve import EvolutionConfig, evolve
+from engine.evolution.grammar import ALR_GRAMMAR, load_grammar
 from engine.app.report import RunOutputs, write_all
 from engine.app.show import Display, main
 

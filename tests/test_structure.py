@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.search.structure import canonical_key, nearest_seed, structure_key, tree, \
+from engine.evolution.structure import canonical_key, nearest_seed, structure_key, tree, \
     tree_distance
 from kernels import zoo
 

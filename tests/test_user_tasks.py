@@ -228,9 +228,10 @@ def test_each_bad_reference_is_exit_2_and_one_line(tmp_path, capsys):
 
 
 def test_a_store_hit_is_refused_after_the_task_file_changes(tmp_path, toy):
-    from engine.exec.executors import SerialExecutor
+    from engine.exec import SerialExecutor
     from engine.fitness.evaluator import Evaluator
     from engine.fitness.store import Store
+    from engine.modes import ALR
     from kernels import zoo
 
     adam = str(zoo.adam())
@@ -238,7 +239,7 @@ def test_a_store_hit_is_refused_after_the_task_file_changes(tmp_path, toy):
     def evaluate():
         _, ref = resolve(f"{toy}:task")
         with Store(tmp_path / "store.sqlite") as store:
-            [answer] = Evaluator("alr", ref, 0, store, SerialExecutor()).evaluate([adam])
+            [answer] = Evaluator(ALR, ref, 0, store, SerialExecutor()).evaluate([adam])
         return ref, answer
 
     first_ref, first = evaluate()
@@ -307,7 +308,7 @@ def test_the_readme_example_runs_verbatim(tmp_path):
 
 
 def test_engine_compare_takes_a_task_file(tmp_path, toy, capsys):
-    from engine.compare.comparison import main as compare
+    from engine.compare.cli import main as compare
 
     out = tmp_path / "cmp"
     assert compare(["weight: mul(0.01, sign(grad))", "--task", f"{toy}:task", "--seeds", "2",

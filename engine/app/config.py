@@ -20,11 +20,11 @@ from codegen import backends
 from codegen.ir import ParseError
 from engine import modes
 from engine.app.cli import Parser, UsageError, positive_int
-from engine.search.evolve import EvolutionConfig
-from engine.search.grammar import Grammar, GrammarError, load_grammar
+from engine.evolution.evolve import EvolutionConfig
+from engine.evolution.grammar import Grammar, GrammarError, load_grammar
 from engine.modes import MODES, Mode
 from engine.app.runlock import LOCK_NAME
-from engine.search.seeds import DEFAULT_SEED_LR, SeedError, read_seed_file, snap_all
+from engine.evolution.seeds import DEFAULT_SEED_LR, SeedError, read_seed_file, snap_all
 from engine.fitness.store import versions
 from engine.tasks.protocol import PRESETS
 from engine.tasks.registry import FAMILIES, absolute, is_builtin_cnn
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grammar", type=Path, default=None,
                    help="BNF grammar file (default: "
                         f"{' or '.join(m.grammar.name for m in MODES.values())} in "
-                        "engine/search/grammars)")
+                        "engine/evolution/grammars)")
     p.add_argument("--seed-programs", type=Path, default=None, metavar="FILE",
                    help="start from these programs: one per block, blocks separated by blank "
                         "lines, an optional '# name' line first; lr and constants are snapped "
@@ -370,7 +370,7 @@ def _load_grammar(path: Path, mode: Mode) -> Grammar:
     # A grammar for the other mode would make every candidate a parse error: say so now.
     import random
 
-    from engine.search.sge import initialise
+    from engine.evolution.sge import initialise
 
     sample = initialise(grammar, random.Random(0), 1, max(grammar.shortest[grammar.start], 6))
     try:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from codegen.ir import Program, Schedule
 from engine import modes
 from engine.fitness import outcomes
-from engine.search.evolve import GenerationRecord
+from engine.evolution.evolve import GenerationRecord
 from engine.modes.export import write_best_optimizer
 from engine.modes import Mode
 from engine.fitness.outcomes import detail as reason_kind

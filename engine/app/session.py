@@ -45,8 +45,8 @@ import time
 from pathlib import Path
 
 from engine.app.cli import UsageError
-from engine.search.evolve import CheckpointError, GenerationRecord, RunResult, evolve
-from engine.search.grammar import Grammar
+from engine.evolution.evolve import CheckpointError, GenerationRecord, RunResult, evolve
+from engine.evolution.grammar import Grammar
 from engine.app.config import RunConfig, build_parser, check_out_dir, new_config, \
     resumed_config
 from engine.app.flagfile import with_config_file
@@ -270,7 +270,7 @@ class Session:
 
     def run(self) -> int:
         from engine.exec import ExecutorError, make_executor
-        from engine.search.grammar import parse_grammar
+        from engine.evolution.grammar import parse_grammar
         from engine.fitness.store import Store, StoreError
         from engine.tasks.training import configure_process
 

@@ -25,7 +25,7 @@ from rich.text import Text
 
 from engine import modes
 from engine.fitness import outcomes
-from engine.search.evolve import GenerationRecord
+from engine.evolution.evolve import GenerationRecord
 from engine.app.report import evaluation_counts, hall_of_fame, one_line, wall_seconds
 from engine.modes import Mode
 from engine.rundir import CHECKPOINTS, EVENTS, newest_checkpoint, read_events

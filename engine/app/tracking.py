@@ -59,7 +59,7 @@ class TensorBoardLog:
         self.counts[outcomes.kind_of(evaluation.source, evaluation.reason)] += 1
 
     def generation_done(self, record, seconds: float) -> None:
-        """`record`: an engine.search.evolve.GenerationRecord; `seconds`: the generation's wall time."""
+        """`record`: an engine.evolution.evolve.GenerationRecord; `seconds`: the generation's wall time."""
         step, add = record.generation, self.writer.add_scalar
         add("fitness/best", record.best, step)
         add("fitness/median", record.median, step)

@@ -10,7 +10,7 @@ it; none of them compares mode names.
 The mode's name ("alr", "dlr") is what users type (``--mode``) and what a run's files store
 (config.json, summary.json, the results store's protocol key): it never changes.
 
-Import order: this module imports only ``codegen`` and ``engine.search.grammar`` at the top, so any
+Import order: this module imports only ``codegen`` and ``engine.evolution.grammar`` at the top, so any
 engine module can import it; the modules it dispatches to (seeds, tasks, screening, export,
 kernels) import it back, so it imports them inside its methods, where they are used.
 """
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from codegen.ir import Program, Schedule, size as node_size
-from engine.search.grammar import ALR_GRAMMAR, DLR_GRAMMAR
+from engine.evolution.grammar import ALR_GRAMMAR, DLR_GRAMMAR
 
 if TYPE_CHECKING:
-    from engine.search.seeds import SeedProgram, _Snapper
+    from engine.evolution.seeds import SeedProgram, _Snapper
     from engine.tasks.protocol import EvalResult, Task
 
 __all__ = ["ALR", "DEFAULT", "DLR", "MODES", "Mode", "find", "get"]
@@ -40,7 +40,7 @@ class Mode:
     title: str  # as printed: "ALR"
     candidate: str  # what one candidate is, with its article: "an optimizer"
     programs: str  # what the grammar's phenotypes must be: "ALR programs"
-    grammar: Path  # the default grammar (engine/search/grammars)
+    grammar: Path  # the default grammar (engine/evolution/grammars)
     compiled: bool  # candidates are compiled to a kernel: a cache, a backend, kernels/ files
     screened: bool  # candidates are screened and fingerprinted on probe inputs before training
     min_over_trials: bool  # fitness is the minimum over several trials (one curve each)
@@ -118,7 +118,7 @@ class _Alr(Mode):
 
     def baseline(self) -> tuple[str, str]:
         """Adam at lr=1e-3, lr written in as a constant: evaluated programs run at lr=1."""
-        from engine.search.seeds import with_lr
+        from engine.evolution.seeds import with_lr
         from kernels import zoo
 
         program = zoo.adam()
@@ -131,7 +131,7 @@ class _Alr(Mode):
         size it is usually run with (torch's default for Adagrad; for Lion 3e-4, at the top of
         its paper's advice of a step 3-10x smaller than Adam's: the short budgets of a search
         reward the larger step)."""
-        from engine.search.seeds import ADABELIEF_PAPER_OPS, ADAM_PAPER_OPS, LION_PAPER_OPS, SeedProgram
+        from engine.evolution.seeds import ADABELIEF_PAPER_OPS, ADAM_PAPER_OPS, LION_PAPER_OPS, SeedProgram
         from kernels import zoo  # the engine reaches kernels only where it needs a program
 
         return [SeedProgram("adam", ADAM_PAPER_OPS, 0.001, "zoo (Adam in the paper's ops)"),
@@ -145,7 +145,7 @@ class _Alr(Mode):
     def snap_candidates(self, snapper: _Snapper, seed: SeedProgram) -> list[str]:
         """``lr`` becomes the seed's constant; without and with ``state: 0.0`` lines, for
         grammars whose start rule needs all four states."""
-        from engine.search.seeds import with_lr
+        from engine.evolution.seeds import with_lr
 
         program = Program.parse(seed.text)
         snapped = {t: (None if e is None else snapper.alr(with_lr(e, seed.lr)))
@@ -222,7 +222,7 @@ class _Dlr(Mode):
 
     def zoo_seeds(self) -> list[SeedProgram]:
         """A constant and a step schedule."""
-        from engine.search.seeds import SeedProgram
+        from engine.evolution.seeds import SeedProgram
 
         return [SeedProgram("constant 0.01", "0.01", where="zoo"),
                 SeedProgram("step decay", "if(epoch < 4, 0.05, 0.01)", where="zoo")]

@@ -23,7 +23,7 @@ The format, one rule per line::
   ``grad`` several times and ``add`` twice).
 - Free constants: a rule whose only alternative is ``%float`` (``<free_a> ::= %float``) derives
   one real number, carried in the genotype itself instead of picked from a list of terminals
-  (engine/search/sge.py says how it is drawn, rendered and mutated). ``%float`` anywhere else is
+  (engine/evolution/sge.py says how it is drawn, rendered and mutated). ``%float`` anywhere else is
   an error: a number mixed into other text could not be mutated as one value.
 
 Depth: the start symbol's node is at depth 1, a node's children at depth + 1, and a tree's depth

@@ -31,12 +31,12 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from engine.search.grammar import Grammar
+from engine.evolution.grammar import Grammar
 from engine.rundir import CheckpointError, checkpoint_files, load_checkpoint, newest_checkpoint, \
     write_checkpoint
-from engine.search.diversity import hall_of_fame, mutation_with, remutated, stagnant
-from engine.search.sge import Individual, crossover, individual_from_text, initialise, map_genotype
-from engine.search.structure import canonical_key, structure_key
+from engine.evolution.diversity import hall_of_fame, mutation_with, remutated, stagnant
+from engine.evolution.sge import Individual, crossover, individual_from_text, initialise, map_genotype
+from engine.evolution.structure import canonical_key, structure_key
 
 __all__ = [
     "CheckpointError",
@@ -62,12 +62,12 @@ class EvolutionConfig:
 
     ``generations`` counts evaluated populations, the random initial one being generation 0. It
     is the only field that may change when resuming (to extend a run). Depths follow
-    engine.search.grammar: the start symbol is at depth 1. Defaults follow the original system
+    engine.evolution.grammar: the start symbol is at depth 1. Defaults follow the original system
     (docs/protocol.md, "Search settings"): its example config's elitism, tournament, rates and
     depths, the population of 20 of its real ALR runs, and the 100 generations of its later work.
 
     The options after ``seed`` change the search away from the original system and are off by
-    default, so a run without them is the paper's, bit for bit (engine/search/diversity.py):
+    default, so a run without them is the paper's, bit for bit (engine/evolution/diversity.py):
     - ``p_mut_const``: the mutation rate of constants (the codons of all-number rules and of free
       constants), ``p_mut`` then being the rate of structure only. None: ``p_mut`` for both, as
       the original system did. (Its later work used 0.15 on constants against 0.01-0.05 on
@@ -185,7 +185,7 @@ def evolve(grammar: Grammar, config: EvolutionConfig, fitness: FitnessFunction, 
     With ``resume`` the newest good checkpoint in ``checkpoint_dir`` is continued; an empty
     directory starts afresh. ``on_generation`` sees each new record, e.g. for a progress bar.
     ``same`` maps a phenotype to what makes two children the same for ``config.remutate`` (e.g.
-    a behavioural fingerprint); by default the canonical program (engine.search.structure).
+    a behavioural fingerprint); by default the canonical program (engine.evolution.structure).
     """
     named = _named_seeds(seeds)
     if len(named) > config.population:

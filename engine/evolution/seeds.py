@@ -14,7 +14,7 @@ the paper's ALR grammar has no ``lr`` input and only 100 fixed constants, so a p
 - an ALR program that leaves a state out gets ``state: 0.0`` lines when the grammar's start rule
   needs all four.
 
-The result is then derived in the grammar (``engine.search.sge.individual_from_text``); a program that
+The result is then derived in the grammar (``engine.evolution.sge.individual_from_text``); a program that
 uses an op or an input the grammar lacks is an error naming it. ``kernels.zoo.adam()`` is such a
 program (its float32-accurate bias correction uses ``exp``, ``log`` and ``max``), so the zoo seeds
 below write Adam and AdaBelief in the paper's ops: bias corrections as ``1 - pow(b, sigma)`` over
@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING
 from pathlib import Path
 
 from codegen.ir import COMPARISON_SYMBOLS, TARGETS, Call, Const, Node, ParseError, Var
-from engine.search.grammar import Grammar
-from engine.search.sge import individual_from_text
+from engine.evolution.grammar import Grammar
+from engine.evolution.sge import individual_from_text
 
-if TYPE_CHECKING:  # the modes build on this module (engine.modes -> engine.search)
+if TYPE_CHECKING:  # the modes build on this module (engine.modes -> engine.evolution)
     from engine.modes import Mode
 
 __all__ = [

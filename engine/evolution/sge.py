@@ -22,7 +22,7 @@ Design:
   always lands on the same repair. A fresh codon is drawn uniformly from ``fits``. Since the
   start symbol fits whenever ``max_depth >= grammar.shortest[start]``, every node has at least one
   fitting production and no tree is ever deeper than ``max_depth``.
-- Free constants (a grammar rule ``<x> ::= %float``, engine/search/grammar.py): the codon list of
+- Free constants (a grammar rule ``<x> ::= %float``, engine/evolution/grammar.py): the codon list of
   such a rule holds the constants' values themselves, float32-rounded so that the phenotype's text
   reads back as the same value. A fresh one is drawn log-uniformly in [1e-4, 1] (the span of the
   paper's sigmoid table), positive: signs come from the grammar's ``neg`` and ``sub``. Mutation
@@ -37,8 +37,8 @@ import random
 from dataclasses import dataclass
 
 from codegen.ir import Const, format_float
-from engine.search.derivation import Derivation, derive
-from engine.search.grammar import Grammar
+from engine.evolution.derivation import Derivation, derive
+from engine.evolution.grammar import Grammar
 
 __all__ = [
     "Genotype",

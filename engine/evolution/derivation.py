@@ -1,5 +1,5 @@
 """Text back to a derivation tree of a grammar: how a hand-written program (a seed) becomes the
-genotype that evolution works on (engine.search.grammar says what depth means)."""
+genotype that evolution works on (engine.evolution.grammar says what depth means)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.search.grammar import _FREE_NUMBER, Grammar
+from engine.evolution.grammar import _FREE_NUMBER, Grammar
 
 __all__ = ["Derivation", "DerivationError", "derive"]
 

@@ -1,6 +1,6 @@
 """Keeping a search moving: re-mutating children that repeat a parent, capping structural niches,
 and restarting a stagnant run from its hall of fame (EvolutionConfig's remutate, niche_cap and
-restart_after; engine/search/evolve.py calls these).
+restart_after; engine/evolution/evolve.py calls these).
 
 Why: a search whose children mostly repeat their parents, or whose population collapses onto one
 seed's constant-tweaked descendants, spends its evaluations re-measuring one optimizer (the
@@ -18,8 +18,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Hashable, Sequence
 
-from engine.search.grammar import Grammar
-from engine.search.sge import Individual, individual_from_text, map_genotype, mutate
+from engine.evolution.grammar import Grammar
+from engine.evolution.sge import Individual, individual_from_text, map_genotype, mutate
 
 __all__ = ["forced_change", "hall_of_fame", "mutation_with", "remutated", "stagnant"]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from codegen.ir import Program
-from engine.fitness.micro import InterpUpdate, score_micro
+from engine.fitness.micro import InterpUpdate, _batches, score_micro
 from engine.tasks.batched import KernelUpdate, StackedModel, fit_batched
 from engine.tasks.heldout import MLPSpec, get_task, train_val
 from engine.tasks.training import ModelSpec
@@ -65,6 +65,14 @@ def test_every_lr_scale_is_its_own_member_and_batches_split_alike():
     apart = score_micro(["digits-mlp"], 20, jobs, max_batch=1)
     assert len(set(together)) == 3  # three lrs, three trainings
     np.testing.assert_allclose(together, apart, atol=1e-9)
+
+
+def test_a_candidates_lr_scales_share_a_batch():
+    texts = ["a", "a", "a", "b", "b", "b", "c", "c", "c"]
+    assert _batches(texts, 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert _batches(texts, 6) == [[0, 1, 2, 3, 4, 5], [6, 7, 8]]
+    assert _batches(["a", "b", "a"], 2) == [[0, 2], [1]]
+    assert _batches(["a"] * 5, 2) == [[0, 1, 2, 3, 4]]
 
 
 def test_bad_input_is_a_clear_error():

@@ -102,24 +102,40 @@ def score_micro(tasks: Sequence[str], steps: int, jobs: Sequence[tuple[str, floa
     """The micro score of each job (program text, lr scale): its validation accuracy after
     `steps` optimizer steps, averaged over `tasks` (names in MICRO_TASKS); 0.0 for a job whose
     training failed (diverged). The lr scale is the member's `lr` (ALR programs carry their step
-    size as a constant and are evaluated at lr 1). Members train `max_batch` at a time."""
+    size as a constant and are evaluated at lr 1). Members train at most `max_batch` at a time,
+    a candidate's lr scales always in the same batch."""
     if steps < 1:
         raise ValueError(f"a micro tier needs at least 1 step, got {steps}")
     unknown = [t for t in tasks if t not in MICRO_TASKS]
     if unknown or not tasks:
         raise ValueError(f"unknown micro task(s) {unknown or tasks}: choose from "
                          f"{', '.join(MICRO_TASKS)}")
-    members = [Member(Program.parse(text), float(scale)) for text, scale in jobs]
+    parsed = {text: Program.parse(text) for text, _ in jobs}
+    members = [Member(parsed[text], float(scale)) for text, scale in jobs]
     totals = np.zeros(len(members))
     for name in tasks:
         task = MICRO_TASKS[name]
         train, val = micro_data(task.source, seed)
         epochs = math.ceil(steps * task.batch_size / len(train[1]))
-        for first in range(0, len(members), max_batch):
-            group = members[first:first + max_batch]
+        for index in _batches([text for text, _ in jobs], max_batch):
+            group = [members[i] for i in index]
             results = train_batch(task.spec, group, train, val, init_seed=seed, seed=seed,
                                   batch_size=task.batch_size, max_epochs=epochs,
                                   patience=epochs, max_steps=steps,
                                   update=InterpUpdate([m.program for m in group]))
-            totals[first:first + len(group)] += [r.accuracy for r in results]
+            totals[index] += [r.accuracy for r in results]
     return (totals / len(tasks)).tolist()
+
+
+def _batches(texts: Sequence[str], max_batch: int) -> list[list[int]]:
+    """Job indices in batches of at most `max_batch` (more only for a candidate with more lr
+    scales than that), every candidate's jobs in one batch: its lr scales train side by side."""
+    by_text: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        by_text.setdefault(text, []).append(i)
+    batches: list[list[int]] = [[]]
+    for index in by_text.values():
+        if batches[-1] and len(batches[-1]) + len(index) > max_batch:
+            batches.append([])
+        batches[-1].extend(index)
+    return [b for b in batches if b]

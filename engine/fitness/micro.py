@@ -27,6 +27,7 @@ from codegen.bytecode import assemble
 from codegen.ir import STATES, Program
 from engine.tasks.batched import ArenaViews, Member, train_batch
 from engine.tasks.heldout import MLPSpec
+from engine.tasks.training import ModelSpec
 
 __all__ = ["MAX_BATCH", "MICRO_TASKS", "InterpUpdate", "MicroTask", "micro_data", "score_micro"]
 
@@ -62,16 +63,20 @@ class InterpUpdate:
 @dataclass(frozen=True)
 class MicroTask:
     """A micro-tier task: an MLP, its batch size, and where its data comes from (`source`:
-    "digits", or "fashion14": the quick preset's first training chunk and validation images,
-    down-sampled to 14x14 by 2x2 averages)."""
+    "digits"; "fashion28": the quick preset's first training chunk and validation images,
+    flattened; "fashion14": the same down-sampled to 14x14 by 2x2 averages; "fashion14-images":
+    those as (N, 1, 14, 14) images, for a CNN)."""
 
     name: str
-    spec: MLPSpec
+    spec: MLPSpec | ModelSpec
     batch_size: int
     source: str
 
 
+# The micro tier's default (DEFAULT_TIERS) is the first: measured against the quick tier by
+# bench/calibrate_tiers.py (BENCHMARKS.md, "Tier agreement"), which also tries others.
 MICRO_TASKS: dict[str, MicroTask] = {
+    "fashion28-mlp": MicroTask("fashion28-mlp", MLPSpec(784, (32,)), 100, "fashion28"),
     "fashion14-mlp": MicroTask("fashion14-mlp", MLPSpec(196, (32,)), 100, "fashion14"),
     "digits-mlp": MicroTask("digits-mlp", MLPSpec(64, (32,)), 32, "digits"),
 }
@@ -86,15 +91,19 @@ def micro_data(source: str, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor
 
         splits = train_val(get_task("digits"), seed)
         return splits.train, splits.val
-    if source == "fashion14":
+    if source in ("fashion14", "fashion28", "fashion14-images"):
         from engine.tasks.protocol import get_task, prepare
 
         data = prepare(get_task("quick"), seed, device="cpu")
+        pool = 1 if source == "fashion28" else 2
+        flat = source != "fashion14-images"
 
         def small(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            return F.avg_pool2d(pair[0], 2).reshape(len(pair[1]), -1).contiguous(), pair[1]
+            x = F.avg_pool2d(pair[0], pool)
+            return (x.reshape(len(pair[1]), -1) if flat else x).contiguous(), pair[1]
         return small(data.chunks[0]), small(data.val)
-    raise ValueError(f"unknown micro data source {source!r}: use 'digits' or 'fashion14'")
+    raise ValueError(f"unknown micro data source {source!r}: use 'digits', 'fashion28', "
+                     "'fashion14' or 'fashion14-images'")
 
 
 def score_micro(tasks: Sequence[str], steps: int, jobs: Sequence[tuple[str, float]], *,

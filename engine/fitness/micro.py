@@ -76,6 +76,7 @@ class MicroTask:
 # The micro tier's default (DEFAULT_TIERS) is the first: measured against the quick tier by
 # bench/calibrate_tiers.py (BENCHMARKS.md, "Tier agreement"), which also tries others.
 MICRO_TASKS: dict[str, MicroTask] = {
+    "fashion28-deep": MicroTask("fashion28-deep", MLPSpec(784, (64, 32)), 100, "fashion28"),
     "fashion28-mlp": MicroTask("fashion28-mlp", MLPSpec(784, (32,)), 100, "fashion28"),
     "fashion14-mlp": MicroTask("fashion14-mlp", MLPSpec(196, (32,)), 100, "fashion14"),
     "digits-mlp": MicroTask("digits-mlp", MLPSpec(64, (32,)), 32, "digits"),

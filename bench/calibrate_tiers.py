@@ -149,6 +149,7 @@ CANDIDATES = {
     "fashion28deep-30": dict(tasks=("fashion28-deep",), steps=30),
     "fashion28deep-90": dict(tasks=("fashion28-deep",), steps=90),
     "fashion28deep-120": dict(tasks=("fashion28-deep",), steps=120),
+    "fashion28deep-90x2": dict(tasks=("fashion28-deep",), steps=90, seeds=2),
     "fashion28deep-150": dict(tasks=("fashion28-deep",), steps=150),
     "fashion28deep128-60": dict(tasks=("fashion28-deep128",), steps=60),
     "fashion14cnn-30": dict(tasks=("fashion14-cnn",), steps=30),

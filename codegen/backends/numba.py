@@ -114,7 +114,7 @@ def emit(program: Program | KernelPlan) -> str:
     prelude = PRELUDE.replace("float32 as f32", f"{plan.dtype} as {real}").replace("f32(", real + "(")
     out = ["# " + line for line in plan.header("numba")]
     out += ["", prelude, "", POINTERS, "", f"TENSOR_STATES = {plan.tensor_states!r}",
-            f"SCALAR_STATES = {plan.scalar_states!r}", "", ""]
+            f"SCALAR_STATES = {plan.scalar_states!r}", f"SCALARS = {plan.scalars!r}", "", ""]
     # Two copies of one loop: `kernel` splits it over Numba's threads; `kernel_serial` is for
     # processes that run one thread (evaluation workers), where prange has nothing to share and
     # the parallel version costs ~2.4x the compile time (Numba's parfors passes). The body is
@@ -131,6 +131,7 @@ def emit(program: Program | KernelPlan) -> str:
                          "{name}_buf[i] = {name}")
         out += ["", ""]
     out += _multi(plan, real)
+    out += ["", ""] + _segments(plan)
     return "\n".join(out) + "\n"
 
 
@@ -151,6 +152,29 @@ def _multi(plan: KernelPlan, real: str) -> list[str]:
             "        grad_buf = numba.carray(_at(_chunks[_c, 2], weight_all), _end - _start)"]
     out += [f"        {b}_buf = {b}_all[_start:_end]" for b in buffers]
     out.append("        for i in range(_end - _start):")
+    out += plan.body("            ", "{name} = {name}_buf[i]", lambda step: _render(step, real),
+                     "{name}_buf[i] = {name}")
+    return out
+
+
+def _segments(plan: KernelPlan) -> list[str]:
+    """`kernel_segments(segments, values, weight, grad, *tensor_states)`: one launch over
+    several ranges of flat buffers, each with its own scalars. Row `s` of the int64 `segments`
+    is (start, end); row `s` of `values` (the compute dtype) is that range's `lr`, uniform
+    states (and `decay`), in SCALARS order. Why: the same program at several learning rates (or
+    seeds with their own step counters) is then one launch, not one per lr. Serial, because its
+    callers (population-batched training) run in one-thread workers, where a parallel loop only
+    costs compile time; compiled on its first call only."""
+    buffers = ("weight", "grad") + plan.tensor_states
+    out = ['@numba.njit(error_model="numpy", cache=True)',
+           f"def kernel_segments(_segments, _values, {', '.join(b + '_all' for b in buffers)}):",
+           "    for _s in range(_segments.shape[0]):",
+           "        _start = _segments[_s, 0]",
+           "        _end = _segments[_s, 1]"]
+    out += [f"        {scalar} = _values[_s, {j}]" for j, scalar in enumerate(plan.scalars)]
+    out += [f"        {b}_buf = {b}_all[_start:_end]" for b in buffers]
+    out.append("        for i in range(_end - _start):")
+    real = "f64" if plan.dtype == "float64" else "f32"
     out += plan.body("            ", "{name} = {name}_buf[i]", lambda step: _render(step, real),
                      "{name}_buf[i] = {name}")
     return out

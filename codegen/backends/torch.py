@@ -48,7 +48,7 @@ def emit(program: Program | KernelPlan) -> str:
 
     out = ["# " + line for line in plan.header("torch")]
     out += ["", "import torch", "", f"TENSOR_STATES = {plan.tensor_states!r}",
-            f"SCALAR_STATES = {plan.scalar_states!r}", "", ""]
+            f"SCALAR_STATES = {plan.scalar_states!r}", f"SCALARS = {scalars!r}", "", ""]
     out.append(f"def kernel({', '.join(f'{b}_buf' for b in buffers)}, {', '.join(scalars)}):")
     out.append("    real = torch.float64 if weight_buf.dtype == torch.float64 else torch.float32")
     out.append("")
@@ -64,7 +64,16 @@ def emit(program: Program | KernelPlan) -> str:
         out.append(f"    {name} = scalar({text})")
     # .to(real) widens a float16/bfloat16 weight or grad and returns any other buffer itself.
     out += plan.body("    ", "{name} = {name}_buf.to(real)", render, "{name}_buf.copy_({name})")
+    out += ["", "", *SEGMENTS.format(buffers=", ".join(buffers)).splitlines()]
     return "\n".join(out) + "\n"
+
+
+# The reference for the other backends' one-launch version: `kernel` on each range, with that
+# range's scalars (row s of `values`: lr, uniform states, decay, as `kernel` takes them).
+SEGMENTS = '''\
+def kernel_segments(segments, values, {buffers}):
+    for (start, end), scalars in zip(segments.tolist(), values.tolist()):
+        kernel(*(b[start:end] for b in ({buffers},)), *scalars)'''
 
 
 def available(device: str | None) -> bool:

@@ -13,6 +13,7 @@ otherwise pass a Python float as float32).
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from codegen.backends.base import Backend
 from codegen.ir import Const, Program
@@ -89,30 +90,56 @@ def emit(program: Program | KernelPlan) -> str:
 
     out = ["# " + line for line in plan.header("triton")]
     out += ["", PRELUDE, f"TENSOR_STATES = {plan.tensor_states!r}",
-            f"SCALAR_STATES = {plan.scalar_states!r}", "", ""]
-    out.append("@triton.jit")
-    params = [f"{b}_ptr" for b in buffers] + [f"{s}: tl.float64" if typed else s for s in scalars]
-    params += ["n", "BLOCK_SIZE: tl.constexpr"]
-    out.append(f"def _update({', '.join(params)}):")
-    out.append("    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)")
-    out.append("    mask = offsets < n")
-    for scalar in scalars:
-        # Scalars and constants as blocks of the compute dtype: every op sees same-shaped
-        # tensors. (times ones, not plus zeros: -0.0 + 0.0 would lose the sign of zero)
-        out.append(f"    {scalar} = tl.full((BLOCK_SIZE,), 1.0, {real}) * {scalar}")
-    for const, name in consts.items():
-        value = literal(const.value, wide=typed)
-        value = {"inf": "INF", "-inf": "-INF", "nan": "NAN"}.get(value, value)
-        out.append(f"    {name} = tl.full((BLOCK_SIZE,), {value}, {real})")
-    out += plan.body("    ", "{name} = tl.load({name}_ptr + offsets, mask=mask)", render,
-                     "tl.store({name}_ptr + offsets, {name}, mask=mask)",
-                     widen="{name} = tl.load({name}_ptr + offsets, mask=mask).to(tl.float32)")
-    out += ["", ""]
+            f"SCALAR_STATES = {plan.scalar_states!r}", f"SCALARS = {scalars!r}", "", ""]
+    def update(name: str, params: list[str], head: list[str], value: Callable[[int, str], str]
+               ) -> None:
+        # One jit function: `head` sets `offsets` and `mask`; scalar j becomes value(j, name).
+        out.append("@triton.jit")
+        out.append(f"def {name}({', '.join(params + ['BLOCK_SIZE: tl.constexpr'])}):")
+        out.extend("    " + line for line in head)
+        for j, scalar in enumerate(scalars):
+            # Scalars and constants as blocks of the compute dtype: every op sees same-shaped
+            # tensors. (times ones, not plus zeros: -0.0 + 0.0 would lose the sign of zero)
+            out.append(f"    {scalar} = tl.full((BLOCK_SIZE,), 1.0, {real}) * {value(j, scalar)}")
+        for const, cname in consts.items():
+            text = literal(const.value, wide=typed)
+            text = {"inf": "INF", "-inf": "-INF", "nan": "NAN"}.get(text, text)
+            out.append(f"    {cname} = tl.full((BLOCK_SIZE,), {text}, {real})")
+        out.extend(plan.body(
+            "    ", "{name} = tl.load({name}_ptr + offsets, mask=mask)", render,
+            "tl.store({name}_ptr + offsets, {name}, mask=mask)",
+            widen="{name} = tl.load({name}_ptr + offsets, mask=mask).to(tl.float32)"))
+        out.extend(["", ""])
+
+    pointers = [f"{b}_ptr" for b in buffers]
+    update("_update", pointers + [f"{s}: tl.float64" if typed else s for s in scalars] + ["n"],
+           ["offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)",
+            "mask = offsets < n"], lambda j, scalar: scalar)
+    # Per-segment scalars: program (i, s) covers block i of segment s, whose range is row s of
+    # `segments` and whose lr, uniform states (and decay) are row s of `values`.
+    update("_update_segments", ["segments_ptr", "values_ptr", *pointers, "N_VALUES"],
+           ["segment = tl.program_id(1).to(tl.int64)",
+            "start = tl.load(segments_ptr + 2 * segment)",
+            "end = tl.load(segments_ptr + 2 * segment + 1)",
+            "offsets = start + tl.program_id(0).to(tl.int64) * BLOCK_SIZE"
+            " + tl.arange(0, BLOCK_SIZE)",
+            "mask = offsets < end"],
+           lambda j, scalar: f"tl.load(values_ptr + segment * N_VALUES + {j})")
     out.append(f"def kernel({', '.join(buffers + scalars)}):")
     out.append("    n = weight.numel()")
     out.append("    grid = (triton.cdiv(n, BLOCK),)")
     call_args = ", ".join([*buffers, *(f"float({s})" for s in scalars), "n"])
     out.append(f"    _update[grid]({call_args}, BLOCK_SIZE=BLOCK)")
+    out += ["", ""]
+    out.append(f"def kernel_segments(segments, values, {', '.join(buffers)}):")
+    out.append("    # segments: int64 (S, 2) rows (start, end); values: (S, len(SCALARS)) of the "
+               "compute dtype; both on the buffers' device.")
+    out.append("    if segments.shape[0] == 0:")
+    out.append("        return")
+    out.append("    longest = int((segments[:, 1] - segments[:, 0]).max())")
+    out.append("    grid = (max(1, triton.cdiv(longest, BLOCK)), segments.shape[0])")
+    out.append(f"    _update_segments[grid](segments, values, {', '.join(buffers)}, "
+               "values.shape[1], BLOCK_SIZE=BLOCK)")
     return "\n".join(out) + "\n"
 
 

@@ -114,17 +114,15 @@ class MemberUpdate(Protocol):
 class KernelUpdate:
     """Each member's own compiled kernel (`kernels.compile(program, backend)`) on its row.
 
-    Members next to each other with the same program, lr and uniform states share one launch
-    over their rows (the arena rows are contiguous), so a block of seeds costs one launch."""
+    Members with the same program share one launch over their rows whatever their lr and
+    uniform states (the generated `kernel_segments`)."""
 
     def __init__(self, programs: Sequence[Program], backend: str = "numba") -> None:
         import kernels  # the engine reaches kernels only where it trains
-        from codegen.backends.numba import kernel_fn
 
         if backend != "numba":
             raise ValueError(f"KernelUpdate runs numba kernels on CPU arenas; got backend "
                              f"{backend!r}")
-        self._kernel_fn = kernel_fn
         self.kernels = [kernels.compile(p, backend) for p in programs]
         self.tensor_states = tuple(s for s in TENSOR_STATES
                                    if any(s in kn.tensor_states for kn in self.kernels))
@@ -132,8 +130,11 @@ class KernelUpdate:
         self._memo: dict[tuple, dict[str, float]] = {}
 
     def warm_up(self) -> None:
+        """Compile each program's `kernel_segments` now, on a throwaway one-element segment."""
         for kn in {kn.hash: kn for kn in self.kernels}.values():
-            kn.warm_up()
+            one = [np.zeros(1, np.float32) for _ in range(2 + len(kn.tensor_states))]
+            kn.module.kernel_segments(np.array([[0, 1]], np.int64),
+                                      np.zeros((1, 1 + len(kn.scalar_states)), np.float32), *one)
 
     def _advance(self, k: int, lr: float) -> dict[str, float]:
         """Member k's uniform states (step counters) one step on, by the reference semantics
@@ -157,27 +158,24 @@ class KernelUpdate:
 
     def __call__(self, arena: ArenaViews, lrs: np.ndarray, step: int,
                  active: np.ndarray) -> None:
+        """One `kernel_segments` launch per distinct program: its active members' rows, each
+        with its own lr and uniform states (a lr grid or a block of seeds costs one launch)."""
         if step == 0:  # a new training: every uniform state starts at 0, as the tensor ones do
             self.scalars = [dict.fromkeys(kn.scalar_states, 0.0) for kn in self.kernels]
-        k, count = 0, len(self.kernels)
-        while k < count:
-            if not active[k]:
-                k += 1
-                continue
-            kn, lr = self.kernels[k], float(lrs[k])
-            new = self._advance(k, lr)
-            end = k + 1
-            while (end < count and active[end] and self.kernels[end] is kn and lrs[end] == lr
-                   and self.scalars[end] == self.scalars[k]):
-                end += 1
-            rows = slice(k, end)
-            buffers = [arena.weight[rows], arena.grad[rows],
-                       *(arena.states[s][rows] for s in kn.tensor_states)]
-            self._kernel_fn(kn.module)(*(b.reshape(-1) for b in buffers), lr,
-                                       *(new[s] for s in kn.scalar_states))
-            for j in range(k, end):
-                self.scalars[j] = new
-            k = end
+        rows: dict[int, list[int]] = {}
+        for k in np.flatnonzero(active):
+            rows.setdefault(id(self.kernels[k]), []).append(int(k))
+        row = arena.weight.shape[1]
+        weight, grad = arena.weight.reshape(-1), arena.grad.reshape(-1)
+        for members in rows.values():
+            kn = self.kernels[members[0]]
+            values = np.empty((len(members), 1 + len(kn.scalar_states)), np.float32)
+            for j, k in enumerate(members):
+                self.scalars[k] = new = self._advance(k, float(lrs[k]))
+                values[j] = [lrs[k], *(new[s] for s in kn.scalar_states)]
+            segments = np.array([(k * row, (k + 1) * row) for k in members], np.int64)
+            kn.module.kernel_segments(segments, values, weight, grad,
+                                      *(arena.states[s].reshape(-1) for s in kn.tensor_states))
 
 
 # --- training ---------------------------------------------------------------------------------

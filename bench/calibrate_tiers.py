@@ -40,13 +40,14 @@ def calibration_programs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     until `n` programs that pass screening with distinct fingerprints."""
     from codegen.ir import Program
     from engine.fitness.screening import fingerprint, screen
-    from engine.search.grammar import ALR_GRAMMAR, load_grammar
-    from engine.search.seeds import snap_all, zoo_seeds
-    from engine.search.sge import individual_from_text, initialise, mutate
+    from engine.evolution.grammar import ALR_GRAMMAR, load_grammar
+    from engine.evolution.seeds import snap_all
+    from engine.modes import ALR
+    from engine.evolution.sge import individual_from_text, initialise, mutate
 
     grammar = load_grammar(ALR_GRAMMAR)
     rng = random.Random(seed)
-    seeds = snap_all(zoo_seeds("alr"), grammar, "alr", MAX_DEPTH)
+    seeds = snap_all(ALR.zoo_seeds(), grammar, ALR, MAX_DEPTH)
     parents = [(name, individual_from_text(grammar, text, MAX_DEPTH, name))
                for name, text in seeds.items()]
     out: list[tuple[str, str]] = []
@@ -160,7 +161,7 @@ CANDIDATES = {
 def _more_tasks() -> None:
     """Micro tasks tried here besides the library's (engine.fitness.micro.MICRO_TASKS)."""
     from engine.fitness.micro import MICRO_TASKS, MicroTask
-    from engine.tasks.heldout import MLPSpec
+    from engine.tasks.compare_tasks import MLPSpec
     from engine.tasks.training import ModelSpec
 
     for task in (MicroTask("fashion14-mlp64", MLPSpec(196, (64,)), 100, "fashion14"),

@@ -9,7 +9,7 @@ import torch
 from codegen.ir import Program
 from engine.fitness.micro import InterpUpdate, _batches, score_micro
 from engine.tasks.batched import KernelUpdate, StackedModel, fit_batched
-from engine.tasks.heldout import MLPSpec, get_task, train_val
+from engine.tasks.compare_tasks import MLPSpec, get_task, train_val
 from engine.tasks.training import ModelSpec
 from kernels import zoo
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from codegen.bytecode import assemble
 from codegen.ir import STATES, Program
 from engine.tasks.batched import ArenaViews, Member, train_batch
-from engine.tasks.heldout import MLPSpec
+from engine.tasks.compare_tasks import MLPSpec
 from engine.tasks.training import ModelSpec
 
 __all__ = ["MAX_BATCH", "MICRO_TASKS", "InterpUpdate", "MicroTask", "micro_data", "score_micro"]
@@ -88,7 +88,7 @@ def micro_data(source: str, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor
                                                 tuple[torch.Tensor, torch.Tensor]]:
     """(train, val) of a micro task's source for split seed `seed` (cached per process)."""
     if source == "digits":
-        from engine.tasks.heldout import get_task, train_val
+        from engine.tasks.compare_tasks import get_task, train_val
 
         splits = train_val(get_task("digits"), seed)
         return splits.train, splits.val

@@ -21,6 +21,9 @@
    bytes each must move (triton.testing.do_bench: median, L2 flushed between runs).
 3. A full optimizer step on the Fashion-MNIST CNN (1.2M parameters) and a 50M-parameter MLP:
    EvolvedOptimizer(zoo.adam()/zoo.ades(), backend="triton") against torch's fused and foreach Adam.
+4. Per-segment launches (how batched training runs one program at many lr scales or seeds): the
+   Triton `kernel_segments` of zoo programs over 64 segments with 64 different lrs, held bit for
+   bit to the same kernel run on each segment alone, and its time against those 64 launches.
 
 Without a GPU it says so, checks that everything imports and that every kernel's Triton source
 generates and compiles as Python, and exits 0. Exit status 1 when a correctness check fails.
@@ -262,6 +265,57 @@ def kernel_rows(device, sizes: list[int], ms_of) -> list[tuple]:
     return rows
 
 
+SEGMENTS = 64
+SEGMENT_LRS = tuple(float(v) for v in np.geomspace(1e-4, 1.0, SEGMENTS))
+
+
+def segment_rows(device, length: int, ms_of) -> list[tuple]:
+    """One kernel_segments launch against one kernel call per segment: equal bit for bit (the
+    segmented launch changes only where the scalars come from), and how much time it saves."""
+    rows = []
+    bounds = np.array([(k * (length + 5), k * (length + 5) + length) for k in range(SEGMENTS)],
+                      np.int64)  # gaps between segments, which neither path may touch
+    total = int(bounds[-1, 1]) + 5
+    for name, program in (("adam", zoo.adam()), ("lion", zoo.lion()), ("ades", zoo.ades())):
+        kernel = kernels.compile(program, "triton")
+        gen = torch.Generator(device=device).manual_seed(1)
+        weight0 = torch.randn(total, device=device, generator=gen)
+        grad = torch.randn(total, device=device, generator=gen) * 1e-3
+        scalars = [kernel.advance_scalars({}, lr) for lr in SEGMENT_LRS]
+        table = torch.tensor([[lr, *(s[k] for k in kernel.scalar_states)]
+                              for lr, s in zip(SEGMENT_LRS, scalars)], device=device)
+        segs = torch.from_numpy(bounds).to(device)
+
+        def fresh():
+            return weight0.clone(), {s: torch.full((total,), 0.01, device=device)
+                                     for s in kernel.tensor_states}
+
+        w1, st1 = fresh()
+        one = lambda: kernel.module.kernel_segments(  # noqa: E731
+            segs, table, w1, grad, *(st1[s] for s in kernel.tensor_states))
+        one()
+        w2, st2 = fresh()
+        views = [(slice(int(a), int(b)), lr, sc) for (a, b), lr, sc in
+                 zip(bounds, SEGMENT_LRS, scalars)]
+
+        def each():
+            for where, lr, sc in views:
+                kernel(w2[where], grad[where], {s: st2[s][where] for s in st2}, lr, sc)
+
+        each()
+        same = bool(torch.equal(w1, w2)) and all(torch.equal(st1[s], st2[s]) for s in st1)
+        one_ms, each_ms = ms_of(one), ms_of(each)
+        nbytes = 4 * (2 + 2 * len(kernel.tensor_states)) * SEGMENTS * length
+        size = f"{SEGMENTS}x{length // 1000}k" if length >= 1000 else f"{SEGMENTS}x{length}"
+        rows.append(("segments", f"{name}: one launch", size, one_ms, gbps(nbytes, one_ms),
+                     None, None, "bit for bit" if same else "FAILED: differs from per-segment"))
+        rows.append(("segments", f"{name}: {SEGMENTS} launches", size, each_ms,
+                     gbps(nbytes, each_ms), None, None, f"{each_ms / one_ms:.1f}x slower"))
+        if not same:
+            raise AssertionError(f"kernel_segments of {name} differs from per-segment launches")
+    return rows
+
+
 def fmnist_cnn() -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(),
@@ -382,20 +436,25 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [10**6, 10**7, 10**8] if device.type == "cuda" else [10**4]
     models = ({"CNN": fmnist_cnn, "MLP": lambda: wide_mlp(4096)} if device.type == "cuda"
               else {"MLP (toy)": lambda: wide_mlp(64)})
+    seg_length = 100_000 if device.type == "cuda" else 200
+    segments_failed = []
     for section, make_rows in (("kernel", lambda: kernel_rows(device, sizes, ms_of)),
-                               ("optimizer", lambda: optimizer_rows(device, models, ms_of))):
+                               ("optimizer", lambda: optimizer_rows(device, models, ms_of)),
+                               ("segments", lambda: segment_rows(device, seg_length, ms_of))):
         try:  # one broken section must not cost the rest of the table
             rows += make_rows()
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [""])[0][:150]
             rows.append((section, "ERROR", "", None, None, None, None,
                          f"{type(exc).__name__}: {first}"))
+            if isinstance(exc, AssertionError):
+                segments_failed.append(first)
         print(f"{section} timings done at {time.perf_counter() - start:.0f} s")
     print()
     print_table(rows)
     print(f"\n{time.perf_counter() - start:.0f} s in all. GB/s counts the bytes each step must "
           "move (Adam 28 B/element, ADES 20, copy 8); 'x fused Adam' is its time / ours.")
-    return 1 if any(r["failed"] for r in results) else 0
+    return 1 if any(r["failed"] for r in results) or segments_failed else 0
 
 
 if __name__ == "__main__":

@@ -356,3 +356,18 @@ def test_the_registry_names_the_choices_and_auto_chooses_as_before():
     assert backends.auto("cuda", "float32") == "triton"
     assert backends.auto("cpu", "float64") == "numba"
     assert backends.auto("cpu", "bfloat16") == "torch"
+
+
+def test_triton_modules_hold_no_nan_valued_global():
+    """Triton re-checks the globals a jit function reads each time it compiles a new
+    specialisation (another size, another alignment) and refuses one whose value "changed":
+    a NaN global never equals itself, so on a GPU the second compile of every kernel that used
+    pow or a NaN constant failed. The interpreter never compiles, so the check is on the
+    generated modules: no global may be NaN."""
+    import math
+
+    program = Program.parse("alpha: pow(grad, nan)\nweight: mul(lr, add(alpha, pow(grad, 0.5)))")
+    module = kernels.compile(program, "triton").module
+    for name, value in vars(module).items():
+        value = getattr(value, "value", value)  # a tl.constexpr holds its value
+        assert not (isinstance(value, float) and math.isnan(value)), name

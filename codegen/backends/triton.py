@@ -44,9 +44,10 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
-# jit functions may only read globals that are constexpr.
+# jit functions may only read globals that are constexpr. NaN is written inline as float("nan"),
+# never as a global: Triton re-checks a global's value on every new specialisation of a kernel,
+# and NaN != NaN made it refuse the second compile ("Global variable NAN has changed").
 INF: tl.constexpr = tl.constexpr(float("inf"))
-NAN: tl.constexpr = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -58,7 +59,7 @@ def _pow(a, b):
     b_odd = b_int & ((b - 2.0 * tl.floor(0.5 * b)) == 1.0)
     neg_base = (a < 0.0) | ((a == 0.0) & ((1.0 / a) < 0.0))  # includes -0.0
     r = tl.where(neg_base & b_odd, -mag, mag)
-    r = tl.where((a < 0.0) & (a > -INF) & (b == b) & ~b_int, NAN, r)
+    r = tl.where((a < 0.0) & (a > -INF) & (b == b) & ~b_int, float("nan"), r)
     r = tl.where((a == -INF) & ~b_int & (b == b), tl.where(b > 0.0, INF, 0.0), r)
     r = tl.where((a == -1.0) & (tl.abs(b) == INF), 1.0, r)
     return tl.where((b == 0.0) | (a == 1.0), 1.0, r)
@@ -103,7 +104,7 @@ def emit(program: Program | KernelPlan) -> str:
             out.append(f"    {scalar} = tl.full((BLOCK_SIZE,), 1.0, {real}) * {value(j, scalar)}")
         for const, cname in consts.items():
             text = literal(const.value, wide=typed)
-            text = {"inf": "INF", "-inf": "-INF", "nan": "NAN"}.get(text, text)
+            text = {"inf": "INF", "-inf": "-INF", "nan": 'float("nan")'}.get(text, text)
             out.append(f"    {cname} = tl.full((BLOCK_SIZE,), {text}, {real})")
         out.extend(plan.body(
             "    ", "{name} = tl.load({name}_ptr + offsets, mask=mask)", render,

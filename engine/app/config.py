@@ -149,7 +149,7 @@ class RunConfig:
     created: str = ""
     versions: dict = field(default_factory=dict)
     task: str | None = None  # a task reference (--task); None: the preset's Fashion-MNIST CNN
-    device: str | None = None  # cpu or cuda for a --task; None: the GPU when there is one
+    device: str | None = None  # cpu or cuda (a preset's CNN or a --task); None: a GPU if any
     task_digest: str | None = None  # the --task's definition when the run started
 
     def __post_init__(self) -> None:
@@ -289,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ") or FILE.py:CALLABLE / MODULE:CALLABLE returning an "
                         "engine.tasks.SupervisedTask (default: the preset's fmnist-cnn)")
     p.add_argument("--device", choices=DEVICES, default=None,
-                   help="where a --task's model and data train (default: cuda when there is "
-                        "a GPU, else cpu)")
+                   help="where the model and data train, a preset's CNN or a --task's "
+                        "(default: cuda when there is a GPU, else cpu)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="take flags from a TOML or JSON file (keys are flag names, or a run's "
                         "config.json); flags on the command line override it")

@@ -144,17 +144,14 @@ def check_task(config: RunConfig):
     TaskRef for the jobs, or None for the preset's Fashion-MNIST CNN."""
     import torch
 
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU on this machine; use "
+                         "--device cpu (or leave --device out)")
     if config.task is None:
-        if config.device is not None:
-            raise UsageError("--device applies to a --task; the presets' Fashion-MNIST CNN "
-                             "trains on the GPU when there is one, else on the CPU")
         return None
     from engine.tasks.registry import resolve
     from engine.tasks.supervised import TaskError, check_task as check
 
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no CUDA GPU on this machine; use "
-                         "--device cpu (or leave --device out)")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         task, ref = resolve(config.task, device)
@@ -326,7 +323,10 @@ class Session:
     def _evaluator(self, store, executor, backend: str):
         from engine.fitness.evaluator import Evaluator
 
-        return Evaluator(self.mode, self.task or self.preset, self.seed, store, executor,
+        from engine.tasks.protocol import get_task  # a preset trains on --device too
+
+        return Evaluator(self.mode, self.task or get_task(self.preset, self.config.device),
+                         self.seed, store, executor,
                          time_limit=self.config.time_limit, backend=backend,
                          run=self.config.name)
 

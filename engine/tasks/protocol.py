@@ -148,6 +148,9 @@ class Task:
     alr: AlrProtocol
     dlr: DlrProtocol
     eval_batch: int = 1000  # forward-only passes; bigger is not faster here (measured)
+    # Where it trains (--device): None, the GPU when there is one. Not in the digest (repr) nor
+    # equality: it changes how fast a fitness comes, not what the fitness means.
+    device: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _positive(self, "eval_batch")
@@ -270,7 +273,8 @@ def prepare(
     """The task's data for `seed` on `device`, built once per process (a worker evaluates many
     candidates against it)."""
     dataset = dataset if dataset is not None else load_fashion_mnist("train")
-    return _prepare_cached(dataset, task.data, seed, str(resolve_device(device)))
+    return _prepare_cached(dataset, task.data, seed,
+                           str(resolve_device(device if device is not None else task.device)))
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -495,10 +499,12 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def get_task(name: str) -> Task:
-    """The preset called `name`; an unknown name is an error that lists the valid ones."""
+def get_task(name: str, device: str | None = None) -> Task:
+    """The preset called `name`, training on `device` (None: the GPU when there is one); an
+    unknown name is an error that lists the valid ones."""
     presets = globals().get("PRESETS") or __getattr__("PRESETS")  # a test may patch PRESETS
     try:
-        return presets[name]
+        task = presets[name]
     except KeyError:
         raise ValueError(f"unknown task preset {name!r}; valid presets: {', '.join(presets)}") from None
+    return task if device is None else dataclasses.replace(task, device=device)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -20,6 +19,9 @@ from codegen import backends
 from codegen.ir import ParseError
 from engine import modes
 from engine.app.cli import Parser, UsageError, positive_int
+from engine.app.flags import MAX_SEED, SEARCH_OPTIONS, add_search_flags, check_seed, \
+    search_reproduce, search_settings
+from engine.app.flags import duration as _duration, seed as _seed
 from engine.evolution.evolve import EvolutionConfig
 from engine.evolution.grammar import Grammar, GrammarError, load_grammar
 from engine.modes import MODES, Mode
@@ -69,43 +71,6 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
 # What --resume may change: how the run is executed, and how far it goes.
 RESUMABLE = ("generations", "time_budget", "time_limit", "executor", "workers", "ray_address",
              "store", "backend", "tensorboard")
-
-
-def _duration(text: str) -> float:
-    """'600', '90s', '10m', '1h30m' -> seconds."""
-    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*",
-                         text)
-    if not text.strip() or not match or not any(match.groups()):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 600, 90s, 10m, 1h30m)")
-    h, m, s = (float(g) if g else 0.0 for g in match.groups())
-    seconds = 3600 * h + 60 * m + s
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
-    return seconds
-
-
-MAX_SEED = 2**63 - 1  # the store keeps seeds as SQLite INTEGERs (64-bit, signed)
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    try:
-        return check_seed(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def check_seed(value: int) -> int:
-    """A run's seed: checked before anything is written, because a seed the store cannot hold
-    (>= 2**63) failed only at its first lookup, leaving a run directory that neither a retry nor
-    --resume would take; a negative one made every training raise."""
-    if not 0 <= value <= MAX_SEED:
-        raise ValueError(f"{value} is out of range: a seed is an integer from 0 to {MAX_SEED} "
-                         "(2**63 - 1)")
-    return value
 
 
 EXECUTORS = ("serial", "local", "ray")
@@ -341,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also log each generation (fitness, outcome counts, seconds, the best "
                         "program) to TensorBoard in DIR; needs the tensorboard package "
                         "(default: off)")
+    add_search_flags(p)
     return p
 
 
@@ -399,7 +365,8 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
             population=population, generations=args.generations or d["generations"],
             elitism=min(d["elitism"], population - 1), tournament=min(d["tournament"], population),
             p_cross=d.get("p_cross", 0.9), p_mut=d.get("p_mut", 0.15),
-            min_depth=d["min_depth"], max_depth=d["max_depth"], seed=seed)
+            min_depth=d["min_depth"], max_depth=d["max_depth"], seed=seed,
+            **search_settings(args))
     except ValueError as err:
         raise UsageError(str(err)) from None
     grammar_path = args.grammar or mode.grammar
@@ -424,7 +391,7 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
     out = args.out or _fresh_dir(mode.name, _task_label(task) or preset, seed)
     reproduce = ["-m", "engine.run", "--mode", mode.name, "--preset", preset, "--seed", str(seed),
                  "--population", str(evolution.population), "--generations",
-                 str(evolution.generations)]
+                 str(evolution.generations), *search_reproduce(evolution)]
     if args.grammar:
         reproduce += ["--grammar", str(args.grammar)]
     if args.seed_programs:
@@ -473,7 +440,8 @@ def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
         raise UsageError(f"--resume: {err}") from None
     fixed = {"mode": config.mode.name, "preset": config.preset, "seed": config.seed,
              "population": config.evolution.population, "seed_zoo": config.seed_zoo,
-             "device": config.device}
+             "device": config.device,
+             **{name: getattr(config.evolution, name) for name in SEARCH_OPTIONS}}
     given_task = None if is_builtin_cnn(args.task) else args.task
     if args.task is not None and given_task not in (config.task, None) \
             and absolute(given_task) != config.task:
@@ -483,7 +451,8 @@ def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
         given = getattr(args, name)
         if given is not None and given != saved:
             raise UsageError(f"--resume: --{name.replace('_', '-')} {given} differs from the "
-                             f"run's {saved}; only {', '.join(RESUMABLE)} may change")
+                             f"run's {'unset' if saved is None else saved}; only "
+                             f"{', '.join(RESUMABLE)} may change")
     if args.grammar is not None or args.seed_programs is not None or args.seed_lr is not None:
         raise UsageError("--resume: the run keeps the grammar and seed programs it started "
                          f"with (saved in {out}/config.json); drop --grammar/--seed-programs")

@@ -50,6 +50,8 @@ from engine.evolution.grammar import Grammar
 from engine.app.config import RunConfig, build_parser, check_out_dir, new_config, \
     resumed_config
 from engine.app.flagfile import with_config_file
+from engine.app.flags import remutate_same
+from engine.tasks.protocol import get_task  # a preset's Task, on --device
 from engine.rundir import CHECKPOINTS, EVENTS, append_event, end_line, newest_checkpoint, \
     read_events, write_atomic, write_json
 from engine.app.runlock import RunLock, RunLocked
@@ -323,8 +325,6 @@ class Session:
     def _evaluator(self, store, executor, backend: str):
         from engine.fitness.evaluator import Evaluator
 
-        from engine.tasks.protocol import get_task  # a preset trains on --device too
-
         return Evaluator(self.mode, self.task or get_task(self.preset, self.config.device),
                          self.seed, store, executor,
                          time_limit=self.config.time_limit, backend=backend,
@@ -409,7 +409,8 @@ class Session:
         try:
             self.result = evolve(grammar, self.evolution, self.fitness, seeds=self.config.seeds,
                                  checkpoint_dir=self.out / CHECKPOINTS, resume=self.resumed,
-                                 on_generation=self.generation_done)
+                                 on_generation=self.generation_done,
+                                 same=remutate_same(self.mode, self.preset, self.evolution))
         except BudgetExhausted as err:
             reason = str(err)
         else:

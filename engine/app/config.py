@@ -20,7 +20,7 @@ from codegen.ir import ParseError
 from engine import modes
 from engine.app.cli import Parser, UsageError, positive_int
 from engine.app.flags import MAX_SEED, SEARCH_OPTIONS, add_search_flags, check_seed, \
-    search_reproduce, search_settings
+    reproduce_args, search_settings
 from engine.app.flags import duration as _duration, seed as _seed
 from engine.evolution.evolve import EvolutionConfig
 from engine.evolution.grammar import Grammar, GrammarError, load_grammar
@@ -225,7 +225,8 @@ _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an 
                bool: "true or false", type(None): "null"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _epilog() -> str:
+    """--help's closing text: each preset's sizes and time limit, and where to go next."""
     rows = []
     for name, d in PRESET_DEFAULTS.items():
         limit = d[modes.DEFAULT.name]["time_limit"]
@@ -233,17 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
                           for m in MODES.values())
         rows.append(f"  {name:<7} {sizes}, time limit "
                     + ("none" if limit is None else f"{limit:.0f} s"))
+    return ("presets (population x generations, per-candidate time limit):\n"
+            + "\n".join(rows) + "\n\n"
+            "Ctrl-C saves and prints the command that resumes the run. Watch or inspect a run "
+            "with:\n  python -m engine.show RUN_DIR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """engine.run's flags, in --help's order: what to run and where (here), then the search
+    and how candidates train (`_search_and_training_flags`), then the search options."""
     presets = "/".join(PRESET_DEFAULTS)
     p = Parser(
         prog="python -m engine.run",
         description="Evolve a neural-network optimizer (ALR) or learning-rate schedule (DLR)\n"
                     "with grammatical evolution. With no flags: the quick ALR preset into a new\n"
                     "directory under runs/, which the run prints.",
-        epilog="presets (population x generations, per-candidate time limit):\n"
-               + "\n".join(rows) + "\n\n"
-               "Ctrl-C saves and prints the command that resumes the run. Watch or inspect a run "
-               "with:\n  python -m engine.show RUN_DIR",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=tuple(MODES), default=None,
                    help="alr: a per-weight optimizer; dlr: an SGD learning-rate schedule "
                         f"(default: {modes.DEFAULT.name})")
@@ -273,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel trainings (default: one per CPU core; 1 for serial)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (with --executor ray); default: a private local Ray")
+    _search_and_training_flags(p)
+    add_search_flags(p)
+    return p
+
+
+def _search_and_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generations", type=positive_int, default=None,
                    help="generations, the initial population included (default: the preset's)")
     p.add_argument("--population", type=positive_int, default=None,
@@ -306,8 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also log each generation (fitness, outcome counts, seconds, the best "
                         "program) to TensorBoard in DIR; needs the tensorboard package "
                         "(default: off)")
-    add_search_flags(p)
-    return p
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -389,19 +399,7 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         except TaskError as err:
             raise UsageError(str(err)) from None
     out = args.out or _fresh_dir(mode.name, _task_label(task) or preset, seed)
-    reproduce = ["-m", "engine.run", "--mode", mode.name, "--preset", preset, "--seed", str(seed),
-                 "--population", str(evolution.population), "--generations",
-                 str(evolution.generations), *search_reproduce(evolution)]
-    if args.grammar:
-        reproduce += ["--grammar", str(args.grammar)]
-    if args.seed_programs:
-        reproduce += ["--seed-programs", str(args.seed_programs), "--seed-lr", repr(seed_lr)]
-    if args.seed_zoo is False:
-        reproduce.append("--no-seed-zoo")
-    if task is not None:
-        reproduce += ["--task", task]
-    if args.device is not None:
-        reproduce += ["--device", args.device]
+    reproduce = reproduce_args(args, mode.name, preset, evolution, seed_lr, task)
     try:
         return RunConfig(
             name=out.name, out=out, mode=mode, preset=preset, seed=seed, evolution=evolution,

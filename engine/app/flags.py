@@ -1,4 +1,5 @@
-"""How engine.run's flag values are read and checked: durations, seeds, and the search options.
+"""How engine.run's flag values are read and checked (durations, seeds, the search options), and
+the flags that reproduce a run.
 
 The search options (`--p-mut-const`, `--remutate`, `--niche-cap`, `--restart-after`) are the
 `EvolutionConfig` fields that change the search away from the original system
@@ -18,7 +19,7 @@ from engine.evolution.evolve import EvolutionConfig
 from engine.modes import Mode
 
 __all__ = ["MAX_SEED", "SEARCH_OPTIONS", "add_search_flags", "check_seed", "duration",
-           "remutate_same", "search_reproduce", "search_settings", "seed"]
+           "remutate_same", "reproduce_args", "search_settings", "seed"]
 
 # EvolutionConfig's search options, in the order --help lists them.
 SEARCH_OPTIONS = ("p_mut_const", "remutate", "niche_cap", "restart_after")
@@ -95,14 +96,29 @@ def search_settings(args: argparse.Namespace) -> dict:
             if getattr(args, name, None) is not None}
 
 
-def search_reproduce(evolution: EvolutionConfig) -> list[str]:
-    """The flags that reproduce a run's search options (none for a run without them)."""
-    defaults, flags = EvolutionConfig(), []
+def reproduce_args(args: argparse.Namespace, mode: str, preset: str,
+                   evolution: EvolutionConfig, seed_lr: float, task: str | None) -> list[str]:
+    """The arguments after `python` that start this run again from scratch (config.json's
+    `reproduce`); a search option appears only when it is on, so older runs' lines stay."""
+    reproduce = ["-m", "engine.run", "--mode", mode, "--preset", preset, "--seed",
+                 str(evolution.seed), "--population", str(evolution.population),
+                 "--generations", str(evolution.generations)]
+    defaults = EvolutionConfig()
     for name in SEARCH_OPTIONS:
         value = getattr(evolution, name)
         if value != getattr(defaults, name):
-            flags += ["--" + name.replace("_", "-"), repr(value)]
-    return flags
+            reproduce += ["--" + name.replace("_", "-"), repr(value)]
+    if args.grammar:
+        reproduce += ["--grammar", str(args.grammar)]
+    if args.seed_programs:
+        reproduce += ["--seed-programs", str(args.seed_programs), "--seed-lr", repr(seed_lr)]
+    if args.seed_zoo is False:
+        reproduce.append("--no-seed-zoo")
+    if task is not None:
+        reproduce += ["--task", task]
+    if args.device is not None:
+        reproduce += ["--device", args.device]
+    return reproduce
 
 
 def remutate_same(mode: Mode, preset: str, evolution: EvolutionConfig) \

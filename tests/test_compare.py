@@ -117,8 +117,30 @@ def test_tasks_have_disjoint_fixed_splits():
     assert not rows & {tuple(r.tolist()) for r in x_test}  # digits has few exact duplicates
     assert len(a.train[1]) == 997 and len(a.val[1]) == 350 and len(x_test) == 450
     assert not torch.equal(compare_tasks.train_val(task, 1).train[0], a.train[0])
-    with pytest.raises(ValueError, match="unknown task 'nope'; choose one of: quick"):
+    with pytest.raises(ValueError, match="unknown task 'nope'; choose one of: smoke, quick"):
         compare_tasks.get_task("nope")
+
+
+def test_compare_tasks_come_from_the_registry():
+    """One task table: compare defines no task of its own; its names are the registry's (the
+    fmnist-cnn preset sizes, the families, the `digits` alias), with the families' settings."""
+    from engine.tasks import registry
+    from engine.tasks.families import digits_mlp, fmnist_cnn, fmnist_mlp
+
+    assert not hasattr(compare_tasks, "TASKS")
+    assert set(compare_tasks.names()) == ({*fmnist_cnn.SIZES, *registry.FAMILIES, *registry.ALIASES}
+                                          - {"fmnist-cnn"})
+    for name, family in (("digits", digits_mlp), ("digits-mlp", digits_mlp),
+                         ("fmnist-mlp", fmnist_mlp)):
+        task, own = compare_tasks.get_task(name), family.task()
+        assert (task.batch_size, task.epochs, task.held_out) == (own.batch_size, own.epochs, True)
+        assert (task.model.inputs, *task.model.hidden, task.model.classes) == family.WIDTHS
+        assert (task.source, task.sizes) == (family.HELD_OUT["source"], family.HELD_OUT["sizes"])
+    for name, preset in fmnist_cnn.SIZES.items():
+        task = compare_tasks.get_task(name)
+        assert (task.model, task.batch_size, task.epochs) == \
+            (preset.model, preset.alr.batch_size, preset.alr.max_epochs)
+    assert registry.resolve("digits")[1].name == "digits-mlp"  # engine.run takes the alias too
 
 
 # -- the guarantees ----------------------------------------------------------------------------

@@ -245,3 +245,36 @@ def test_the_path_check_catches_a_stale_name():
     paths = named_paths("`engine/exec/executors.py` and engine/app/session.py, then docs/.")
     assert paths == {"engine/exec/executors.py", "engine/app/session.py", "docs/"}
     assert not (ROOT / "engine/exec/executors.py").exists()
+
+
+# Known exceptions, each with why: engine/app/report.py is being reworked by another change
+# this round (the fitness tiers); drop these entries when it is back under the limits.
+LONG_MODULES_ALLOWED = {"engine/app/report.py"}
+LONG_FUNCTIONS_ALLOWED = {"engine/app/report.py:_report_markdown"}
+
+
+def _source_files():
+    for package in PACKAGES:
+        yield from sorted((ROOT / package).rglob("*.py"))
+
+
+def test_no_module_over_500_lines():
+    long = [f"{p.relative_to(ROOT).as_posix()} ({n})" for p in _source_files()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500
+            and p.relative_to(ROOT).as_posix() not in LONG_MODULES_ALLOWED]
+    assert long == []
+
+
+def test_no_function_over_60_lines_without_a_reason():
+    """A function over 60 lines says why in its docstring ("Over 60 lines because ...")."""
+    long = []
+    for path in _source_files():
+        where = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                    and node.end_lineno - node.lineno + 1 > 60 \
+                    and "over 60 lines" not in " ".join((ast.get_docstring(node) or "").lower()
+                                                        .split()) \
+                    and f"{where}:{node.name}" not in LONG_FUNCTIONS_ALLOWED:
+                long.append(f"{where}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

@@ -4,6 +4,7 @@ runs have always written it (runs made before the class existed resume and show 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -139,3 +140,106 @@ def test_the_cli_turns_a_bad_combination_into_a_usage_error(tmp_path):
                                       "3", "--out", str(tmp_path / "r")])
     with pytest.raises(UsageError, match="drop --workers"):
         new_config(args, [])
+
+
+# -- the search options (--p-mut-const, --remutate, --niche-cap, --restart-after) ------------
+
+SEARCH_FLAGS = ["--p-mut-const", "0.3", "--remutate", "2", "--niche-cap", "3",
+                "--restart-after", "4"]
+
+
+def test_search_flags_reach_the_evolution_and_config_json(tmp_path):
+    argv = ["--preset", "smoke", "--out", str(tmp_path / "run"), "--store",
+            str(tmp_path / "s.db"), *SEARCH_FLAGS]
+    config = new_config(build_parser().parse_args(argv), argv)
+    evolution = config.evolution
+    assert (evolution.p_mut_const, evolution.remutate, evolution.niche_cap,
+            evolution.restart_after) == (0.3, 2, 3, 4)
+    data = json.loads(json.dumps(config.to_json()))
+    assert {k: data["evolution"][k] for k in ADDED} == \
+        {"p_mut_const": 0.3, "remutate": 2, "niche_cap": 3, "restart_after": 4}
+    assert RunConfig.from_json(data) == config
+    assert " ".join(SEARCH_FLAGS) in data["reproduce"]
+    # Not given: the fields' defaults (off), and the reproduce line as it always was.
+    plain = new_config(build_parser().parse_args(argv[:6]), argv[:6])
+    assert plain.evolution == EvolutionConfig(**{**dataclasses.asdict(evolution), **ADDED})
+    assert "--remutate" not in plain.reproduce
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--p-mut-const", "1.5", "not a probability in [0, 1]"),
+    ("--p-mut-const", "nan", "not a probability in [0, 1]"),
+    ("--p-mut-const", "x", "not a number"),
+    ("--remutate", "-1", "0 (off) or a positive count"),
+    ("--niche-cap", "2.5", "not an integer"),
+    ("--restart-after", "-3", "0 (off) or a positive count"),
+])
+def test_bad_search_flags_are_one_line_and_exit_2(tmp_path, capsys, flag, value, says):
+    assert run_module.main(["--preset", "smoke", "--out", str(tmp_path / "r"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and flag in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_resume_keeps_the_search_options(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--preset", "smoke", "--out", str(out), "--store", str(tmp_path / "s.db"),
+            *SEARCH_FLAGS]
+    config = new_config(build_parser().parse_args(argv), argv)
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config.to_json()), encoding="utf-8")
+    args = build_parser().parse_args(["--resume", "--out", str(out), "--generations", "5"])
+    again = resumed_config(args, out)
+    assert again.evolution == EvolutionConfig(**{**dataclasses.asdict(config.evolution),
+                                                  "generations": 5})
+    # The same value again is no change; another is refused like --population.
+    same = build_parser().parse_args(["--resume", "--out", str(out), "--niche-cap", "3"])
+    assert resumed_config(same, out).evolution.niche_cap == 3
+    for flag, value in (("--niche-cap", "1"), ("--p-mut-const", "0.5"),
+                        ("--restart-after", "0")):
+        other = build_parser().parse_args(["--resume", "--out", str(out), flag, value])
+        with pytest.raises(UsageError, match=f"--resume: {flag} {value} differs from the run's"):
+            resumed_config(other, out)
+
+
+def test_a_config_file_sets_the_search_options(tmp_path):
+    from engine.app.flagfile import with_config_file
+
+    toml = tmp_path / "search.toml"
+    toml.write_text('remutate = 2\nniche-cap = 3\np-mut-const = 0.25\n', encoding="utf-8")
+    parser = build_parser()
+    args = with_config_file(parser, parser.parse_args(["--config", str(toml), "--remutate", "5"]))
+    assert (args.remutate, args.niche_cap, args.p_mut_const, args.restart_after) == \
+        (5, 3, 0.25, None)  # the command line wins
+    argv = ["--preset", "smoke", "--out", str(tmp_path / "run"), "--store",
+            str(tmp_path / "s.db"), *SEARCH_FLAGS]
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(new_config(parser.parse_args(argv), argv).to_json()))
+    args = with_config_file(parser, parser.parse_args(["--config", str(saved)]))
+    assert (args.p_mut_const, args.remutate, args.niche_cap, args.restart_after) == (0.3, 2, 3, 4)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("niche-cap = -1\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="0 \\(off\\) or a positive count"):
+        with_config_file(parser, parser.parse_args(["--config", str(bad)]))
+
+
+def test_remutate_compares_children_by_behaviour(tmp_path, monkeypatch):
+    """With --remutate the session hands evolve the mode's behavioural fingerprint as `same`:
+    two texts of one update are the same child; without it, evolve's own canonical form."""
+    seen = []
+    real = run_module.evolve
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("same"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "evolve", spy)
+    common = ["--preset", "smoke", "--population", "3", "--generations", "1", "--executor",
+              "serial", "--no-seed-zoo", "--store", str(tmp_path / "s.db")]
+    assert run_module.main([*common, "--out", str(tmp_path / "a"), "--remutate", "2"]) == 0
+    assert run_module.main([*common, "--out", str(tmp_path / "b")]) == 0
+    same, off = seen
+    assert off is None
+    assert same("weight: mul(grad, lr)") == same("weight: mul(lr, grad)") \
+        != same("weight: mul(lr, sign(grad))")
+    assert same("not a program") == "not a program"

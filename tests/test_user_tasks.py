@@ -119,12 +119,33 @@ def test_engine_search_serial_leaves_the_process_as_it_was(tmp_path, toy):
 
 
 def test_device_flag_errors_are_exit_2(tmp_path, capsys, toy):
-    assert main(["--device", "cpu", "--preset", "smoke", "--out", str(tmp_path / "r")]) == 2
-    assert "--device applies to a --task" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert main(_run_args(tmp_path, f"{toy}:task", "--device", "cuda")) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "torch sees no CUDA GPU" in err
+        for args in (_run_args(tmp_path, f"{toy}:task", "--device", "cuda"),
+                     ["--preset", "smoke", "--device", "cuda", "--out", str(tmp_path / "p")]):
+            assert main(args) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "torch sees no CUDA GPU" in err
+        assert not (tmp_path / "run").exists() and not (tmp_path / "p").exists()
+
+
+def test_device_flag_moves_a_presets_cnn(tmp_path):
+    """--device applies to the presets' Fashion-MNIST CNN too: the preset's Task carries it to
+    every worker (not in its digest: the store's key stays the preset's), and its data goes
+    there ("meta" stands in for a GPU on a machine without one)."""
+    import pickle
+
+    from engine.tasks.protocol import get_task, prepare
+
+    task = get_task("smoke", "meta")
+    assert pickle.loads(pickle.dumps(task)).device == "meta"
+    assert task.digest == get_task("smoke").digest and task == get_task("smoke")
+    assert prepare(task, 0).val[0].device.type == "meta"
+    assert prepare(get_task("smoke", "cpu"), 0).val[0].device.type == "cpu"
+    args = ["--preset", "smoke", "--device", "cpu", "--population", "4", "--generations", "1",
+            "--executor", "serial", "--no-seed-zoo", "--out", str(tmp_path / "r"),
+            "--store", str(tmp_path / "store.sqlite")]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["device"] == "cpu"
 
 
 def test_dlr_drives_sgd_on_the_task(toy):

@@ -126,22 +126,29 @@ def emit(program: Program | KernelPlan) -> str:
             " + tl.arange(0, BLOCK_SIZE)",
             "mask = offsets < end"],
            lambda j, scalar: f"tl.load(values_ptr + segment * N_VALUES + {j})")
-    out.append(f"def kernel({', '.join(buffers + scalars)}):")
-    out.append("    n = weight.numel()")
-    out.append("    grid = (triton.cdiv(n, BLOCK),)")
-    call_args = ", ".join([*buffers, *(f"float({s})" for s in scalars), "n"])
-    out.append(f"    _update[grid]({call_args}, BLOCK_SIZE=BLOCK)")
-    out += ["", ""]
-    out.append(f"def kernel_segments(segments, values, {', '.join(buffers)}):")
-    out.append("    # segments: int64 (S, 2) rows (start, end); values: (S, len(SCALARS)) of the "
-               "compute dtype; both on the buffers' device.")
-    out.append("    if segments.shape[0] == 0:")
-    out.append("        return")
-    out.append("    longest = int((segments[:, 1] - segments[:, 0]).max())")
-    out.append("    grid = (max(1, triton.cdiv(longest, BLOCK)), segments.shape[0])")
-    out.append(f"    _update_segments[grid](segments, values, {', '.join(buffers)}, "
-               "values.shape[1], BLOCK_SIZE=BLOCK)")
+    out += _launchers(buffers, scalars)
     return "\n".join(out) + "\n"
+
+
+def _launchers(buffers: tuple[str, ...], scalars: tuple[str, ...]) -> list[str]:
+    """The host-side `kernel` and `kernel_segments` that launch the two jit functions."""
+    call_args = ", ".join([*buffers, *(f"float({s})" for s in scalars), "n"])
+    return [
+        f"def kernel({', '.join(buffers + scalars)}):",
+        "    n = weight.numel()",
+        "    grid = (triton.cdiv(n, BLOCK),)",
+        f"    _update[grid]({call_args}, BLOCK_SIZE=BLOCK)",
+        "", "",
+        f"def kernel_segments(segments, values, {', '.join(buffers)}):",
+        "    # segments: int64 (S, 2) rows (start, end); values: (S, len(SCALARS)) of the "
+        "compute dtype; both on the buffers' device.",
+        "    if segments.shape[0] == 0:",
+        "        return",
+        "    longest = int((segments[:, 1] - segments[:, 0]).max())",
+        "    grid = (max(1, triton.cdiv(longest, BLOCK)), segments.shape[0])",
+        f"    _update_segments[grid](segments, values, {', '.join(buffers)}, "
+        "values.shape[1], BLOCK_SIZE=BLOCK)",
+    ]
 
 
 def available(device: str | None) -> bool:

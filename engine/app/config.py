@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -20,6 +19,9 @@ from codegen import backends
 from codegen.ir import ParseError
 from engine import modes
 from engine.app.cli import Parser, UsageError, positive_int
+from engine.app.flags import MAX_SEED, SEARCH_OPTIONS, add_search_flags, check_seed, \
+    reproduce_args, search_settings
+from engine.app.flags import duration as _duration, seed as _seed
 from engine.evolution.evolve import EvolutionConfig
 from engine.evolution.grammar import Grammar, GrammarError, load_grammar
 from engine.modes import MODES, Mode
@@ -71,43 +73,6 @@ RESUMABLE = ("generations", "time_budget", "time_limit", "executor", "workers", 
              "store", "backend", "tensorboard")
 
 
-def _duration(text: str) -> float:
-    """'600', '90s', '10m', '1h30m' -> seconds."""
-    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*",
-                         text)
-    if not text.strip() or not match or not any(match.groups()):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 600, 90s, 10m, 1h30m)")
-    h, m, s = (float(g) if g else 0.0 for g in match.groups())
-    seconds = 3600 * h + 60 * m + s
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
-    return seconds
-
-
-MAX_SEED = 2**63 - 1  # the store keeps seeds as SQLite INTEGERs (64-bit, signed)
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    try:
-        return check_seed(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def check_seed(value: int) -> int:
-    """A run's seed: checked before anything is written, because a seed the store cannot hold
-    (>= 2**63) failed only at its first lookup, leaving a run directory that neither a retry nor
-    --resume would take; a negative one made every training raise."""
-    if not 0 <= value <= MAX_SEED:
-        raise ValueError(f"{value} is out of range: a seed is an integer from 0 to {MAX_SEED} "
-                         "(2**63 - 1)")
-    return value
-
-
 EXECUTORS = ("serial", "local", "ray")
 DEVICES = ("cpu", "cuda")
 BACKENDS = ("auto", *backends.BACKENDS)
@@ -149,7 +114,7 @@ class RunConfig:
     created: str = ""
     versions: dict = field(default_factory=dict)
     task: str | None = None  # a task reference (--task); None: the preset's Fashion-MNIST CNN
-    device: str | None = None  # cpu or cuda for a --task; None: the GPU when there is one
+    device: str | None = None  # cpu or cuda (a preset's CNN or a --task); None: a GPU if any
     task_digest: str | None = None  # the --task's definition when the run started
 
     def __post_init__(self) -> None:
@@ -260,7 +225,8 @@ _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an 
                bool: "true or false", type(None): "null"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _epilog() -> str:
+    """--help's closing text: each preset's sizes and time limit, and where to go next."""
     rows = []
     for name, d in PRESET_DEFAULTS.items():
         limit = d[modes.DEFAULT.name]["time_limit"]
@@ -268,17 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
                           for m in MODES.values())
         rows.append(f"  {name:<7} {sizes}, time limit "
                     + ("none" if limit is None else f"{limit:.0f} s"))
+    return ("presets (population x generations, per-candidate time limit):\n"
+            + "\n".join(rows) + "\n\n"
+            "Ctrl-C saves and prints the command that resumes the run. Watch or inspect a run "
+            "with:\n  python -m engine.show RUN_DIR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """engine.run's flags, in --help's order: what to run and where (here), then the search
+    and how candidates train (`_search_and_training_flags`), then the search options."""
     presets = "/".join(PRESET_DEFAULTS)
     p = Parser(
         prog="python -m engine.run",
         description="Evolve a neural-network optimizer (ALR) or learning-rate schedule (DLR)\n"
                     "with grammatical evolution. With no flags: the quick ALR preset into a new\n"
                     "directory under runs/, which the run prints.",
-        epilog="presets (population x generations, per-candidate time limit):\n"
-               + "\n".join(rows) + "\n\n"
-               "Ctrl-C saves and prints the command that resumes the run. Watch or inspect a run "
-               "with:\n  python -m engine.show RUN_DIR",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=tuple(MODES), default=None,
                    help="alr: a per-weight optimizer; dlr: an SGD learning-rate schedule "
                         f"(default: {modes.DEFAULT.name})")
@@ -289,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ") or FILE.py:CALLABLE / MODULE:CALLABLE returning an "
                         "engine.tasks.SupervisedTask (default: the preset's fmnist-cnn)")
     p.add_argument("--device", choices=DEVICES, default=None,
-                   help="where a --task's model and data train (default: cuda when there is "
-                        "a GPU, else cpu)")
+                   help="where the model and data train, a preset's CNN or a --task's "
+                        "(default: cuda when there is a GPU, else cpu)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="take flags from a TOML or JSON file (keys are flag names, or a run's "
                         "config.json); flags on the command line override it")
@@ -308,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel trainings (default: one per CPU core; 1 for serial)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (with --executor ray); default: a private local Ray")
+    _search_and_training_flags(p)
+    add_search_flags(p)
+    return p
+
+
+def _search_and_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generations", type=positive_int, default=None,
                    help="generations, the initial population included (default: the preset's)")
     p.add_argument("--population", type=positive_int, default=None,
@@ -341,7 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also log each generation (fitness, outcome counts, seconds, the best "
                         "program) to TensorBoard in DIR; needs the tensorboard package "
                         "(default: off)")
-    return p
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -399,7 +375,8 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
             population=population, generations=args.generations or d["generations"],
             elitism=min(d["elitism"], population - 1), tournament=min(d["tournament"], population),
             p_cross=d.get("p_cross", 0.9), p_mut=d.get("p_mut", 0.15),
-            min_depth=d["min_depth"], max_depth=d["max_depth"], seed=seed)
+            min_depth=d["min_depth"], max_depth=d["max_depth"], seed=seed,
+            **search_settings(args))
     except ValueError as err:
         raise UsageError(str(err)) from None
     grammar_path = args.grammar or mode.grammar
@@ -422,19 +399,7 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         except TaskError as err:
             raise UsageError(str(err)) from None
     out = args.out or _fresh_dir(mode.name, _task_label(task) or preset, seed)
-    reproduce = ["-m", "engine.run", "--mode", mode.name, "--preset", preset, "--seed", str(seed),
-                 "--population", str(evolution.population), "--generations",
-                 str(evolution.generations)]
-    if args.grammar:
-        reproduce += ["--grammar", str(args.grammar)]
-    if args.seed_programs:
-        reproduce += ["--seed-programs", str(args.seed_programs), "--seed-lr", repr(seed_lr)]
-    if args.seed_zoo is False:
-        reproduce.append("--no-seed-zoo")
-    if task is not None:
-        reproduce += ["--task", task]
-    if args.device is not None:
-        reproduce += ["--device", args.device]
+    reproduce = reproduce_args(args, mode.name, preset, evolution, seed_lr, task)
     try:
         return RunConfig(
             name=out.name, out=out, mode=mode, preset=preset, seed=seed, evolution=evolution,
@@ -473,7 +438,8 @@ def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
         raise UsageError(f"--resume: {err}") from None
     fixed = {"mode": config.mode.name, "preset": config.preset, "seed": config.seed,
              "population": config.evolution.population, "seed_zoo": config.seed_zoo,
-             "device": config.device}
+             "device": config.device,
+             **{name: getattr(config.evolution, name) for name in SEARCH_OPTIONS}}
     given_task = None if is_builtin_cnn(args.task) else args.task
     if args.task is not None and given_task not in (config.task, None) \
             and absolute(given_task) != config.task:
@@ -483,7 +449,8 @@ def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
         given = getattr(args, name)
         if given is not None and given != saved:
             raise UsageError(f"--resume: --{name.replace('_', '-')} {given} differs from the "
-                             f"run's {saved}; only {', '.join(RESUMABLE)} may change")
+                             f"run's {'unset' if saved is None else saved}; only "
+                             f"{', '.join(RESUMABLE)} may change")
     if args.grammar is not None or args.seed_programs is not None or args.seed_lr is not None:
         raise UsageError("--resume: the run keeps the grammar and seed programs it started "
                          f"with (saved in {out}/config.json); drop --grammar/--seed-programs")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from engine.app.cli import UsageError
 from engine.app.config import FORMAT
+from engine.app.flags import SEARCH_OPTIONS
 
 __all__ = ["read_config_file", "with_config_file"]
 
@@ -47,7 +48,8 @@ def read_config_file(path: Path) -> dict:
         run = data
         data = {k: run[k] for k in _RUN_FLAGS if run.get(k) is not None}
         evolution = run.get("evolution") or {}
-        data.update({k: evolution[k] for k in ("population", "generations") if k in evolution})
+        data.update({k: evolution[k] for k in ("population", "generations", *SEARCH_OPTIONS)
+                     if k in evolution})
     return data
 
 

@@ -50,6 +50,8 @@ from engine.evolution.grammar import Grammar
 from engine.app.config import RunConfig, build_parser, check_out_dir, new_config, \
     resumed_config
 from engine.app.flagfile import with_config_file
+from engine.app.flags import remutate_same
+from engine.tasks.protocol import get_task  # a preset's Task, on --device
 from engine.rundir import CHECKPOINTS, EVENTS, append_event, end_line, newest_checkpoint, \
     read_events, write_atomic, write_json
 from engine.app.runlock import RunLock, RunLocked
@@ -144,17 +146,14 @@ def check_task(config: RunConfig):
     TaskRef for the jobs, or None for the preset's Fashion-MNIST CNN."""
     import torch
 
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU on this machine; use "
+                         "--device cpu (or leave --device out)")
     if config.task is None:
-        if config.device is not None:
-            raise UsageError("--device applies to a --task; the presets' Fashion-MNIST CNN "
-                             "trains on the GPU when there is one, else on the CPU")
         return None
     from engine.tasks.registry import resolve
     from engine.tasks.supervised import TaskError, check_task as check
 
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no CUDA GPU on this machine; use "
-                         "--device cpu (or leave --device out)")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         task, ref = resolve(config.task, device)
@@ -326,7 +325,8 @@ class Session:
     def _evaluator(self, store, executor, backend: str):
         from engine.fitness.evaluator import Evaluator
 
-        return Evaluator(self.mode, self.task or self.preset, self.seed, store, executor,
+        return Evaluator(self.mode, self.task or get_task(self.preset, self.config.device),
+                         self.seed, store, executor,
                          time_limit=self.config.time_limit, backend=backend,
                          run=self.config.name)
 
@@ -409,7 +409,8 @@ class Session:
         try:
             self.result = evolve(grammar, self.evolution, self.fitness, seeds=self.config.seeds,
                                  checkpoint_dir=self.out / CHECKPOINTS, resume=self.resumed,
-                                 on_generation=self.generation_done)
+                                 on_generation=self.generation_done,
+                                 same=remutate_same(self.mode, self.preset, self.evolution))
         except BudgetExhausted as err:
             reason = str(err)
         else:

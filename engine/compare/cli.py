@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="program text, a file holding one, or a run directory (its "
                         "summary.json's best program)")
     p.add_argument("--task", default="quick",
-                   help=f"one of: {', '.join(compare_tasks.TASKS)}; or a built-in task or "
+                   help=f"one of: {', '.join(compare_tasks.names())}; or "
                         "FILE.py:CALLABLE returning an engine.tasks.SupervisedTask with a "
                         "'test' split (its metric fills the accuracy columns)")
     p.add_argument("--seeds", type=positive_int, default=5, help="training seeds per optimizer")

@@ -79,6 +79,9 @@ def map_genotype(grammar: Grammar, genotype: Genotype, max_depth: int,
     callers re-map stored genotypes with the guarantee that nothing random happens. While a node
     is shallower than ``grow_until``, fresh codons prefer productions that can still reach that
     depth: that is how initialisation grows trees to a minimum depth (see ``initialise``).
+    Over 60 lines because it is the inner loop of every mutation and initialisation: one loop
+    over the derivation with its state in locals; helpers called per node would pass all of it
+    (codons, counters, depths, output) back and forth and cost a call per tree node.
     """
     rules = grammar.rules
     if len(genotype) != len(rules):

@@ -124,7 +124,7 @@ class Batch:
 class Evaluator:
     """Evaluates batches of candidate texts for one (mode, task, seed); keeps counts by source."""
 
-    def __init__(self, mode: Mode, task: str | TaskRef, seed: int, store: Store,
+    def __init__(self, mode: Mode, task: str | Task | TaskRef, seed: int, store: Store,
                  executor: Executor, *,
                  time_limit: float | None = None, backend: str = "numba", run: str | None = None,
                  worker: Callable[[Job], EvalResult] = train):
@@ -134,9 +134,9 @@ class Evaluator:
         if isinstance(task, TaskRef):
             self.definition: Task | TaskRef = task
             name = task.name
-        else:
-            self.definition = get_task(task)  # an unknown preset fails here, before any work
-            name = task
+        else:  # a preset's name (an unknown one fails here, before any work), or its Task
+            self.definition = task if isinstance(task, Task) else get_task(task)
+            name = self.definition.name
         self.mode, self.task, self.seed = _checked(mode), name, seed
         # The store's protocol key names the task's digest too: the store must not answer from
         # a task's older definition (a preset's, or a user task file's before an edit).

@@ -5,8 +5,11 @@
 An optimizer found on one task is only interesting if it also works where it was not found, so
 besides the evolution presets (`quick`, and `paper` for a GPU or a long CPU run) there are tasks
 that differ in architecture (`fmnist-mlp`: an MLP on Fashion-MNIST images the quick evolution run
-never saw) or in data (`digits`: scikit-learn's bundled 8x8 handwritten digits, so it runs
-anywhere, offline, in seconds).
+never saw) or in data (`digits-mlp`, alias `digits`: scikit-learn's bundled 8x8 handwritten
+digits, so it runs anywhere, offline, in seconds). None is defined here: each comes from the task
+registry (engine/tasks/registry.py), the presets from the fmnist-cnn family and the held-out MLPs
+from their family files (widths, batch size, epochs, and `HELD_OUT`: how compare redraws their
+splits per split seed); this module holds only how each data source is split.
 
 Every task has a train / validation / test split fixed by the split seed. The test split is kept
 apart on purpose: `train_val` gives what tuning may see, and `load_test_split` is the only
@@ -21,8 +24,6 @@ training split's statistics, applied unchanged to validation and test.
 from __future__ import annotations
 
 import functools
-import types
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,8 +35,8 @@ from engine.tasks.data import load_fashion_mnist
 from engine.tasks.protocol import PRESETS, derive_seed, make_split, prepare
 from engine.tasks.training import ModelSpec
 
-__all__ = ["TASKS", "CompareTask", "MLP", "MLPSpec", "Splits", "all_splits", "from_reference", "get_task",
-           "load_test_split", "supervised", "train_val"]
+__all__ = ["CompareTask", "MLP", "MLPSpec", "Splits", "all_splits", "from_reference", "get_task",
+           "load_test_split", "names", "supervised", "train_val"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -105,13 +106,12 @@ class CompareTask:
 def from_reference(ref: str) -> CompareTask:
     """A SupervisedTask (a built-in family or FILE.py:CALLABLE) as engine.compare trains it:
     its model, batch size and epochs; its own train / val / test splits (it must have test)."""
-    from engine.tasks.registry import absolute, resolve
+    from engine.tasks.registry import resolve
 
     task, tref = resolve(ref)
     return CompareTask(name=task.name, about=f"task {ref} ({task.metric} on its test split)",
                        source="supervised", model=None, batch_size=task.batch_size,
-                       epochs=task.epochs, eval_batch=task.eval_batch,
-                       ref=tref.ref if ref not in TASKS else absolute(ref))
+                       epochs=task.epochs, eval_batch=task.eval_batch, ref=tref.ref)
 
 
 @functools.lru_cache(maxsize=2)
@@ -129,44 +129,52 @@ def _supervised_data(task: CompareTask):
     return load_data(supervised(task), need_test=True)
 
 
-TASKS: Mapping[str, CompareTask] = types.MappingProxyType({
-    # The evolution task as the quick preset defines it: its model, batch size and epoch budget,
-    # trained on the split's first chunk and validated on its validation set (both exactly what
-    # the evolution used for the same seed); tested on the official test file.
-    "quick": CompareTask(
-        name="quick", about="evolution task: quick preset's CNN (16/32/64), Fashion-MNIST "
-        "chunk 0 (3,000 train), its 1,000 validation images, official test set",
-        source="preset", model=PRESETS["quick"].model, batch_size=100,
-        epochs=PRESETS["quick"].alr.max_epochs, held_out=False),
-    # The reference protocol at full size (53k training images, the reference CNN, batch 1000,
-    # 100 epochs): for a GPU or a long CPU run.
-    "paper": CompareTask(
-        name="paper", about="paper protocol: reference CNN, 53k Fashion-MNIST training images, "
-        "3,500 validation, official test set", source="preset", model=PRESETS["paper"].model,
-        batch_size=1000, epochs=100, held_out=False),
-    "fmnist-mlp": CompareTask(
-        name="fmnist-mlp", about="held out (architecture): MLP 784-256-128-10 on 10,000 "
-        "Fashion-MNIST images outside the quick evolution pool, 2,000 validation, official "
-        "test set", source="fmnist-unseen", model=MLPSpec(784, (256, 128)), batch_size=100,
-        epochs=8, sizes=(10000, 2000, None)),
-    "digits": CompareTask(
-        name="digits", about="held out (data): scikit-learn digits (8x8), MLP 64-64-10, "
-        "997 train / 350 validation / 450 test", source="digits", model=MLPSpec(64, (64,)),
-        batch_size=32, epochs=20, sizes=(997, 350, 450)),
-})
+def _preset(name: str) -> CompareTask:
+    """A preset size of the fmnist-cnn family as compare trains it: its model, ALR batch size and
+    epoch budget, on the split's first chunk (all of the training pool for `paper`) and its
+    validation set (both exactly what the evolution used for the same seed); tested on the
+    official test file."""
+    preset = PRESETS[name]
+    data = preset.data
+    train = "the whole training pool" if name == "paper" else f"chunk 0 ({data.chunk:,} train)"
+    return CompareTask(
+        name=name, about=f"evolution task: the {name} preset's CNN, Fashion-MNIST {train}, its "
+        f"{data.val:,} validation images, official test set", source="preset", model=preset.model,
+        batch_size=preset.alr.batch_size, epochs=preset.alr.max_epochs, held_out=False)
+
+
+def _held_out(family: str, module) -> CompareTask:
+    """A built-in MLP family whose splits compare redraws per split seed (its HELD_OUT): the
+    family's own widths, batch size and epochs, and the MLP initialised from the seed."""
+    task, widths = module.task(), module.WIDTHS
+    return CompareTask(
+        name=family, about=module.HELD_OUT["about"], source=module.HELD_OUT["source"],
+        model=MLPSpec(widths[0], tuple(widths[1:-1]), widths[-1]), batch_size=task.batch_size,
+        epochs=task.epochs, sizes=module.HELD_OUT["sizes"])
+
+
+def names() -> tuple[str, ...]:
+    """The names `engine.compare --task` takes besides a reference: all from the registry."""
+    from engine.tasks.registry import ALIASES, FAMILIES
+
+    return (*PRESETS, *(n for n in FAMILIES if n != "fmnist-cnn"), *ALIASES)
 
 
 def get_task(name: str) -> CompareTask:
-    """The task called `name`, or the SupervisedTask a reference or built-in family names; an
-    unknown name is a ValueError listing the valid ones."""
-    from engine.tasks.registry import FAMILIES
+    """The task `name` names in the registry (a preset size of fmnist-cnn, a built-in family or
+    its alias) or a SupervisedTask reference; an unknown name is a ValueError listing the valid
+    ones."""
+    from engine.tasks.registry import FAMILIES, canonical, family_module
 
-    if name in TASKS:
-        return TASKS[name]
-    if ":" in name or (name in FAMILIES and name != "fmnist-cnn"):
+    if name in PRESETS:
+        return _preset(name)
+    family = canonical(name)
+    module = family_module(family) if family != "fmnist-cnn" else None
+    if module is not None and hasattr(module, "HELD_OUT"):
+        return _held_out(family, module)
+    if ":" in name or (family in FAMILIES and family != "fmnist-cnn"):
         return from_reference(name)  # a TaskError (a ValueError) says what is wrong
-    raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}, a built-in "
-                     f"task ({', '.join(n for n in FAMILIES if n != 'fmnist-cnn')}) or "
+    raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(names())} or "
                      "FILE.py:CALLABLE")
 
 
@@ -276,6 +284,6 @@ def load_test_split(task: CompareTask, seed: int) -> Pair:
 def all_splits(name: str, seed: int) -> dict[str, Pair]:
     """The task `name`'s three splits as a SupervisedTask's data() returns them: how the
     built-in families fmnist-mlp and digits-mlp share these tasks' data."""
-    task = TASKS[name]
+    task = get_task(name)
     splits = train_val(task, seed)
     return {"train": splits.train, "val": splits.val, "test": load_test_split(task, seed)}

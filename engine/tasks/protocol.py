@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from engine.tasks.data import FashionMNIST, load_fashion_mnist
-from engine.tasks.training import FitResult, ModelSpec, fit, loss_accuracy
+from engine.tasks.results import EvalResult, TrialResult
+from engine.tasks.training import ModelSpec, fit, loss_accuracy
 
 __all__ = [
     "FLOOR_FITNESS",
@@ -148,6 +149,9 @@ class Task:
     alr: AlrProtocol
     dlr: DlrProtocol
     eval_batch: int = 1000  # forward-only passes; bigger is not faster here (measured)
+    # Where it trains (--device): None, the GPU when there is one. Not in the digest (repr) nor
+    # equality: it changes how fast a fitness comes, not what the fitness means.
+    device: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _positive(self, "eval_batch")
@@ -270,71 +274,8 @@ def prepare(
     """The task's data for `seed` on `device`, built once per process (a worker evaluates many
     candidates against it)."""
     dataset = dataset if dataset is not None else load_fashion_mnist("train")
-    return _prepare_cached(dataset, task.data, seed, str(resolve_device(device)))
-
-
-# --- results ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrialResult:
-    """One training run: its chunk (-1 for DLR's whole pool), fitness-set accuracy and curves."""
-
-    chunk: int
-    accuracy: float  # on the fitness set, with the best epoch's weights restored
-    fit: FitResult
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """A candidate's fitness and how it got it. `reason` is None unless it failed.
-
-    On failure (divergence, timeout) fitness is FLOOR_FITNESS and the trials so far are kept.
-    This is what an evaluation worker sends back (it pickles small: floats and short tuples);
-    `compile_seconds` is the kernel compile that preceded training, 0 where nothing compiles.
-    """
-
-    fitness: float
-    trials: tuple[TrialResult, ...]
-    seconds: float
-    reason: str | None = None
-    compile_seconds: float = 0.0
-
-    @property
-    def accuracies(self) -> tuple[float, ...]:
-        return tuple(t.accuracy for t in self.trials)
-
-    @property
-    def epochs(self) -> int:
-        return sum(t.fit.epochs for t in self.trials)
-
-    @property
-    def train_loss(self) -> tuple[tuple[float, ...], ...]:
-        return tuple(t.fit.train_loss for t in self.trials)
-
-    @property
-    def val_acc(self) -> tuple[tuple[float, ...], ...]:
-        return tuple(t.fit.val_acc for t in self.trials)
-
-    @property
-    def curves(self) -> dict[str, tuple[tuple[float, ...], ...]]:
-        """Per-trial training loss and validation accuracy, as a run's curves files hold them."""
-        return {"train_loss": self.train_loss, "val_acc": self.val_acc}
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready, for the store and reports."""
-        return {
-            "fitness": self.fitness,
-            "reason": self.reason,
-            "seconds": self.seconds,
-            "compile_seconds": self.compile_seconds,
-            "accuracies": list(self.accuracies),
-            "epochs": self.epochs,
-            "trials": [
-                {"chunk": t.chunk, "accuracy": t.accuracy, **dataclasses.asdict(t.fit)}
-                for t in self.trials
-            ],
-        }
+    return _prepare_cached(dataset, task.data, seed,
+                           str(resolve_device(device if device is not None else task.device)))
 
 
 # --- the two protocols ------------------------------------------------------------------------
@@ -495,10 +436,12 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def get_task(name: str) -> Task:
-    """The preset called `name`; an unknown name is an error that lists the valid ones."""
+def get_task(name: str, device: str | None = None) -> Task:
+    """The preset called `name`, training on `device` (None: the GPU when there is one); an
+    unknown name is an error that lists the valid ones."""
     presets = globals().get("PRESETS") or __getattr__("PRESETS")  # a test may patch PRESETS
     try:
-        return presets[name]
+        task = presets[name]
     except KeyError:
         raise ValueError(f"unknown task preset {name!r}; valid presets: {', '.join(presets)}") from None
+    return task if device is None else dataclasses.replace(task, device=device)

@@ -5,6 +5,10 @@ A task is named the way a user types it: a built-in family (`fmnist-cnn`, `fmnis
 (`my.package.tasks:task`), then `:` and a zero-argument callable that returns a
 `SupervisedTask`. Each built-in family is one file under engine/tasks/families/.
 
+`engine.compare --task` reads the same names (engine/tasks/compare_tasks.py builds its tasks
+from them, defining none of its own): a preset size of fmnist-cnn (`quick`, `paper`, `smoke`),
+a family, or a reference. `ALIASES` keeps older names working (`digits` is `digits-mlp`).
+
 `fmnist-cnn` is the original Fashion-MNIST CNN protocol (several trials on chunks of the
 training file, engine/tasks/protocol.py); its sizes are the presets (`SIZES`: smoke, quick,
 paper) and it is what a run trains on when no --task is given.
@@ -30,8 +34,8 @@ from pathlib import Path
 
 from engine.tasks.supervised import Loaded, SupervisedTask, TaskError, load_data
 
-__all__ = ["FAMILIES", "TaskRef", "absolute", "is_builtin_cnn", "resolve", "supervised_fitness",
-           "worker_task"]
+__all__ = ["ALIASES", "FAMILIES", "TaskRef", "absolute", "canonical", "family_module",
+           "is_builtin_cnn", "resolve", "supervised_fitness", "worker_task"]
 
 # Built-in families: the name a user types -> the reference it stands for.
 FAMILIES: Mapping[str, str] = types.MappingProxyType({
@@ -41,6 +45,21 @@ FAMILIES: Mapping[str, str] = types.MappingProxyType({
     "charlm": "engine.tasks.families.charlm:task",
     "diabetes": "engine.tasks.families.diabetes:task",
 })
+
+# Older names users still type (engine.compare's `--task digits`) -> the family they mean.
+ALIASES: Mapping[str, str] = types.MappingProxyType({"digits": "digits-mlp"})
+
+
+def canonical(name: str) -> str:
+    """The family name behind `name` (an alias resolved); anything else unchanged."""
+    return ALIASES.get(name, name)
+
+
+def family_module(name: str) -> types.ModuleType | None:
+    """The module that defines the built-in family `name` (or its alias); None for others."""
+    full = FAMILIES.get(canonical(name))
+    return None if full is None else importlib.import_module(full.partition(":")[0])
+
 
 # Bump when this module's training protocol changes what a fitness is for an unchanged task.
 SUPERVISED_FITNESS_VERSION = 1
@@ -129,8 +148,7 @@ def resolve(ref: str, device: str = "cpu") -> tuple[SupervisedTask, TaskRef]:
         raise TaskError(f"a task reference is a non-empty string, got {ref!r}")
     if ref == "fmnist-cnn":
         raise TaskError("fmnist-cnn is the presets' protocol; choose its size with --preset")
-    full = FAMILIES.get(ref, ref)
-    full = absolute(full)
+    full = absolute(FAMILIES.get(canonical(ref), ref))
     where, attr = _split(full)
     module = _module(where, ref)
     factory = getattr(module, attr, None)

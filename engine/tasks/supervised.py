@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.tasks.epochs import schedule_lr, train_epoch
-from engine.tasks.training import FitResult
+from engine.tasks.epochs import FitResult, fit_epochs
 
 __all__ = ["LOSSES", "METRICS", "Loaded", "SupervisedTask", "TaskError", "check_task",
            "fit_supervised", "load_data", "metric_value", "supervised_fitness"]
@@ -203,43 +202,11 @@ def fit_supervised(
     optimizer = make_optimizer(model)
     loss_fn = task.loss_fn()
     x, y = data.train
-    n = len(x)
-    shuffle = torch.Generator().manual_seed(shuffle_seed)
-    curves: dict[str, list[float]] = {"train_loss": [], "val_acc": [], "val_loss": [], "lr": []}
-    best_value, best_epoch, best_state, reason = None, -1, None, None
-    model.train()
-    for epoch in range(epochs):
-        reason = schedule_lr(optimizer, schedule, epoch)
-        if reason is not None:
-            break
-        order = torch.randperm(n, generator=shuffle).to(device)
-        loss_sum, reason = train_epoch(lambda idx: loss_fn(model(x[idx]), y[idx]), optimizer,
-                                       order, task.batch_size, epoch, deadline)
-        if reason is not None:
-            break
-        val_loss, value = metric_value(task, model, data.val)
-        curves["train_loss"].append(loss_sum / n)
-        curves["val_acc"].append(value)
-        curves["val_loss"].append(val_loss)
-        curves["lr"].append(float(optimizer.param_groups[0]["lr"]))
-        if not math.isfinite(val_loss):
-            reason = f"diverged: validation loss {val_loss} at epoch {epoch}"
-            break
-        if best_value is None or value > best_value:
-            best_value, best_epoch = value, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= patience:
-            break
-        if deadline is not None and time.perf_counter() > deadline:
-            reason = f"timeout: deadline passed after epoch {epoch}"
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return model, FitResult(epochs=len(curves["val_acc"]), best_epoch=best_epoch,
-                            train_loss=tuple(curves["train_loss"]),
-                            val_acc=tuple(curves["val_acc"]), val_loss=tuple(curves["val_loss"]),
-                            lr=tuple(curves["lr"]), seconds=time.perf_counter() - start,
-                            reason=reason)
+    return model, fit_epochs(
+        model, optimizer, lambda idx: loss_fn(model(x[idx]), y[idx]),
+        lambda: metric_value(task, model, data.val), n=len(x), batch_size=task.batch_size,
+        epochs=epochs, patience=patience, shuffle=torch.Generator().manual_seed(shuffle_seed),
+        start=start, schedule=schedule, deadline=deadline)
 
 
 def check_task(task: SupervisedTask, device: str | torch.device = "cpu") -> Loaded:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.tasks.epochs import schedule_lr, train_epoch
+from engine.tasks.epochs import FitResult, fit_epochs
 
 try:
     import numba
@@ -367,20 +366,6 @@ class CNN(nn.Module):
         return self.fc2(x)
 
 
-@dataclass(frozen=True)
-class FitResult:
-    """One training run. `reason` is None when it ended normally (patience or max epochs)."""
-
-    epochs: int
-    best_epoch: int  # 0-based index into the curves; -1 when no epoch completed
-    train_loss: tuple[float, ...]
-    val_acc: tuple[float, ...]
-    val_loss: tuple[float, ...]
-    lr: tuple[float, ...]  # the learning rate each epoch ran with (param group 0)
-    seconds: float
-    reason: str | None
-
-
 def loss_accuracy(
     model: CNN, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
 ) -> tuple[float, float]:
@@ -432,53 +417,13 @@ def fit(
         )
     start = time.perf_counter()
     x, y = train
-    n = len(y)
     device = next(model.parameters()).device
     # Two streams so changing the batch size does not change the dropout masks' source order.
     # The shuffle is drawn on the CPU (the same order on every device); masks where they are used.
     shuffle_gen = torch.Generator().manual_seed(seed)
     dropout_gen = torch.Generator(device=device).manual_seed(seed + 0x5EED)
-    better = (lambda a, b: a > b) if monitor == "val_acc" else (lambda a, b: a < b)
-    best_value, best_epoch, best_state = None, -1, None
-    curves: dict[str, list[float]] = {"train_loss": [], "val_acc": [], "val_loss": [], "lr": []}
-    reason = None
-    model.train()
-    for epoch in range(max_epochs):
-        reason = schedule_lr(optimizer, schedule, epoch)
-        if reason is not None:
-            break
-        order = torch.randperm(n, generator=shuffle_gen).to(device)
-        loss_sum, reason = train_epoch(
-            lambda idx: F.cross_entropy(model(x[idx], dropout=dropout_gen), y[idx]),
-            optimizer, order, batch_size, epoch, deadline)
-        if reason is not None:
-            break
-        val_loss, val_acc = loss_accuracy(model, *val, batch_size=eval_batch)
-        curves["train_loss"].append(loss_sum / n)
-        curves["val_acc"].append(val_acc)
-        curves["val_loss"].append(val_loss)
-        curves["lr"].append(float(optimizer.param_groups[0]["lr"]))
-        if not math.isfinite(val_loss):
-            reason = f"diverged: validation loss {val_loss} at epoch {epoch}"
-            break
-        value = val_acc if monitor == "val_acc" else val_loss
-        if best_value is None or better(value, best_value):
-            best_value, best_epoch = value, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= patience:
-            break
-        if deadline is not None and time.perf_counter() > deadline:
-            reason = f"timeout: deadline passed after epoch {epoch}"
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return FitResult(
-        epochs=len(curves["val_acc"]),
-        best_epoch=best_epoch,
-        train_loss=tuple(curves["train_loss"]),
-        val_acc=tuple(curves["val_acc"]),
-        val_loss=tuple(curves["val_loss"]),
-        lr=tuple(curves["lr"]),
-        seconds=time.perf_counter() - start,
-        reason=reason,
-    )
+    return fit_epochs(
+        model, optimizer, lambda idx: F.cross_entropy(model(x[idx], dropout=dropout_gen), y[idx]),
+        lambda: loss_accuracy(model, *val, batch_size=eval_batch), n=len(y),
+        batch_size=batch_size, epochs=max_epochs, patience=patience, shuffle=shuffle_gen,
+        start=start, lower_is_better=monitor == "val_loss", schedule=schedule, deadline=deadline)

@@ -25,6 +25,7 @@ from engine.evolution.grammar import Grammar, GrammarError, load_grammar
 from engine.modes import MODES, Mode
 from engine.app.runlock import LOCK_NAME
 from engine.evolution.seeds import DEFAULT_SEED_LR, SeedError, read_seed_file, snap_all
+from engine.fitness.funnel import default_tiers
 from engine.fitness.store import versions
 from engine.tasks.protocol import PRESETS
 from engine.tasks.registry import FAMILIES, absolute, is_builtin_cnn
@@ -151,6 +152,9 @@ class RunConfig:
     task: str | None = None  # a task reference (--task); None: the preset's Fashion-MNIST CNN
     device: str | None = None  # cpu or cuda for a --task; None: the GPU when there is one
     task_digest: str | None = None  # the --task's definition when the run started
+    # The fidelity-tier funnel (engine.fitness.funnel): Tier.to_json() per tier; None: one
+    # training per candidate (--tiers off, and every run saved before tiers existed).
+    tiers: list | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str):
@@ -210,7 +214,8 @@ class RunConfig:
         }
         # Only when set: a preset run's config.json stays what it always was.
         data.update({k: v for k, v in (("task", self.task), ("device", self.device),
-                                       ("task_digest", self.task_digest)) if v})
+                                       ("task_digest", self.task_digest),
+                                       ("tiers", self.tiers)) if v})
         return data
 
     @classmethod
@@ -252,9 +257,9 @@ _JSON_KEYS: dict[str, tuple[type, ...]] = {
     "executor": (str,), "workers": (int, type(None)), "ray_address": (str, type(None)),
     "store": (str,), "backend": (str,), "tensorboard": (str, type(None)), "command": (str,),
     "reproduce": (str,), "created": (str,), "versions": (dict,), "task": (str, type(None)),
-    "device": (str, type(None)), "task_digest": (str, type(None)),
+    "device": (str, type(None)), "task_digest": (str, type(None)), "tiers": (list, type(None)),
 }
-_OPTIONAL_KEYS = ("task", "device", "task_digest")
+_OPTIONAL_KEYS = ("task", "device", "task_digest", "tiers")
 _PATH_KEYS = ("out", "grammar", "seed_programs", "store", "tensorboard")
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object",
                bool: "true or false", type(None): "null"}
@@ -334,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=Path, default=None,
                    help="results store shared across runs (default: "
                         "$AUTOLR_CACHE/results.sqlite, else ~/.cache/autolr/results.sqlite)")
+    p.add_argument("--tiers", choices=("on", "off"), default=None,
+                   help="score candidates through the fidelity-tier funnel (a micro training "
+                        "for all, the preset's training for the best; default: on) or train "
+                        "every candidate (off); fixed for the run")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="kernel backend for ALR candidates (default: auto: triton on CUDA, "
                         "numba on the CPU)")
@@ -435,6 +444,8 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         reproduce += ["--task", task]
     if args.device is not None:
         reproduce += ["--device", args.device]
+    if args.tiers == "off":
+        reproduce += ["--tiers", "off"]
     try:
         return RunConfig(
             name=out.name, out=out, mode=mode, preset=preset, seed=seed, evolution=evolution,
@@ -451,7 +462,8 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
             command=shlex.join(["python", "-m", "engine.run", *argv]),
             reproduce=shlex.join(["python", *reproduce]),
             created=datetime.now().astimezone().isoformat(timespec="seconds"),
-            versions=versions(), task=task, device=args.device)
+            versions=versions(), task=task, device=args.device,
+            tiers=None if args.tiers == "off" else default_tiers(preset))
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -484,6 +496,10 @@ def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
         if given is not None and given != saved:
             raise UsageError(f"--resume: --{name.replace('_', '-')} {given} differs from the "
                              f"run's {saved}; only {', '.join(RESUMABLE)} may change")
+    if args.tiers is not None and (args.tiers == "off") != (config.tiers is None):
+        raise UsageError(f"--resume: --tiers {args.tiers} differs from the run's "
+                         f"{'off' if config.tiers is None else 'on'}; only "
+                         f"{', '.join(RESUMABLE)} may change")
     if args.grammar is not None or args.seed_programs is not None or args.seed_lr is not None:
         raise UsageError("--resume: the run keeps the grammar and seed programs it started "
                          f"with (saved in {out}/config.json); drop --grammar/--seed-programs")

@@ -64,6 +64,7 @@ class RunOutputs:
     baseline: dict | None = None
     curves: dict[str, dict] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    tiers: list[dict] | None = None  # a funnel run's per-tier figures (Funnel.summary())
 
 
 # -- small pure helpers ------------------------------------------------------------------------
@@ -200,7 +201,15 @@ def summary(outcome: RunOutputs, parsed: Phenotypes | None = None) -> dict:
                if e.get("event") == "generation"}
     wall, sessions = wall_seconds(outcome.events)
     baseline = outcome.baseline or {}
-    return {
+    score = best_fitness
+    extra: dict = {}
+    if outcome.tiers:
+        # A funnel fitness is 2 * tier level + the score there (engine.fitness.tiers.Standing):
+        # the baseline compares with the score, an accuracy like its own fitness.
+        level = min(int(best_fitness // 2), len(outcome.tiers) - 1)
+        score = round(best_fitness - 2 * level, 6)
+        extra = {"tier": outcome.tiers[level]["name"], "score": score}
+    summary = {
         "run": cfg.name, "status": outcome.status, "mode": mode.name, "preset": cfg.preset,
         "seed": cfg.seed, "command": cfg.command, "reproduce": cfg.reproduce,
         "versions": outcome.versions,
@@ -209,9 +218,9 @@ def summary(outcome: RunOutputs, parsed: Phenotypes | None = None) -> dict:
         "population": cfg.evolution.population,
         "best": {"program": best_text, "canonical": str(best.canonical()), "hash": best.hash,
                  "fitness": best_fitness, "size": parsed.size(best_text),
-                 "generation": first},
+                 "generation": first, **extra},
         "baseline": baseline,
-        "best_minus_baseline": (round(best_fitness - baseline["fitness"], 6)
+        "best_minus_baseline": (round(score - baseline["fitness"], 6)
                                 if "fitness" in baseline else None),
         "per_generation": [{"generation": r.generation, "best": r.best, "median": r.median,
                             "worst": r.worst, "evaluated": r.evaluated,
@@ -219,6 +228,9 @@ def summary(outcome: RunOutputs, parsed: Phenotypes | None = None) -> dict:
         "evaluations": evaluation_counts(outcome.events),
         "wall_seconds": wall, "sessions": sessions,
     }
+    if outcome.tiers:  # a run without the funnel keeps its summary as it was
+        summary["tiers"] = outcome.tiers
+    return summary
 
 
 def write_history(path: Path, mode: str | Mode | Phenotypes,
@@ -461,9 +473,25 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
     for e in fame:
         lines.append(f"| {e['rank']} | {e['fitness']:.4f} | {e['size']} | "
                      f"`{one_line(e['canonical']).replace('|', chr(92) + '|')}` |")
-    lines += ["", *_evaluations_markdown(counts)]
+    lines += ["", *_evaluations_markdown(counts), *_tiers_markdown(data.get("tiers"))]
     lines += ["## Reproduce", "", *_fenced(data["reproduce"]), ""]
     return "\n".join(lines)
+
+
+def _tiers_markdown(tiers: list[dict] | None) -> list[str]:
+    """The funnel: how many candidates each tier scored and passed on. A funnel fitness is
+    2 * tier level + the score at that tier, so every promoted candidate ranks above every one
+    that stopped lower."""
+    if not tiers:
+        return []
+    lines = ["## Fidelity tiers", "",
+             "Every candidate that passed screening was scored on the first tier; the best of "
+             "each tier went on to the next. Fitness is 2 x the highest tier reached (0 = "
+             "first) + the score there.", "",
+             "| tier | evaluated | promoted | seconds |", "|---|---|---|---|"]
+    lines += [f"| {t['name']} | {t['evaluated']} | {t['promoted']} | {t['seconds']:.0f} |"
+              for t in tiers]
+    return lines + [""]
 
 
 def _evaluations_markdown(counts: dict) -> list[str]:

@@ -233,7 +233,11 @@ class Session:
         self.display.start_generation(self.generation, len(texts))
         if self.tracker is not None:
             self.tracker.start_generation()
-        results = self.evaluator.evaluate(texts, on_result=self._answered)
+        results = self.scorer.evaluate(texts, on_result=self._answered)
+        if self.scorer is not self.evaluator:
+            self.display.funnel = self.scorer.counts()
+            self.log({"event": "funnel", "generation": self.generation,
+                      "tiers": self.scorer.counts()})
         _check_not_all_broken(self.generation, results)
         return [r.fitness for r in results]
 
@@ -247,6 +251,9 @@ class Session:
         self.display.answered(evaluation)
         if self.tracker is not None:
             self.tracker.answered(evaluation)
+        self._check_budget()
+
+    def _check_budget(self) -> None:
         if self.budget is not None and time.time() - self.started > self.budget:
             raise BudgetExhausted(f"the time budget ran out during generation {self.generation}")
 
@@ -347,7 +354,17 @@ class Session:
         self.log({"event": "session", "resumed": self.resumed, "pid": os.getpid(),
                   "command": shlex.join(["python", "-m", "engine.run", *sys.argv[1:]]),
                   "executor": config.executor, "workers": executor.workers})
-        self.evaluator = self._evaluator(store, executor, backend)
+        self.evaluator = self.scorer = self._evaluator(store, executor, backend)
+        if config.tiers is not None:
+            from engine.fitness.funnel import STATE_FILE, FunnelFitness
+            from engine.fitness.tiers import Tier
+
+            try:
+                tiers = [Tier.from_json(t) for t in config.tiers]
+                self.scorer = FunnelFitness(self.evaluator, tiers, out / STATE_FILE,
+                                            tick=self._check_budget)
+            except (KeyError, TypeError, ValueError) as err:
+                raise UsageError(f"config.json: key 'tiers': {err}") from None
         base_name, base_text = self.mode.baseline()
         known = store.lookup(self.mode.parse(base_text).hash,
                              self.evaluator.task, self.evaluator.protocol, self.seed)
@@ -458,7 +475,9 @@ class Session:
                     curves[missing[index][0]] = self.load_curves(missing[index][0])
         outcome = RunOutputs(run_dir=self.out, config=self.config, history=history,
                           events=self.events(), status=status, baseline=base,
-                          curves={k: v for k, v in curves.items() if v}, versions=versions)
+                          curves={k: v for k, v in curves.items() if v}, versions=versions,
+                          tiers=getattr(self.scorer, "funnel", None) and
+                          self.scorer.funnel.summary())
         return write_all(outcome)
 
     def resume_command(self) -> str:

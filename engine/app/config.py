@@ -446,6 +446,9 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         reproduce += ["--device", args.device]
     if args.tiers == "off":
         reproduce += ["--tiers", "off"]
+    if args.tiers == "on" and mode.name != "alr":
+        raise UsageError(f"--tiers on: the micro tier trains ALR programs; a {mode.name} run "
+                         "trains every candidate (drop --tiers)")
     try:
         return RunConfig(
             name=out.name, out=out, mode=mode, preset=preset, seed=seed, evolution=evolution,
@@ -463,7 +466,7 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
             reproduce=shlex.join(["python", *reproduce]),
             created=datetime.now().astimezone().isoformat(timespec="seconds"),
             versions=versions(), task=task, device=args.device,
-            tiers=None if args.tiers == "off" else default_tiers(preset))
+            tiers=None if args.tiers == "off" or mode.name != "alr" else default_tiers(preset))
     except ValueError as err:
         raise UsageError(str(err)) from None
 

@@ -198,7 +198,8 @@ class Display:
         self.session_seconds.append(seconds)
         self.progress.update(self.run_task, completed=record.generation + 1)
         self.progress.update(self.run_task, eta=self.eta())
-        funnel = "".join(f"  {t['name']} {t['evaluated']}" for t in self.funnel)
+        funnel = ("  funnel " + " > ".join(f"{t['evaluated']} {t['name']}" for t in self.funnel)
+                  if self.funnel else "")
         self.message(f"gen {record.generation:>3}/{self.generations - 1}  best {record.best:.4f}"
                      f"  median {record.median:.4f}  new {record.evaluated:>3} "
                      f"({self._detail()}){funnel}  {seconds:.0f} s")

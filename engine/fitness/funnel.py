@@ -29,7 +29,13 @@ from engine.rundir import write_atomic
 __all__ = ["STATE_FILE", "FunnelFitness", "default_tiers", "score_chunk"]
 
 STATE_FILE = "funnel.json"
-FINAL = ("screened", "failed")  # answers that never enter the funnel
+
+
+def _final(answer: Evaluation) -> bool:
+    """An answer that never enters the funnel: unparseable or screened. Both are functions of
+    the text alone, however they were learnt (screening now, or the store): which texts enter
+    must not depend on the store, or a resumed run would rank a different set."""
+    return answer.source == "failed" or (answer.reason or "").startswith("screened")
 
 
 def default_tiers(preset: str) -> list[dict]:
@@ -127,12 +133,12 @@ class FunnelFitness:
         final: dict[int, Evaluation] = {}
 
         def cheap(evaluation: Evaluation) -> None:
-            if evaluation.source in FINAL and on_result is not None:
+            if _final(evaluation) and on_result is not None:
                 on_result(evaluation)
 
         batch = self.evaluator.answer_cheaply(texts, cheap)
         for i, answer in batch.answers.items():
-            if answer.source in FINAL:
+            if _final(answer):
                 final[i] = answer
         hashes = {i: a.hash for i, a in batch.answers.items()}
         for h, pending in batch.pending.items():

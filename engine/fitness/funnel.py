@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine.fitness.evaluator import Evaluation, Evaluator
+from engine.fitness.store import not_reusable
 from engine.fitness.tiers import DEFAULT_TIERS, Funnel, FunnelState, Job, Tier
 from engine.rundir import write_atomic
 
@@ -78,9 +79,15 @@ class FunnelFitness:
         self.funnel = Funnel(tiers, scorers, state, checkpoint=self._save)
         self.trained: dict[str, Evaluation] = {}  # text -> its seed-0 training's answer
         self._by_seed: dict[int, Evaluator] = {0: evaluator}
+        # Rows of trainings that failed by no fault of the candidate's (a timeout, a dead
+        # worker): used for this generation, as the evaluator uses its floor fitness, but never
+        # saved, so that a resume (or the next time the text comes up) trains it again.
+        self._unsaved: set[tuple[str, str, float, int]] = set()
 
     def _save(self, state: FunnelState) -> None:
-        write_atomic(self.path, json.dumps(state.to_json()))
+        data = state.to_json()
+        data["rows"] = [r for r in data["rows"] if tuple(r[:4]) not in self._unsaved]
+        write_atomic(self.path, json.dumps(data))
         if self.tick is not None:
             self.tick()
 
@@ -115,6 +122,8 @@ class FunnelFitness:
             answers = self._evaluator(s).evaluate([jobs[i][0] for i in index])
             for i, answer in zip(index, answers):
                 out[i] = answer.fitness if answer.reason is None else 0.0
+                if not_reusable(answer.reason):
+                    self._unsaved.add((jobs[i][0], tier.name, float(jobs[i][1]), s))
                 if s == 0:
                     self.trained[jobs[i][0]] = answer
         return out
@@ -145,6 +154,9 @@ class FunnelFitness:
             hashes.update({i: h for i in pending.indices})
         candidates = [t for i, t in enumerate(texts) if i not in final]
         standings = dict(zip(candidates, self.funnel.evaluate(candidates)))
+        for key in self._unsaved:
+            self.funnel.state.rows.pop(key, None)
+        self._unsaved.clear()
         results = []
         for i, text in enumerate(texts):
             if i in final:

@@ -154,7 +154,7 @@ def test_the_curves_plot_names_the_split_of_each_line():
     accuracy (min over trials): the plot draws both and says which is which."""
     import matplotlib.pyplot as plt
 
-    from engine.app import report
+    from engine.app import plots, report
 
     config = RunConfig(name="t", out=Path("t"), mode="alr", preset="smoke", seed=0,
                        evolution=EvolutionConfig(population=1, elitism=0, tournament=1))
@@ -163,7 +163,7 @@ def test_the_curves_plot_names_the_split_of_each_line():
         baseline={"name": "Adam", "hash": "b" * 20, "fitness": 0.385},
         curves={"a" * 20: {"val_acc": [[0.40, 0.55, 0.565], [0.46, 0.515, 0.56]]},
                 "b" * 20: {"val_acc": [[0.27, 0.29, 0.37]]}})
-    fig = report.curves_figure(outcome, "a" * 20, 0.63)
+    fig = plots.curves_figure(outcome, "a" * 20, 0.63)
     ax = fig.axes[0]
     assert "validation split" in ax.get_ylabel() and "fitness split" in ax.get_ylabel()
     labels = [t.get_text() for t in ax.get_legend().get_texts()]

@@ -7,6 +7,7 @@ learnable pattern per class (said in the output of -rs as a skip reason never: b
 
 from __future__ import annotations
 
+import collections
 import csv
 import gzip
 import json
@@ -119,7 +120,9 @@ def test_alr_run_writes_every_output(alr_run):
     best, base, counts = summary["best"], summary["baseline"], summary["evaluations"]
     assert best["fitness"] == max(g["best"] for g in summary["per_generation"])
     assert base["name"] == "Adam (lr=1e-3)" and 0.1 < base["fitness"] <= 1
-    assert summary["best_minus_baseline"] == pytest.approx(best["fitness"] - base["fitness"])
+    # smoke runs the funnel: the best's score at its tier (an accuracy) meets the baseline's,
+    # not its funnel fitness (2 * tier level + score)
+    assert summary["best_minus_baseline"] == pytest.approx(best["score"] - base["fitness"])
     assert counts["requested"] == sum(counts["outcomes"].values())
     assert counts["requested"] == sum(g["evaluated"] for g in summary["per_generation"])
     assert counts["trainings"] >= 3 and summary["wall_seconds"] > 0
@@ -173,7 +176,8 @@ def diverging_run(tmp_path_factory, env):
     (base / "seeds.txt").write_text(DIVERGES)
     # Without the zoo's six seeds: smoke's population of 6 holds them or this one, not both.
     result = engine_run(smoke("alr", base / "run", base / "store.sqlite", "--seed-programs",
-                              base / "seeds.txt", "--no-seed-zoo", "--tensorboard", base / "tb"),
+                              base / "seeds.txt", "--no-seed-zoo", "--tensorboard", base / "tb",
+                              "--tiers", "off"),  # the funnel would stop it at the micro tier
                         env, cwd=base)
     return base / "run", base / "tb", result
 
@@ -664,3 +668,61 @@ def test_show_prints_a_finished_run(alr_run, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best"]["hash"][:10] in out and "hall of fame" in out and "finished" in out
     assert show_module.main([str(run_dir / "nope")]) == 2
+
+
+# -- the fidelity-tier funnel ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smoke_runs_the_funnel_and_every_output_shows_it(alr_run, env):
+    run_dir, result = alr_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tiers = summary["tiers"]
+    assert [t["name"] for t in tiers] == ["micro", "quick"]
+    assert tiers[0]["evaluated"] > tiers[1]["evaluated"] >= 1
+    assert tiers[0]["promoted"] == tiers[1]["evaluated"]
+    assert summary["evaluations"]["outcomes"]["micro"] >= 1
+    assert summary["best"]["tier"] in ("micro", "quick") and 0 <= summary["best"]["score"] <= 1
+    assert "## Fidelity tiers" in (run_dir / "report.md").read_text()
+    lines = [line for line in result.stdout.splitlines() if line.startswith("gen ")]
+    assert len(lines) == 3 and all(re.search(r"funnel \d+ micro > \d+ quick ", l) for l in lines)
+    shown = collections.Counter()
+    for line in lines:
+        for kind, n in KIND_COUNT.findall(line[line.index("("):]):
+            shown[kind] += int(n)
+    assert {k: v for k, v in summary["evaluations"]["outcomes"].items() if v} == dict(shown)
+    assert (run_dir / "funnel.json").exists()
+    show = subprocess.run([sys.executable, "-m", "engine.show", str(run_dir)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "fidelity tiers" in show.stdout, show.stdout
+
+
+@pytest.mark.slow
+def test_tiers_off_trains_every_candidate_as_before(env, tmp_path):
+    run_dir = tmp_path / "run"
+    engine_run(smoke("alr", run_dir, tmp_path / "store.sqlite", "--tiers", "off"), env,
+               cwd=tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "tiers" not in summary and summary["evaluations"]["outcomes"]["micro"] == 0
+    assert "tiers" not in json.loads((run_dir / "config.json").read_text())
+    assert not (run_dir / "funnel.json").exists()
+    result = engine_run(["--resume", "--out", run_dir, "--tiers", "on"], env, cwd=tmp_path,
+                        check=False)
+    assert result.returncode == 2 and "--tiers on differs" in result.stderr
+
+
+@pytest.mark.slow
+def test_time_budget_mid_funnel_then_resume_gives_the_uninterrupted_run(alr_run, env, tmp_path):
+    """The budget runs out inside generation 0's funnel (after its micro tier, checked after
+    every tier's scoring); the resume reuses funnel.json's rows and ends as the run that was
+    never stopped."""
+    reference, _ = alr_run
+    run_dir = tmp_path / "run"
+    result = engine_run(smoke("alr", run_dir, tmp_path / "store.sqlite", "--time-budget", "1"),
+                        env, cwd=tmp_path)
+    assert "Stopped before generation 0 finished" in result.stdout
+    rows = json.loads((run_dir / "funnel.json").read_text())["rows"]
+    assert rows and {r[1] for r in rows} == {"micro"}
+    engine_run(["--resume", "--out", run_dir, "--time-budget", "10m"], env, cwd=tmp_path)
+    assert history_rows(run_dir) == history_rows(reference)
+    ours = json.loads((run_dir / "summary.json").read_text())
+    assert ours["best"] == json.loads((reference / "summary.json").read_text())["best"]

@@ -56,7 +56,7 @@ def test_a_new_config_round_trips_through_json(tmp_path):
                                       str(tmp_path / "run"), "--store", str(tmp_path / "s.db")])
     config = new_config(args, ["--preset", "smoke"])
     data = json.loads(json.dumps(config.to_json()))
-    assert list(data) == list(BEFORE)
+    assert list(data) == [*BEFORE, "tiers"]  # an ALR preset run names its funnel's tiers
     assert RunConfig.from_json(data) == config
 
 
@@ -243,3 +243,26 @@ def test_remutate_compares_children_by_behaviour(tmp_path, monkeypatch):
     assert same("weight: mul(grad, lr)") == same("weight: mul(lr, grad)") \
         != same("weight: mul(lr, sign(grad))")
     assert same("not a program") == "not a program"
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--preset", "smoke"], ["micro", "quick"]),
+    (["--preset", "quick"], ["micro", "quick", "top"]),
+    (["--preset", "quick", "--tiers", "off"], None),
+    (["--preset", "smoke", "--mode", "dlr"], None),  # the micro tier trains ALR programs only
+])
+def test_each_alr_preset_runs_the_funnel_unless_told_not_to(tmp_path, argv, names):
+    args = build_parser().parse_args([*argv, "--out", str(tmp_path / "run")])
+    config = new_config(args, argv)
+    assert (None if config.tiers is None else [t["name"] for t in config.tiers]) == names
+    again = RunConfig.from_json(json.loads(json.dumps(config.to_json())))
+    assert again.tiers == config.tiers
+    if names:  # the preset's own training is the tier after the micro one
+        assert config.tiers[1]["tasks"] == [config.preset]
+
+
+def test_tiers_on_for_a_run_the_funnel_cannot_score_is_a_usage_error(tmp_path):
+    args = build_parser().parse_args(["--mode", "dlr", "--tiers", "on", "--out",
+                                      str(tmp_path / "run")])
+    with pytest.raises(UsageError, match="--tiers on"):
+        new_config(args, [])

@@ -29,6 +29,14 @@ def reference(tmp_path_factory, env):  # noqa: F811
     return base / "run"
 
 
+@pytest.fixture(scope="module")
+def reference_off(tmp_path_factory, env):  # noqa: F811
+    """The same with --tiers off: every candidate trained, no funnel."""
+    base = tmp_path_factory.mktemp("reference_off")
+    engine_run(smoke("alr", base / "run", base / "store.sqlite", "--tiers", "off"), env, cwd=base)
+    return base / "run"
+
+
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The run's error: its last line on stderr (a worker's warnings may come before it)."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
@@ -173,16 +181,18 @@ def test_a_lock_left_by_a_killed_run_does_not_block_its_resume(env, tmp_path):  
 # -- items 13 and 14: a resumed run counts each candidate once; a copied run writes to the copy -
 
 @pytest.mark.slow
-def test_a_resumed_run_counts_each_candidate_once(reference, env, tmp_path):  # noqa: F811
+def test_a_resumed_run_counts_each_candidate_once(reference_off, env, tmp_path):  # noqa: F811
     """Stopped by its time budget after the first answer of generation 0, then resumed: the
     replayed answers (from the store) used to be counted again (requested 22 against 16)."""
     run_dir = tmp_path / "run"
-    engine_run(smoke("alr", run_dir, tmp_path / "store.sqlite", "--time-budget", "0.3"), env,
-               cwd=tmp_path)
+    # The old path: the funnel answers a generation's trained candidates at its end, so a stop
+    # this early leaves nothing to replay (its resume is tests/test_run.py's mid-funnel test).
+    engine_run(smoke("alr", run_dir, tmp_path / "store.sqlite", "--time-budget", "0.3",
+                     "--tiers", "off"), env, cwd=tmp_path)
     assert any(e["event"] == "stopped" for e in events(run_dir))
     engine_run(["--resume", "--out", run_dir, "--time-budget", "1h"], env, cwd=tmp_path)
-    assert history_rows(run_dir) == history_rows(reference)
-    assert counts(run_dir) == counts(reference)
+    assert history_rows(run_dir) == history_rows(reference_off)
+    assert counts(run_dir) == counts(reference_off)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["sessions"] == 2 and summary["evaluations"]["answered_again"] >= 1
     report = (run_dir / "report.md").read_text()
@@ -220,7 +230,7 @@ def test_counts_take_the_answer_an_uninterrupted_run_would_have_given():
            answer(1, "a", "store")]
     assert evaluation_counts(log) == {
         "requested": 4,
-        "outcomes": {"trained": 2, "store": 1, "twin": 0, "screened": 1, "diverged": 0,
+        "outcomes": {"trained": 2, "store": 1, "micro": 0, "twin": 0, "screened": 1, "diverged": 0,
                      "timeout": 0, "error": 0, "unparseable": 0},
         "reasons": {"screened: the weight never changes": 1}, "answered_again": 3,
         "trainings": 3, "train_seconds": 3.0}

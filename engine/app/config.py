@@ -25,15 +25,15 @@ from engine.app.flags import duration as _duration, seed as _seed
 from engine.evolution.evolve import EvolutionConfig
 from engine.evolution.grammar import Grammar, GrammarError, load_grammar
 from engine.modes import MODES, Mode
-from engine.app.runlock import LOCK_NAME
 from engine.evolution.seeds import DEFAULT_SEED_LR, SeedError, read_seed_file, snap_all
+from engine.fitness.funnel import default_tiers
 from engine.fitness.store import versions
 from engine.tasks.protocol import PRESETS
 from engine.tasks.registry import FAMILIES, absolute, is_builtin_cnn
 from engine.tasks.supervised import TaskError
 
 __all__ = ["MAX_SEED", "PRESET_DEFAULTS", "RESUMABLE", "RunConfig", "build_parser",
-           "check_out_dir", "check_seed", "new_config", "resumed_config"]
+           "check_seed", "new_config", "resumed_config"]
 
 FORMAT = "autolr-run"
 VERSION = 1
@@ -116,6 +116,9 @@ class RunConfig:
     task: str | None = None  # a task reference (--task); None: the preset's Fashion-MNIST CNN
     device: str | None = None  # cpu or cuda (a preset's CNN or a --task); None: a GPU if any
     task_digest: str | None = None  # the --task's definition when the run started
+    # The fidelity-tier funnel (engine.fitness.funnel): Tier.to_json() per tier; None: one
+    # training per candidate (--tiers off, and every run saved before tiers existed).
+    tiers: list | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str):
@@ -175,7 +178,8 @@ class RunConfig:
         }
         # Only when set: a preset run's config.json stays what it always was.
         data.update({k: v for k, v in (("task", self.task), ("device", self.device),
-                                       ("task_digest", self.task_digest)) if v})
+                                       ("task_digest", self.task_digest),
+                                       ("tiers", self.tiers)) if v})
         return data
 
     @classmethod
@@ -217,9 +221,9 @@ _JSON_KEYS: dict[str, tuple[type, ...]] = {
     "executor": (str,), "workers": (int, type(None)), "ray_address": (str, type(None)),
     "store": (str,), "backend": (str,), "tensorboard": (str, type(None)), "command": (str,),
     "reproduce": (str,), "created": (str,), "versions": (dict,), "task": (str, type(None)),
-    "device": (str, type(None)), "task_digest": (str, type(None)),
+    "device": (str, type(None)), "task_digest": (str, type(None)), "tiers": (list, type(None)),
 }
-_OPTIONAL_KEYS = ("task", "device", "task_digest")
+_OPTIONAL_KEYS = ("task", "device", "task_digest", "tiers")
 _PATH_KEYS = ("out", "grammar", "seed_programs", "store", "tensorboard")
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object",
                bool: "true or false", type(None): "null"}
@@ -311,6 +315,10 @@ def _search_and_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", type=Path, default=None,
                    help="results store shared across runs (default: "
                         "$AUTOLR_CACHE/results.sqlite, else ~/.cache/autolr/results.sqlite)")
+    p.add_argument("--tiers", choices=("on", "off"), default=None,
+                   help="score candidates through the fidelity-tier funnel (a micro training "
+                        "for all, the preset's training for the best; default: on) or train "
+                        "every candidate (off); fixed for the run")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="kernel backend for ALR candidates (default: auto: triton on CUDA, "
                         "numba on the CPU)")
@@ -365,6 +373,17 @@ def _task_label(task: str | None) -> str | None:
     return task if not where else Path(where).stem.split(".")[-1] if attr == "task" else attr
 
 
+def _task_reference(task: str | None) -> str | None:
+    """--task as the run records it: None for the presets' CNN, a built-in name as typed, a
+    file reference made absolute (workers elsewhere, and a resume from elsewhere, find it)."""
+    if task is None or is_builtin_cnn(task) or task in FAMILIES:
+        return None if task is None or is_builtin_cnn(task) else task
+    try:
+        return absolute(task)
+    except TaskError as err:
+        raise UsageError(str(err)) from None
+
+
 def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
     mode, preset = modes.get(args.mode or modes.DEFAULT), args.preset or "quick"
     seed = 0 if args.seed is None else args.seed
@@ -392,14 +411,15 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
     if len(seeds) > population:
         raise UsageError(f"{len(seeds)} seed programs do not fit in a population of "
                          f"{population}; raise --population or seed fewer")
-    task = None if is_builtin_cnn(args.task) else args.task
-    if task is not None and task not in FAMILIES:
-        try:
-            task = absolute(task)  # workers elsewhere, and a resume from elsewhere, find it
-        except TaskError as err:
-            raise UsageError(str(err)) from None
+    task = _task_reference(args.task)
     out = args.out or _fresh_dir(mode.name, _task_label(task) or preset, seed)
     reproduce = reproduce_args(args, mode.name, preset, evolution, seed_lr, task)
+    # The micro tier trains ALR programs and is calibrated against the presets' CNN only.
+    funnel = args.tiers != "off" and mode.tiered and task is None
+    if args.tiers == "on" and not funnel:
+        raise UsageError("--tiers on: the funnel's micro tier is calibrated for ALR programs on "
+                         "the presets' Fashion-MNIST task; this run trains every candidate "
+                         "(drop --tiers)")
     try:
         return RunConfig(
             name=out.name, out=out, mode=mode, preset=preset, seed=seed, evolution=evolution,
@@ -416,7 +436,8 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
             command=shlex.join(["python", "-m", "engine.run", *argv]),
             reproduce=shlex.join(["python", *reproduce]),
             created=datetime.now().astimezone().isoformat(timespec="seconds"),
-            versions=versions(), task=task, device=args.device)
+            versions=versions(), task=task, device=args.device,
+            tiers=default_tiers(preset) if funnel else None)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -451,6 +472,10 @@ def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
             raise UsageError(f"--resume: --{name.replace('_', '-')} {given} differs from the "
                              f"run's {'unset' if saved is None else saved}; only "
                              f"{', '.join(RESUMABLE)} may change")
+    if args.tiers is not None and (args.tiers == "off") != (config.tiers is None):
+        raise UsageError(f"--resume: --tiers {args.tiers} differs from the run's "
+                         f"{'off' if config.tiers is None else 'on'}; only "
+                         f"{', '.join(RESUMABLE)} may change")
     if args.grammar is not None or args.seed_programs is not None or args.seed_lr is not None:
         raise UsageError("--resume: the run keeps the grammar and seed programs it started "
                          f"with (saved in {out}/config.json); drop --grammar/--seed-programs")
@@ -459,27 +484,3 @@ def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
         return config.resumed(out=out, **changes)
     except ValueError as err:
         raise UsageError(str(err)) from None
-
-
-def check_out_dir(out: Path, config: RunConfig) -> None:
-    """A fresh run needs a new or empty directory: never mix two runs' files."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a directory")
-    saved = out / "config.json"
-    if saved.exists():
-        try:
-            old = json.loads(saved.read_text(encoding="utf-8"))
-            mine = config.to_json()
-            same = all(old.get(k) == mine[k] for k in ("mode", "preset", "seed", "evolution"))
-            what = "this run" if same else (f"a different run ({old.get('mode')}, preset "
-                                            f"{old.get('preset')}, seed {old.get('seed')})")
-        except (OSError, ValueError):
-            what = "a run"
-        raise UsageError(f"{out} already holds {what}; pass --resume to continue it, or choose "
-                         "another --out")
-    if any(p.name != LOCK_NAME for p in out.iterdir()):  # a lock alone: a run killed at start
-        raise UsageError(f"{out} is not empty and holds no AutoLR run; choose a new or empty "
-                         "directory for --out")
-

@@ -118,6 +118,8 @@ def reproduce_args(args: argparse.Namespace, mode: str, preset: str,
         reproduce += ["--task", task]
     if args.device is not None:
         reproduce += ["--device", args.device]
+    if args.tiers == "off":
+        reproduce += ["--tiers", "off"]
     return reproduce
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from codegen.ir import Program, Schedule
 from engine import modes
 from engine.fitness import outcomes
+from engine.app.plots import write_plots
 from engine.evolution.evolve import GenerationRecord
 from engine.modes.export import write_best_optimizer
 from engine.modes import Mode
@@ -64,6 +65,7 @@ class RunOutputs:
     baseline: dict | None = None
     curves: dict[str, dict] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    tiers: list[dict] | None = None  # a funnel run's per-tier figures (Funnel.summary())
 
 
 # -- small pure helpers ------------------------------------------------------------------------
@@ -200,7 +202,15 @@ def summary(outcome: RunOutputs, parsed: Phenotypes | None = None) -> dict:
                if e.get("event") == "generation"}
     wall, sessions = wall_seconds(outcome.events)
     baseline = outcome.baseline or {}
-    return {
+    score = best_fitness
+    extra: dict = {}
+    if outcome.tiers:
+        # A funnel fitness is 2 * tier level + the score there (engine.fitness.tiers.Standing):
+        # the baseline compares with the score, an accuracy like its own fitness.
+        level = min(int(best_fitness // 2), len(outcome.tiers) - 1)
+        score = round(best_fitness - 2 * level, 6)
+        extra = {"tier": outcome.tiers[level]["name"], "score": score}
+    summary = {
         "run": cfg.name, "status": outcome.status, "mode": mode.name, "preset": cfg.preset,
         "seed": cfg.seed, "command": cfg.command, "reproduce": cfg.reproduce,
         "versions": outcome.versions,
@@ -209,9 +219,9 @@ def summary(outcome: RunOutputs, parsed: Phenotypes | None = None) -> dict:
         "population": cfg.evolution.population,
         "best": {"program": best_text, "canonical": str(best.canonical()), "hash": best.hash,
                  "fitness": best_fitness, "size": parsed.size(best_text),
-                 "generation": first},
+                 "generation": first, **extra},
         "baseline": baseline,
-        "best_minus_baseline": (round(best_fitness - baseline["fitness"], 6)
+        "best_minus_baseline": (round(score - baseline["fitness"], 6)
                                 if "fitness" in baseline else None),
         "per_generation": [{"generation": r.generation, "best": r.best, "median": r.median,
                             "worst": r.worst, "evaluated": r.evaluated,
@@ -219,6 +229,9 @@ def summary(outcome: RunOutputs, parsed: Phenotypes | None = None) -> dict:
         "evaluations": evaluation_counts(outcome.events),
         "wall_seconds": wall, "sessions": sessions,
     }
+    if outcome.tiers:  # a run without the funnel keeps its summary as it was
+        summary["tiers"] = outcome.tiers
+    return summary
 
 
 def write_history(path: Path, mode: str | Mode | Phenotypes,
@@ -252,103 +265,6 @@ def write_kernels(directory: Path, fame: Sequence[dict], parsed: Phenotypes) -> 
             (directory / name).write_text(source(program, backend), encoding="utf-8")
             written.append(name)
     return written
-
-
-def curves_figure(outcome: RunOutputs, best_hash: str, best_fitness: float | None = None):
-    """The best program's and the baseline's training curves, or None when neither is known.
-
-    The curves and the fitness are measured on different splits, and the plot says so: a
-    curve is accuracy on the validation split after each epoch (what early stopping watches),
-    the fitness is accuracy on the separate fitness split with the best epoch's weights
-    restored (ALR: the minimum over trials). So a curve's peak need not equal the fitness;
-    the fitness is drawn as a level line in each program's colour."""
-    plt = _pyplot()
-
-    curves, baseline = outcome.curves, outcome.baseline or {}
-    if best_hash not in curves and baseline.get("hash") not in curves:
-        return None
-    per_trial = outcome.config.mode.min_over_trials
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
-    for color, key, label, fitness, style in (
-            ("C0", best_hash, "best", best_fitness, "-"),
-            ("C1", baseline.get("hash"), baseline.get("name", "baseline"),
-             baseline.get("fitness"), "--")):
-        for trial, values in enumerate((curves.get(key) or {}).get("val_acc", [])):
-            name = f"{label}, trial {trial}" if trial or per_trial else label
-            ax.plot(range(1, len(values) + 1), values, style, marker=".", color=color,
-                    alpha=1.0 if trial == 0 else 0.5, label=f"{name}: validation split")
-        if key in curves and fitness is not None:
-            what = "min over trials, " if per_trial else ""
-            ax.axhline(fitness, color=color, ls=":",
-                       label=f"{label}: fitness {fitness:.4f} ({what}fitness split)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="epoch",
-           ylabel="accuracy (curves: validation split;\ndotted: fitness split)",
-           title="Training curves: best against the baseline")
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13))
-    return fig
-
-
-def write_plots(directory: Path, outcome: RunOutputs, fame: Sequence[dict], best_hash: str,
-                best_fitness: float | None = None, parsed: Phenotypes | None = None) -> dict:
-    """fitness.png, curves.png (when curves are known) and size.png; returns name -> path."""
-    plt = _pyplot()
-    directory.mkdir(exist_ok=True)
-    history, parsed = outcome.history, parsed or Phenotypes(outcome.config.mode)
-    baseline = outcome.baseline or {}
-    made = {}
-
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    gens = [r.generation for r in history]
-    ax.plot(gens, [r.best for r in history], "o-", label="best")
-    ax.plot(gens, [r.median for r in history], "s--", label="median")
-    if "fitness" in baseline:
-        ax.axhline(baseline["fitness"], color="grey", ls=":", label=baseline["name"])
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="generation", ylabel="fitness (accuracy)", title="Fitness per generation")
-    ax.legend()
-    made["fitness"] = _save(fig, directory / "fitness.png")
-
-    fig = curves_figure(outcome, best_hash, best_fitness)
-    if fig is not None:
-        made["curves"] = _save(fig, directory / "curves.png")
-
-    points: dict[str, tuple[int, float]] = {}
-    for record in history:
-        for text, fitness in zip(record.phenotypes, record.fitness):
-            h = parsed.program(text).hash
-            if h not in points:
-                points[h] = (parsed.size(text), fitness)
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.scatter([p[0] for p in points.values()], [p[1] for p in points.values()], s=14,
-               alpha=0.6, label="programs")
-    ax.scatter([e["size"] for e in fame], [e["fitness"] for e in fame], s=30, marker="*",
-               color="C3", label="hall of fame")
-    if "fitness" in baseline:
-        ax.axhline(baseline["fitness"], color="grey", ls=":", label=baseline["name"])
-    ax.set(xlabel="program size (canonical nodes)", ylabel="fitness (accuracy)",
-           title="Accuracy against program size", xscale="log")
-    ax.legend()
-    made["size"] = _save(fig, directory / "size.png")
-    return made
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never a window, never a display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path.name
 
 
 def write_all(outcome: RunOutputs) -> dict:
@@ -440,30 +356,52 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
         secs = "" if g["seconds"] is None else f"{g['seconds']:.0f}"
         lines.append(f"| {g['generation']} | {g['best']:.4f} | {g['median']:.4f} | "
                      f"{g['worst']:.4f} | {g['evaluated']} | {secs} |")
-    if "curves" in plots and data.get("task"):
-        lines += ["", "## Training curves", "",
-                  "The task's metric on its validation split after each epoch (what early "
-                  "stopping watches) of the best program and the baseline; the fitness is its "
-                  "best epoch's, drawn as a dotted level line.", "",
-                  f"![training curves](plots/{plots['curves']})"]
-    elif "curves" in plots:
-        lines += ["", "## Training curves", "",
-                  "Accuracy on the validation split after each epoch (what early stopping "
-                  "watches) of the best program and the baseline, retrained (or recorded when "
-                  "first trained) under the fitness protocol. The fitness is measured on a "
-                  "different split, the fitness split, with the best epoch's weights restored "
-                  + ("(the minimum over trials)" if mode.min_over_trials else "")
-                  + ": it is drawn as a dotted level line, and a curve's peak need not equal it.",
-                  "",
-                  f"![training curves](plots/{plots['curves']})"]
+    lines += _curves_markdown(plots, bool(data.get("task")), mode)
     lines += ["", "## Accuracy against program size", "", f"![accuracy against size](plots/{plots['size']})",
               "", "## Hall of fame", "", "| rank | fitness | size | program |", "|---|---|---|---|"]
     for e in fame:
         lines.append(f"| {e['rank']} | {e['fitness']:.4f} | {e['size']} | "
                      f"`{one_line(e['canonical']).replace('|', chr(92) + '|')}` |")
-    lines += ["", *_evaluations_markdown(counts)]
+    lines += ["", *_evaluations_markdown(counts), *_tiers_markdown(data.get("tiers"))]
     lines += ["## Reproduce", "", *_fenced(data["reproduce"]), ""]
     return "\n".join(lines)
+
+
+def _curves_markdown(plots: dict, task: bool, mode: Mode) -> list[str]:
+    """The training-curves section: what the curves and the dotted fitness line measure."""
+    if "curves" not in plots:
+        return []
+    if task:
+        return ["", "## Training curves", "",
+               "The task's metric on its validation split after each epoch (what early "
+               "stopping watches) of the best program and the baseline; the fitness is its "
+               "best epoch's, drawn as a dotted level line.", "",
+               f"![training curves](plots/{plots['curves']})"]
+    return ["", "## Training curves", "",
+               "Accuracy on the validation split after each epoch (what early stopping "
+               "watches) of the best program and the baseline, retrained (or recorded when "
+               "first trained) under the fitness protocol. The fitness is measured on a "
+               "different split, the fitness split, with the best epoch's weights restored "
+               + ("(the minimum over trials)" if mode.min_over_trials else "")
+               + ": it is drawn as a dotted level line, and a curve's peak need not equal it.",
+               "",
+               f"![training curves](plots/{plots['curves']})"]
+
+
+def _tiers_markdown(tiers: list[dict] | None) -> list[str]:
+    """The funnel: how many candidates each tier scored and passed on. A funnel fitness is
+    2 * tier level + the score at that tier, so every promoted candidate ranks above every one
+    that stopped lower."""
+    if not tiers:
+        return []
+    lines = ["## Fidelity tiers", "",
+             "Every candidate that passed screening was scored on the first tier; the best of "
+             "each tier went on to the next. Fitness is 2 x the highest tier reached (0 = "
+             "first) + the score there.", "",
+             "| tier | evaluated | promoted | seconds |", "|---|---|---|---|"]
+    lines += [f"| {t['name']} | {t['evaluated']} | {t['promoted']} | {t['seconds']:.0f} |"
+              for t in tiers]
+    return lines + [""]
 
 
 def _evaluations_markdown(counts: dict) -> list[str]:

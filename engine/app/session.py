@@ -40,14 +40,14 @@ import os
 import shlex
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from engine.app.cli import UsageError
 from engine.evolution.evolve import CheckpointError, GenerationRecord, RunResult, evolve
 from engine.evolution.grammar import Grammar
-from engine.app.config import RunConfig, build_parser, check_out_dir, new_config, \
+from engine.app import preflight
+from engine.app.config import RunConfig, build_parser, new_config, \
     resumed_config
 from engine.app.flagfile import with_config_file
 from engine.app.flags import remutate_same
@@ -116,7 +116,7 @@ def _main(argv: list[str]) -> int:
         config = resumed_config(args, args.out)
     else:
         config = new_config(args, argv)
-        check_out_dir(config.out, config)
+        preflight.check_out_dir(config.out, config)
     if config.tensorboard is not None:
         from engine.app.tracking import TrackingUnavailable, check_available
 
@@ -128,7 +128,7 @@ def _main(argv: list[str]) -> int:
         except OSError as err:  # now, not after the first generation
             raise UsageError(f"--tensorboard {config.tensorboard}: cannot write there "
                              f"({err.strerror}); choose another directory") from None
-    task = check_task(config)
+    task = preflight.check_task(config)
     if task is not None and args.resume and config.task_digest not in (None, task.digest):
         raise UsageError(f"--resume: the task {config.task} changed since the run started "
                          "(its file or settings), so its fitnesses would not compare with the "
@@ -136,48 +136,9 @@ def _main(argv: list[str]) -> int:
     if task is not None:
         config = dataclasses.replace(config, task_digest=task.digest)
     if task is None and not config.ray_address:
-        _check_data()
-    _check_store(config.store)
+        preflight.check_data()
+    preflight.check_store(config.store)
     return Session(config.out, config, resumed=args.resume, task=task).run()
-
-
-def check_task(config: RunConfig):
-    """The run's --task resolved and checked once, here, before any worker or file exists: a
-    TaskRef for the jobs, or None for the preset's Fashion-MNIST CNN."""
-    import torch
-
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no CUDA GPU on this machine; use "
-                         "--device cpu (or leave --device out)")
-    if config.task is None:
-        return None
-    from engine.tasks.registry import resolve
-    from engine.tasks.supervised import TaskError, check_task as check
-
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        task, ref = resolve(config.task, device)
-        check(task, device)
-    except TaskError as err:
-        raise UsageError(str(err)) from None
-    return ref
-
-
-def _check_store(path: Path) -> None:
-    """Open the store once before the run directory is made: a damaged or foreign file must
-    not leave a half-made run behind that a retry then refuses."""
-    from engine.fitness.store import Store
-
-    Store(path).close()  # a StoreError is main's one line
-
-
-def _check_data() -> None:
-    from engine.tasks.data import DataCorruptError, DataNotFoundError, load_fashion_mnist
-
-    try:
-        load_fashion_mnist("train")
-    except (DataNotFoundError, DataCorruptError) as err:
-        raise UsageError(str(err)) from None
 
 
 class Session:
@@ -232,7 +193,11 @@ class Session:
         self.display.start_generation(self.generation, len(texts))
         if self.tracker is not None:
             self.tracker.start_generation()
-        results = self.evaluator.evaluate(texts, on_result=self._answered)
+        results = self.scorer.evaluate(texts, on_result=self._answered)
+        if self.scorer is not self.evaluator:
+            self.display.funnel = self.scorer.counts()
+            self.log({"event": "funnel", "generation": self.generation,
+                      "tiers": self.scorer.counts()})
         _check_not_all_broken(self.generation, results)
         return [r.fitness for r in results]
 
@@ -246,6 +211,9 @@ class Session:
         self.display.answered(evaluation)
         if self.tracker is not None:
             self.tracker.answered(evaluation)
+        self._check_budget()
+
+    def _check_budget(self) -> None:
         if self.budget is not None and time.time() - self.started > self.budget:
             raise BudgetExhausted(f"the time budget ran out during generation {self.generation}")
 
@@ -283,7 +251,7 @@ class Session:
         elif not backends.get(backend).available(None):
             raise UsageError(f"--backend {backend}: {backends.get(backend).missing}")
         if self.mode.compiled and not config.ray_address:
-            _check_kernel_cache()
+            preflight.check_kernel_cache()
         initializer = functools.partial(configure_process, threads=1)
         try:
             store = Store(config.store)
@@ -347,7 +315,17 @@ class Session:
         self.log({"event": "session", "resumed": self.resumed, "pid": os.getpid(),
                   "command": shlex.join(["python", "-m", "engine.run", *sys.argv[1:]]),
                   "executor": config.executor, "workers": executor.workers})
-        self.evaluator = self._evaluator(store, executor, backend)
+        self.evaluator = self.scorer = self._evaluator(store, executor, backend)
+        if config.tiers is not None:
+            from engine.fitness.funnel import STATE_FILE, FunnelFitness
+            from engine.fitness.tiers import Tier
+
+            try:
+                tiers = [Tier.from_json(t) for t in config.tiers]
+                self.scorer = FunnelFitness(self.evaluator, tiers, out / STATE_FILE,
+                                            tick=self._check_budget)
+            except (KeyError, TypeError, ValueError) as err:
+                raise UsageError(f"config.json: key 'tiers': {err}") from None
         base_name, base_text = self.mode.baseline()
         known = store.lookup(self.mode.parse(base_text).hash,
                              self.evaluator.task, self.evaluator.protocol, self.seed)
@@ -459,7 +437,9 @@ class Session:
                     curves[missing[index][0]] = self.load_curves(missing[index][0])
         outcome = RunOutputs(run_dir=self.out, config=self.config, history=history,
                           events=self.events(), status=status, baseline=base,
-                          curves={k: v for k, v in curves.items() if v}, versions=versions)
+                          curves={k: v for k, v in curves.items() if v}, versions=versions,
+                          tiers=getattr(self.scorer, "funnel", None) and
+                          self.scorer.funnel.summary())
         return write_all(outcome)
 
     def resume_command(self) -> str:
@@ -481,20 +461,3 @@ def _check_not_all_broken(generation: int, results) -> None:
     raise RunFailed(f"every training of generation {generation} ({len(trained)} of them) failed "
                     f"for a reason that is not the candidate's own, e.g. '{trained[0].reason}'"
                     f"{hint}; nothing of generation {generation} was kept")
-
-
-def _check_kernel_cache() -> None:
-    """The kernel cache must be a directory we can write: else every compile fails."""
-    from codegen.cache import cache_root
-
-    root = cache_root()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=root).close()
-    except OSError as err:
-        named = (f"AUTOLR_CACHE={os.environ['AUTOLR_CACHE']}" if os.environ.get("AUTOLR_CACHE")
-                 else str(root))
-        why = "it is a file" if root.exists() and not root.is_dir() else err.strerror or err
-        raise UsageError(f"the kernel cache {named} is not a directory this user can write "
-                         f"({why}); point AUTOLR_CACHE at one (or unset it for "
-                         "~/.cache/autolr)") from None

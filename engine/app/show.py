@@ -63,6 +63,7 @@ class Display:
             for text, fitness in zip(record.phenotypes, record.fitness):
                 self._note(None, text, fitness)
         self.counts: dict[str, int] = outcomes.zero()
+        self.funnel: list[dict] = []  # the last generation's tiers (a funnel run's session sets it)
         # The ETA is the mean time of the generations this session finished: none before the
         # first one, when all there is to go on is start-up (worker imports, data, compiles).
         self.session_seconds: list[float] = []
@@ -197,9 +198,11 @@ class Display:
         self.session_seconds.append(seconds)
         self.progress.update(self.run_task, completed=record.generation + 1)
         self.progress.update(self.run_task, eta=self.eta())
+        funnel = ("  funnel " + " > ".join(f"{t['evaluated']} {t['name']}" for t in self.funnel)
+                  if self.funnel else "")
         self.message(f"gen {record.generation:>3}/{self.generations - 1}  best {record.best:.4f}"
                      f"  median {record.median:.4f}  new {record.evaluated:>3} "
-                     f"({self._detail()})  {seconds:.0f} s")
+                     f"({self._detail()}){funnel}  {seconds:.0f} s")
         self._refresh()
 
 
@@ -215,13 +218,18 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
                                           f"{summary['seed']}")
     table.add_row("generations", f"{summary['generations_done']} of {summary['generations']}, "
                                  f"population {summary['population']}")
-    table.add_row("best fitness", f"{best['fitness']:.4f} (hash {best['hash']}, size "
+    table.add_row("best fitness", f"{best['fitness']:.4f} "
+                  + (f"(tier {best['tier']}, score {best['score']:.4f}; " if "tier" in best
+                     else "(") + f"hash {best['hash']}, size "
                                   f"{best['size']}, generation {best['generation']})")
     if "fitness" in base:
         table.add_row("baseline", f"{base['fitness']:.4f} {base['name']} "
                                   f"({summary['best_minus_baseline']:+.4f} for the best)")
     table.add_row("best program", escape(best["canonical"]))
     table.add_row("evaluations", escape(_evaluations(counts)))
+    if summary.get("tiers"):
+        table.add_row("fidelity tiers", " > ".join(
+            f"{t['name']} {t['evaluated']} ({t['seconds']:.0f} s)" for t in summary["tiers"]))
     table.add_row("failure reasons",
                   escape(", ".join(f"{k} {v}" for k, v in counts["reasons"].items()) or "none"))
     wall = summary.get("wall_seconds")

@@ -27,6 +27,7 @@ class Kind:
 KINDS: tuple[Kind, ...] = (
     Kind("trained", "trained now; fitness measured"),
     Kind("store", "fitness measured before, answered from the results store"),
+    Kind("micro", "ranked on the micro tier only: not among the best to go on to training"),
     Kind("twin", "behaves as a program already measured (same fingerprint on probe inputs)"),
     Kind("screened", "rejected without training: broken on probe inputs"),
     Kind("diverged", "training diverged (non-finite loss, or a schedule's non-finite lr)"),
@@ -39,7 +40,7 @@ NAMES: tuple[str, ...] = tuple(k.name for k in KINDS)
 # A failure's reason starts with what went wrong (engine.fitness.evaluator, engine.tasks.training, executors).
 _BY_PREFIX = (("screened", "screened"), ("diverged", "diverged"), ("timeout", "timeout"),
               ("parse error", "unparseable"))
-_SUCCESS = {"trained": "trained", "store": "store", "fingerprint": "twin"}
+_SUCCESS = {"trained": "trained", "store": "store", "fingerprint": "twin", "micro": "micro"}
 
 
 def kind_of(source: str, reason: str | None) -> str:

@@ -43,6 +43,7 @@ class Mode:
     grammar: Path  # the default grammar (engine/evolution/grammars)
     compiled: bool  # candidates are compiled to a kernel: a cache, a backend, kernels/ files
     screened: bool  # candidates are screened and fingerprinted on probe inputs before training
+    tiered: bool  # candidates can be scored by the fidelity-tier funnel (engine.fitness.funnel)
     min_over_trials: bool  # fitness is the minimum over several trials (one curve each)
     usage: tuple[str, ...]  # report.md's lines that use best_optimizer.py
 
@@ -105,7 +106,7 @@ class _Alr(Mode):
     name, title = "alr", "ALR"
     candidate, programs = "an optimizer", "ALR programs"
     grammar = ALR_GRAMMAR
-    compiled = screened = min_over_trials = True
+    compiled = screened = min_over_trials = tiered = True
     usage = ("from best_optimizer import BestOptimizer",
              "optimizer = BestOptimizer(model.parameters())")
 
@@ -205,7 +206,7 @@ class _Dlr(Mode):
     name, title = "dlr", "DLR"
     candidate, programs = "a learning-rate schedule", "schedules"
     grammar = DLR_GRAMMAR
-    compiled = screened = min_over_trials = False  # torch's SGD trains them, once
+    compiled = screened = min_over_trials = tiered = False  # torch's SGD trains them, once
     usage = ("from best_optimizer import BestSchedule, INITIAL_LR",
              "optimizer = torch.optim.SGD(model.parameters(), lr=INITIAL_LR)",
              "scheduler = BestSchedule(optimizer)  # scheduler.step() after every epoch")

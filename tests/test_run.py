@@ -685,6 +685,8 @@ def test_smoke_runs_the_funnel_and_every_output_shows_it(alr_run, env):
     assert "## Fidelity tiers" in (run_dir / "report.md").read_text()
     lines = [line for line in result.stdout.splitlines() if line.startswith("gen ")]
     assert len(lines) == 3 and all(re.search(r"funnel \d+ micro > \d+ quick ", l) for l in lines)
+    # The best is shown as its score at the tier it reached, never as 2 * level + score.
+    assert all(re.search(r"best [01]\.\d{4} (micro|quick)  median ", l) for l in lines), lines
     shown = collections.Counter()
     for line in lines:
         for kind, n in KIND_COUNT.findall(line[line.index("("):]):

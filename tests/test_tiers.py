@@ -150,3 +150,13 @@ def test_bad_tiers_are_clear_errors():
     with pytest.raises(ValueError, match="distinct"):
         Funnel((TIERS[0], TIERS[0]), {"micro": Synthetic()})
     assert [Tier.from_json(t.to_json()) for t in DEFAULT_TIERS] == list(DEFAULT_TIERS)
+
+
+def test_split_fitness_gives_back_the_tier_and_score_of_every_standing():
+    from engine.fitness.tiers import split_fitness
+
+    for level in range(4):
+        for score in (0.0, 0.25, 0.8167, 1.0):
+            standing = Standing(text="t", level=level, score=score, order=0)
+            got_level, got_score = split_fitness(standing.fitness)
+            assert got_level == level and got_score == pytest.approx(score, abs=1e-12)

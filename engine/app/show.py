@@ -200,10 +200,23 @@ class Display:
         self.progress.update(self.run_task, eta=self.eta())
         funnel = ("  funnel " + " > ".join(f"{t['evaluated']} {t['name']}" for t in self.funnel)
                   if self.funnel else "")
-        self.message(f"gen {record.generation:>3}/{self.generations - 1}  best {record.best:.4f}"
-                     f"  median {record.median:.4f}  new {record.evaluated:>3} "
+        self.message(f"gen {record.generation:>3}/{self.generations - 1}  "
+                     f"best {tiered(self.config, record.best)}  "
+                     f"median {tiered(self.config, record.median)}  new {record.evaluated:>3} "
                      f"({self._detail()}){funnel}  {seconds:.0f} s")
         self._refresh()
+
+
+def tiered(config: RunConfig | _Header, fitness: float) -> str:
+    """A fitness as a reader wants it: for a funnel run, the score at the tier it reached and that
+    tier's name ("0.8167 top") rather than the selection's 2 * level + score."""
+    if not config.tiers:
+        return f"{fitness:.4f}"
+    from engine.fitness.tiers import split_fitness
+
+    level, score = split_fitness(fitness)
+    names = [str(t.get("name", "?")) if isinstance(t, dict) else "?" for t in config.tiers]
+    return f"{score:.4f} {names[min(level, len(names) - 1)]}"
 
 
 def print_summary(summary: dict, out: Path, console: Console | None = None) -> None:
@@ -278,6 +291,7 @@ class _Header:
     preset: object
     seed: object
     generations: object
+    tiers: list | None = None  # a funnel run's tiers (RunConfig.tiers), for `tiered`
 
 
 class _Files:
@@ -320,12 +334,13 @@ class _Files:
             pass
         else:
             return _Header(whole.name, whole.mode, whole.preset, whole.seed,
-                           whole.evolution.generations)
+                           whole.evolution.generations, whole.tiers)
         if (_has(data, "name", "mode", "preset", "seed", "evolution")
                 and _has(data["evolution"], "generations")
                 and modes.find(data["mode"]) is not None):
+            tiers = data.get("tiers") if isinstance(data.get("tiers"), list) else None
             return _Header(data["name"], modes.get(data["mode"]), data["preset"], data["seed"],
-                           data["evolution"]["generations"])
+                           data["evolution"]["generations"], tiers)
         self.warn(self.run_dir / "config.json", "not an AutoLR run config", instead)
         return None
 
@@ -404,7 +419,8 @@ def _show(files: _Files, console: Console) -> bool:
     for column in ("gen", "best", "median", "worst", "new"):
         table.add_column(column)
     for r in history:
-        table.add_row(str(r.generation), f"{r.best:.4f}", f"{r.median:.4f}", f"{r.worst:.4f}",
+        table.add_row(str(r.generation), tiered(config, r.best), tiered(config, r.median),
+                      tiered(config, r.worst),
                       str(r.evaluated))
     console.print(table)
     counts = evaluation_counts(events)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from engine.fitness.racing import ALPHA, p_value
 
 __all__ = ["DEFAULT_TIERS", "Funnel", "FunnelState", "Scorer", "Standing", "Tier", "Job",
+           "split_fitness",
            "micro_scorer", "ranking"]
 
 Job = tuple[str, float, int]  # program text, lr scale, seed
@@ -132,6 +133,13 @@ class Standing:
     @property
     def fitness(self) -> float:
         return 2.0 * self.level + self.score
+
+
+def split_fitness(fitness: float) -> tuple[int, float]:
+    """(tier level, score there) of a `Standing.fitness`: what a reader wants to see instead of
+    the selection's single float. Scores lie in [0, 1], so the level is the even part."""
+    level = max(0, int(fitness // 2))
+    return level, fitness - 2.0 * level
 
 
 def ranking(standings: Sequence[Standing]) -> list[Standing]:

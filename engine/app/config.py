@@ -376,8 +376,10 @@ def _task_label(task: str | None) -> str | None:
 def _task_reference(task: str | None) -> str | None:
     """--task as the run records it: None for the presets' CNN, a built-in name as typed, a
     file reference made absolute (workers elsewhere, and a resume from elsewhere, find it)."""
-    if task is None or is_builtin_cnn(task) or task in FAMILIES:
-        return None if task is None or is_builtin_cnn(task) else task
+    if task is None or is_builtin_cnn(task):
+        return None
+    if task in FAMILIES:
+        return task
     try:
         return absolute(task)
     except TaskError as err:

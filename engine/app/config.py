@@ -21,7 +21,7 @@ from engine import modes
 from engine.app.cli import Parser, UsageError, positive_int
 from engine.app.flags import MAX_SEED, SEARCH_OPTIONS, add_search_flags, check_seed, \
     reproduce_args, search_settings
-from engine.app.flags import duration as _duration, seed as _seed
+from engine.app.flags import duration as _duration, seed as _seed, tiers as _tiers
 from engine.evolution.evolve import EvolutionConfig
 from engine.evolution.grammar import Grammar, GrammarError, load_grammar
 from engine.modes import MODES, Mode
@@ -315,10 +315,13 @@ def _search_and_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", type=Path, default=None,
                    help="results store shared across runs (default: "
                         "$AUTOLR_CACHE/results.sqlite, else ~/.cache/autolr/results.sqlite)")
-    p.add_argument("--tiers", choices=("on", "off"), default=None,
+    p.add_argument("--tiers", type=_tiers, default=None, metavar="on|off|TIERS",
                    help="score candidates through the fidelity-tier funnel (a micro training "
-                        "for all, the preset's training for the best; default: on) or train "
-                        "every candidate (off); fixed for the run")
+                        "for all, the preset's training for the best; default: on for ALR on "
+                        "the presets' task), train every candidate (off), or the funnel with "
+                        "these tiers: a JSON list of tier tables or a .json file holding one "
+                        "(lr_scales, normalise and several tasks per tier: README, 'Tiers'); "
+                        "fixed for the run")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="kernel backend for ALR candidates (default: auto: triton on CUDA, "
                         "numba on the CPU)")
@@ -418,7 +421,9 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
     reproduce = reproduce_args(args, mode.name, preset, evolution, seed_lr, task)
     # The micro tier trains ALR programs and is calibrated against the presets' CNN only.
     funnel = args.tiers != "off" and mode.tiered and task is None
-    if args.tiers == "on" and not funnel:
+    if isinstance(args.tiers, list):
+        funnel = True
+    elif args.tiers == "on" and not funnel:
         raise UsageError("--tiers on: the funnel's micro tier is calibrated for ALR programs on "
                          "the presets' Fashion-MNIST task; this run trains every candidate "
                          "(drop --tiers)")
@@ -439,7 +444,8 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
             reproduce=shlex.join(["python", *reproduce]),
             created=datetime.now().astimezone().isoformat(timespec="seconds"),
             versions=versions(), task=task, device=args.device,
-            tiers=default_tiers(preset) if funnel else None)
+            tiers=(args.tiers if isinstance(args.tiers, list) else
+                   default_tiers(preset) if funnel else None))
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -474,7 +480,9 @@ def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
             raise UsageError(f"--resume: --{name.replace('_', '-')} {given} differs from the "
                              f"run's {'unset' if saved is None else saved}; only "
                              f"{', '.join(RESUMABLE)} may change")
-    if args.tiers is not None and (args.tiers == "off") != (config.tiers is None):
+    if args.tiers is not None and (
+            (args.tiers == "off") != (config.tiers is None)
+            or isinstance(args.tiers, list) and args.tiers != config.tiers):
         raise UsageError(f"--resume: --tiers {args.tiers} differs from the run's "
                          f"{'off' if config.tiers is None else 'on'}; only "
                          f"{', '.join(RESUMABLE)} may change")

@@ -21,7 +21,7 @@ __all__ = ["read_config_file", "with_config_file"]
 # to that run alone.
 _RUN_FLAGS = ("mode", "preset", "seed", "grammar", "seed_programs", "seed_lr", "seed_zoo",
               "time_limit", "time_budget", "executor", "workers", "ray_address", "store",
-              "backend", "tensorboard", "task", "device")
+              "backend", "tensorboard", "task", "device", "tiers")
 
 
 def read_config_file(path: Path) -> dict:
@@ -71,6 +71,8 @@ def with_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                 argv.append(flag if value else "--no-" + flag[2:])
             elif value:
                 argv.append(flag)
+        elif isinstance(value, list):  # --tiers given as a list of tables
+            argv += [flag, json.dumps(value)]
         elif value is not None:
             argv += [flag, str(value)]
     try:

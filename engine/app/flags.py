@@ -11,6 +11,7 @@ change on --resume (the checkpoint's identity includes them).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections.abc import Callable
 
@@ -19,7 +20,7 @@ from engine.evolution.evolve import EvolutionConfig
 from engine.modes import Mode
 
 __all__ = ["MAX_SEED", "SEARCH_OPTIONS", "add_search_flags", "check_seed", "duration",
-           "remutate_same", "reproduce_args", "search_settings", "seed"]
+           "remutate_same", "reproduce_args", "search_settings", "seed", "tiers", "check_tiers"]
 
 # EvolutionConfig's search options, in the order --help lists them.
 SEARCH_OPTIONS = ("p_mut_const", "remutate", "niche_cap", "restart_after")
@@ -38,6 +39,46 @@ def duration(text: str) -> float:
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
     return seconds
+
+
+def tiers(text: str) -> str | list[dict]:
+    """--tiers: 'on', 'off', or the tiers themselves: a JSON list of tier tables (inline, or a
+    .json file holding one), each as engine.fitness.tiers.Tier.to_json writes it."""
+    if text in ("on", "off"):
+        return text
+    from pathlib import Path
+
+    source = text
+    if not text.lstrip().startswith("["):
+        try:
+            source = Path(text).read_text(encoding="utf-8")
+        except OSError as err:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not on, off, a JSON list of tiers or a readable file holding one "
+                f"({err.strerror or err})") from None
+    try:
+        data = json.loads(source)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--tiers: not valid JSON ({err})") from None
+    return check_tiers(data)
+
+
+def check_tiers(data: object) -> list[dict]:
+    """A list of tier tables, each checked by building its Tier; a ValueError naming the bad
+    one otherwise."""
+    from engine.fitness.tiers import Tier
+
+    if not isinstance(data, list) or not data or not all(isinstance(t, dict) for t in data):
+        raise argparse.ArgumentTypeError("--tiers: a non-empty list of tier tables, e.g. "
+                                         '[{"name": "quick", "tasks": ["quick"]}]')
+    try:
+        checked = [Tier.from_json(t).to_json() for t in data]
+    except (KeyError, TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"--tiers: {err}") from None
+    names = [t["name"] for t in checked]
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--tiers: tier names must be distinct, got {names}")
+    return checked
 
 
 def seed(text: str) -> int:
@@ -120,6 +161,8 @@ def reproduce_args(args: argparse.Namespace, mode: str, preset: str,
         reproduce += ["--device", args.device]
     if args.tiers == "off":
         reproduce += ["--tiers", "off"]
+    elif isinstance(args.tiers, list):
+        reproduce += ["--tiers", json.dumps(args.tiers, separators=(",", ":"))]
     return reproduce
 
 

@@ -13,7 +13,8 @@ from engine.app.cli import UsageError
 from engine.app.config import RunConfig
 from engine.app.runlock import LOCK_NAME
 
-__all__ = ["check_data", "check_kernel_cache", "check_out_dir", "check_store", "check_task"]
+__all__ = ["check_data", "check_kernel_cache", "check_out_dir", "check_store", "check_task",
+           "check_tiers"]
 
 
 def check_task(config: RunConfig):
@@ -36,6 +37,25 @@ def check_task(config: RunConfig):
     except TaskError as err:
         raise UsageError(str(err)) from None
     return ref
+
+
+def check_tiers(config: RunConfig) -> None:
+    """The run's tiers (--tiers, --config) checked as the funnel will use them: micro tiers
+    only for ALR and only with micro tasks, and every trained tier's task resolved and checked
+    (the run's own --task is check_task's)."""
+    if config.tiers is None:
+        return
+    from engine.fitness.funnel import micro_tiers, task_definition
+    from engine.fitness.tiers import Tier
+
+    try:
+        tiers = [Tier.from_json(t) for t in config.tiers]
+        micro = micro_tiers(config.mode, tiers)
+        names = {n for t in tiers if t.name not in micro for n in t.tasks} - {config.task}
+        for name in sorted(names):
+            task_definition(name, config.device)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(f"tiers: {err}") from None
 
 
 def check_store(path: Path) -> None:

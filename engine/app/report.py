@@ -24,7 +24,7 @@ import csv
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,6 +66,9 @@ class RunOutputs:
     curves: dict[str, dict] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     tiers: list[dict] | None = None  # a funnel run's per-tier figures (Funnel.summary())
+    # summary.json's best.lr_scale and best.tasks (Session._best_detail); None: an older run's
+    best_detail: dict | None = None
+    lr_scales: Callable[[str], float] | None = None  # a program text's best step size scale
 
 
 # -- small pure helpers ------------------------------------------------------------------------
@@ -231,6 +234,14 @@ def summary(outcome: RunOutputs, parsed: Phenotypes | None = None) -> dict:
     }
     if outcome.tiers:  # a run without the funnel keeps its summary as it was
         summary["tiers"] = outcome.tiers
+    detail = outcome.best_detail
+    if detail is not None:
+        summary["best"].update(lr_scale=detail["lr_scale"], tasks=detail["tasks"])
+        if detail.get("normalised"):
+            # Its score is already relative to the baseline (0.5 = a tie; the minimum over the
+            # tasks): the baseline's own accuracy on the run's task does not compare with it.
+            summary["best"]["relative"] = min(t["relative"] for t in detail["tasks"])
+            summary["best_minus_baseline"] = None
     return summary
 
 
@@ -273,6 +284,8 @@ def write_all(outcome: RunOutputs) -> dict:
     parsed = Phenotypes(mode)
     data = summary(outcome, parsed)
     fame = hall_of_fame(parsed, outcome.history, preset=cfg.preset)
+    if outcome.lr_scales is not None:  # the step size scale each famous program scored at
+        fame = [{**entry, "lr_scale": outcome.lr_scales(entry["program"])} for entry in fame]
     best = data["best"]
     # The one text form every reader of programs accepts (Program.parse, Schedule.parse,
     # EvolvedOptimizer, codegen show, --seed-programs).
@@ -289,7 +302,8 @@ def write_all(outcome: RunOutputs) -> dict:
              f"fitness {best['fitness']:.4f}"
              + (f" against {baseline['fitness']:.4f} for {baseline['name']} on the same protocol"
                 if "fitness" in baseline else "") + ".")
-    write_best_optimizer(run_dir / "best_optimizer.py", mode, best["program"], about=about)
+    write_best_optimizer(run_dir / "best_optimizer.py", mode, best["program"], about=about,
+                         lr=best.get("lr_scale", 1.0))
     data["files"] = {"best_program": "best_program.txt", "history": "history.csv",
                      "hall_of_fame": "hall_of_fame.json",
                      "report": "report.md", "best_optimizer": "best_optimizer.py",
@@ -306,12 +320,13 @@ def _fame_markdown(fame: Sequence[dict]) -> str:
              f"The {len(fame)} fittest distinct programs of the run: different canonical forms "
              "that also behave differently (programs that behave alike are listed once, as "
              "the fittest of them).", "",
-             "| rank | fitness | size | generation | hash | alike | program |",
-             "|---|---|---|---|---|---|---|"]
+             "| rank | fitness | lr scale | size | generation | hash | alike | program |",
+             "|---|---|---|---|---|---|---|---|"]
     for e in fame:
         program = one_line(e["canonical"]).replace("|", "\\|")
-        lines.append(f"| {e['rank']} | {e['fitness']:.4f} | {e['size']} | {e['generation']} | "
-                     f"`{e['hash']}` | {len(e.get('twins', ()))} | `{program}` |")
+        lines.append(f"| {e['rank']} | {e['fitness']:.4f} | {e.get('lr_scale', 1.0):g} | "
+                     f"{e['size']} | {e['generation']} | `{e['hash']}` | "
+                     f"{len(e.get('twins', ()))} | `{program}` |")
     if any(e.get("twins") for e in fame):
         lines += ["", "alike: other programs of the run (other texts, other hashes) that behave "
                       "as the listed one and are not listed again (`twins` in hall_of_fame.json)."]
@@ -331,7 +346,13 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
              f"session(s).", "",
              "| | fitness | program size |", "|---|---|---|",
              f"| best evolved (`{best['hash']}`) | {best['fitness']:.4f} | {best['size']} |"]
-    if "fitness" in baseline:
+    if "relative" in best:
+        verdict = "beats" if best["relative"] > 0.5 else (
+            "ties" if best["relative"] == 0.5 else "does not beat")
+        lines += ["", f"The best evolved program {verdict} {baseline.get('name', 'the baseline')} "
+                      f"on its worst task: relative score {best['relative']:.4f} (0.5 = a tie; "
+                      "per task below)."]
+    elif "fitness" in baseline:
         lines.append(f"| {baseline['name']} (same protocol) | {baseline['fitness']:.4f} | "
                      f"{baseline.get('size', '')} |")
         delta = data["best_minus_baseline"]
@@ -345,7 +366,7 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
     lines += ["", "## The best program", "", *_fenced(best["canonical"]), "",
               "`best_optimizer.py` is a standalone copy of it for your own project "
               "(needs only torch):", "", "```python",
-              *mode.usage, "```", ""]
+              *mode.usage, "```", "", *_tasks_markdown(best, baseline)]
     if mode.compiled:
         lines += ["Its generated kernels (and those of the whole hall of fame) are in `kernels/`: "
                   f"`kernels/01-{best['hash']}.numba.py` and `.triton.py`.", ""]
@@ -358,13 +379,31 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
                      f"{g['worst']:.4f} | {g['evaluated']} | {secs} |")
     lines += _curves_markdown(plots, bool(data.get("task")), mode)
     lines += ["", "## Accuracy against program size", "", f"![accuracy against size](plots/{plots['size']})",
-              "", "## Hall of fame", "", "| rank | fitness | size | program |", "|---|---|---|---|"]
+              "", "## Hall of fame", "", "| rank | fitness | lr scale | size | program |",
+              "|---|---|---|---|---|"]
     for e in fame:
-        lines.append(f"| {e['rank']} | {e['fitness']:.4f} | {e['size']} | "
+        lines.append(f"| {e['rank']} | {e['fitness']:.4f} | {e.get('lr_scale', 1.0):g} | "
+                     f"{e['size']} | "
                      f"`{one_line(e['canonical']).replace('|', chr(92) + '|')}` |")
     lines += ["", *_evaluations_markdown(counts), *_tiers_markdown(data.get("tiers"))]
     lines += ["## Reproduce", "", *_fenced(data["reproduce"]), ""]
     return "\n".join(lines)
+
+
+def _tasks_markdown(best: dict, baseline: dict) -> list[str]:
+    """The best program per task against the baseline (summary.json's best.tasks)."""
+    if not best.get("tasks"):
+        return []
+    name = baseline.get("name", "the baseline")
+    lines = [f"It scored best at step size scale **{best['lr_scale']:g}** (its update times "
+             f"that; `best_optimizer.py`'s default lr). Per task, at that scale, against "
+             f"{name} at its own best scale of the same grid (relative: 1 / (1 + error / "
+             "baseline's error), 0.5 = a tie):", "",
+             "| task | best | baseline | relative |", "|---|---|---|---|"]
+    for t in best["tasks"]:
+        cells = ["" if t[k] is None else f"{t[k]:.4f}" for k in ("score", "baseline", "relative")]
+        lines.append(f"| {t['task']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _curves_markdown(plots: dict, task: bool, mode: Mode) -> list[str]:

@@ -129,6 +129,7 @@ def _main(argv: list[str]) -> int:
             raise UsageError(f"--tensorboard {config.tensorboard}: cannot write there "
                              f"({err.strerror}); choose another directory") from None
     task = preflight.check_task(config)
+    preflight.check_tiers(config)
     if task is not None and args.resume and config.task_digest not in (None, task.digest):
         raise UsageError(f"--resume: the task {config.task} changed since the run started "
                          "(its file or settings), so its fitnesses would not compare with the "
@@ -323,7 +324,7 @@ class Session:
             try:
                 tiers = [Tier.from_json(t) for t in config.tiers]
                 self.scorer = FunnelFitness(self.evaluator, tiers, out / STATE_FILE,
-                                            tick=self._check_budget)
+                                            tick=self._check_budget, device=config.device)
             except (KeyError, TypeError, ValueError) as err:
                 raise UsageError(f"config.json: key 'tiers': {err}") from None
         base_name, base_text = self.mode.baseline()
@@ -404,7 +405,8 @@ class Session:
         # The history as evolve returned it; a run stopped early has the generations that
         # `generation_done` saw, each checkpointed before it was reported.
         history = list(self.result.history) if self.result is not None else list(self.history)
-        best_text, _ = max(((r.best_phenotype, r.best) for r in history), key=lambda p: p[1])
+        best_text, best_fitness = max(((r.best_phenotype, r.best) for r in history),
+                                      key=lambda p: p[1])
         parse = self.mode.parse
         base_eval = self._evaluator(self.evaluator.store, executor, self.evaluator.backend)
         [answer] = base_eval.evaluate([base_text])
@@ -435,12 +437,29 @@ class Session:
                 if outcome.ok:
                     self.save_curves(missing[index][0], outcome.value.curves)
                     curves[missing[index][0]] = self.load_curves(missing[index][0])
+        funnel = getattr(self.scorer, "funnel", None) and self.scorer
         outcome = RunOutputs(run_dir=self.out, config=self.config, history=history,
                           events=self.events(), status=status, baseline=base,
                           curves={k: v for k, v in curves.items() if v}, versions=versions,
-                          tiers=getattr(self.scorer, "funnel", None) and
-                          self.scorer.funnel.summary())
+                          tiers=funnel and funnel.funnel.summary(),
+                          best_detail=self._best_detail(best_text, best_fitness, base, funnel),
+                          lr_scales=funnel.lr_scale if funnel else None)
         return write_all(outcome)
+
+    def _best_detail(self, text: str, fitness: float, base: dict, funnel) -> dict:
+        """summary.json's best.lr_scale and best.tasks: the funnel's (engine.fitness.funnel,
+        `best_detail`), or for a run that trains every candidate once, its one task at scale
+        1 against the baseline just measured."""
+        if funnel:
+            self.display.message("Measuring the best against the baseline on each task...")
+            return funnel.best_detail(text)
+        from engine.fitness.funnel import relative
+
+        score = max(fitness, 0.0)
+        return {"lr_scale": 1.0, "tier": None, "seeds": 1,
+                "tasks": [{"task": self.evaluator.task, "score": round(score, 6),
+                           "baseline": round(base["fitness"], 6),
+                           "relative": round(relative(score, base["fitness"]), 6)}]}
 
     def resume_command(self) -> str:
         return shlex.join([_python(), "-m", "engine.run", "--resume", "--out", str(self.out)])

@@ -235,7 +235,11 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
                   + (f"(tier {best['tier']}, score {best['score']:.4f}; " if "tier" in best
                      else "(") + f"hash {best['hash']}, size "
                                   f"{best['size']}, generation {best['generation']})")
-    if "fitness" in base:
+    if "relative" in best:
+        table.add_row("baseline", f"{base.get('name', '?')}: the best's relative score "
+                                  f"{best['relative']:.4f} on its worst of "
+                                  f"{len(best['tasks'])} task(s) (0.5 = a tie)")
+    elif "fitness" in base:
         table.add_row("baseline", f"{base['fitness']:.4f} {base['name']} "
                                   f"({summary['best_minus_baseline']:+.4f} for the best)")
     table.add_row("best program", escape(best["canonical"]))

@@ -51,6 +51,7 @@ class Job:
     seed: int
     time_limit: float | None
     backend: str
+    lr_scale: float = 1.0  # the step size scale it trains at (Mode.train)
 
     @classmethod
     def build(cls, mode: Mode, text: str, preset: str, seed: int,
@@ -78,7 +79,7 @@ def train(job: Job) -> EvalResult:
     """Worker entry point: compile the candidate's kernel (ALR), then train it under the
     protocol."""
     return job.mode.train(job.task, job.program, seed=job.seed, time_limit=job.time_limit,
-                          backend=job.backend)
+                          backend=job.backend, lr_scale=job.lr_scale)
 
 
 def compile_kernel(job: Job) -> float:
@@ -127,10 +128,11 @@ class Evaluator:
     def __init__(self, mode: Mode, task: str | Task | TaskRef, seed: int, store: Store,
                  executor: Executor, *,
                  time_limit: float | None = None, backend: str = "numba", run: str | None = None,
-                 worker: Callable[[Job], EvalResult] = train):
+                 worker: Callable[[Job], EvalResult] = train, lr_scale: float = 1.0):
         """`task`: a preset's name, or a user task's checked TaskRef. `worker` runs one Job in
         an executor's worker (module-level, so it pickles); tests substitute one that
-        misbehaves on purpose."""
+        misbehaves on purpose. `lr_scale`: every candidate trains at this step size scale
+        (Mode.train); the store keeps each scale's answers apart."""
         if isinstance(task, TaskRef):
             self.definition: Task | TaskRef = task
             name = task.name
@@ -141,6 +143,9 @@ class Evaluator:
         # The store's protocol key names the task's digest too: the store must not answer from
         # a task's older definition (a preset's, or a user task file's before an edit).
         self.protocol = f"{self.mode.name}/{name}@{self.definition.digest}"
+        if lr_scale != 1.0:  # scale 1 keeps the key every earlier run stored under
+            self.protocol += f"@lr{float(lr_scale)!r}"
+        self.lr_scale = float(lr_scale)
         self.store, self.executor = store, executor
         self.time_limit, self.backend, self.run = time_limit, backend, run
         self.worker = worker
@@ -156,7 +161,7 @@ class Evaluator:
     def job(self, program: Program | Schedule) -> Job:
         """The training job for `program` under this evaluator's mode, task and seed."""
         return Job(self.mode, program, self.definition, self.seed, self.time_limit,
-                   self.backend)
+                   self.backend, self.lr_scale)
 
     # -- the cheap half ------------------------------------------------------------------------
 
@@ -218,11 +223,7 @@ class Evaluator:
         """Train every pending program of `batch` on the executor, one job per program, and
         answer all the indices each one stands for as its outcome arrives. What a training says
         about the candidate itself is stored; a machine's failure (`not_reusable`) is not."""
-        hashes = list(batch.pending)
-        jobs = [self.job(batch.pending[h].program) for h in hashes]
-        timeout = None if self.time_limit is None else self.time_limit * KILL_GRACE + 30
-        for index, outcome in self.executor.run(self.worker, jobs, timeout=timeout):
-            self._trained(batch, hashes[index], outcome)
+        train_batches(self.executor, [(self, batch)])
 
     def _trained(self, batch: Batch, h: str, outcome: Outcome[EvalResult]) -> None:
         """Answer, and store, every index that program `h`'s training stands for."""
@@ -274,3 +275,22 @@ class Evaluator:
             fitness=evaluation.fitness, source=source, program=str(program), fingerprint=fp,
             accuracies=evaluation.accuracies, reason=evaluation.reason, seconds=evaluation.seconds,
             compile_seconds=evaluation.compile_seconds, run=self.run))
+
+
+def train_batches(executor: Executor, work: Sequence[tuple[Evaluator, Batch]]) -> None:
+    """`Evaluator.train` for several (evaluator, batch) pairs in one executor call: evaluators
+    of other tasks, step size scales or seeds (the funnel's trained tiers) keep every worker
+    busy instead of waiting on the slowest training of each pair in turn."""
+    jobs, where = [], []
+    for evaluator, batch in work:
+        for h, pending in batch.pending.items():
+            jobs.append(evaluator.job(pending.program))
+            where.append((evaluator, batch, h))
+    if not jobs:
+        return
+    limits = [e.time_limit for e, _ in work]
+    timeout = None if None in limits else max(limits) * KILL_GRACE + 30
+    worker = work[0][0].worker
+    for index, outcome in executor.run(worker, jobs, timeout=timeout):
+        evaluator, batch, h = where[index]
+        evaluator._trained(batch, h, outcome)

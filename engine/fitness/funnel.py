@@ -9,6 +9,19 @@ training of one candidate (so its answers come from, and go to, the results stor
 a candidate trained once is never trained again, in this run or another). Higher tiers are the
 same training at more seeds.
 
+A trained tier's tasks are task names: a preset's (`quick`), a built-in family's or a user's
+reference (engine.tasks.registry); each job (program, lr scale, seed) trains on every one of
+them, at that scale (engine.modes: Mode.train's `lr_scale`). Its row is the task's score when
+the tier has one task and does not normalise, the mean over tasks when it does not normalise,
+and otherwise the minimum over tasks of `relative(score, baseline)`, where the baseline is the
+mode's own (Adam for ALR) trained on the same task and seed at every scale of the tier and taken
+at its best: Adam tuned over the same grid. `relative` compares errors (1 - score, so that an
+accuracy and the regression's exp(-loss) read alike): 1 / (1 + err / err_baseline), 0.5 where
+the candidate matches the baseline, towards 1 as its error falls to 0, towards 0 as it fails.
+The minimum keeps one failed task from being hidden by good ones, as the paper's protocol takes
+the minimum over trials. Each task's own score is kept as a row of its own (tier "NAME/TASK"),
+which `best_detail` reads back for summary.json's `best.tasks`.
+
 Resume: the funnel's rows are saved in the run directory after every scorer call
 (`STATE_FILE`); a resumed run loads them, the interrupted generation is re-run by evolve, and
 every job with a row is answered from it, so the result is the uninterrupted one.
@@ -16,18 +29,18 @@ every job with a row is answered from it, so the result is the uninterrupted one
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from engine.fitness.evaluator import Evaluation, Evaluator
+from engine.fitness.evaluator import Evaluation, Evaluator, train_batches
 from engine.fitness.store import not_reusable
 from engine.fitness.tiers import DEFAULT_TIERS, Funnel, FunnelState, Job, Tier
 from engine.rundir import write_atomic
 
-__all__ = ["STATE_FILE", "FunnelFitness", "default_tiers", "score_chunk"]
+__all__ = ["STATE_FILE", "FunnelFitness", "aggregate", "default_tiers", "micro_tiers", "relative",
+           "score_chunk", "task_definition"]
 
 STATE_FILE = "funnel.json"
 
@@ -49,6 +62,60 @@ def default_tiers(preset: str) -> list[dict]:
     return [t.to_json() for t in tiers]
 
 
+def micro_tiers(mode, tiers: Sequence[Tier]) -> set[str]:
+    """The names of `tiers`' micro tiers (those with a step count, Tier.steps: stacked
+    trainings of MICRO_TASKS); a ValueError for tiers a run cannot have."""
+    from engine.fitness.micro import MICRO_TASKS
+
+    if not tiers:
+        raise ValueError("a funnel run needs at least one tier")
+    micro = {t.name for t in tiers if t.steps is not None}
+    for tier in tiers:
+        unknown = [t for t in tier.tasks if t not in MICRO_TASKS]
+        if tier.name in micro and unknown:
+            raise ValueError(f"tier {tier.name!r} has steps, so it is a micro tier, but "
+                             f"{', '.join(unknown)} are not micro tasks (choose from "
+                             f"{', '.join(MICRO_TASKS)}); drop steps to train tasks")
+        if tier.name in micro and not mode.tiered:
+            raise ValueError(f"tier {tier.name!r}: {mode.title} has no micro tier (the IR "
+                             "interpreter runs ALR programs); start with a trained tier (no "
+                             "steps)")
+    return micro
+
+
+def task_definition(name: str, device: str | None = None):
+    """What an Evaluator trains for a trained tier's task `name`: a preset's Task, or the
+    checked TaskRef of a family or a user's reference (a TaskError, a ValueError, if it does
+    not resolve or fails the task check)."""
+    from engine.tasks.families.fmnist_cnn import SIZES
+    from engine.tasks.protocol import get_task
+
+    if name in SIZES:
+        return get_task(name, device)
+    from engine.tasks.registry import resolve
+    from engine.tasks.supervised import check_task
+
+    task, ref = resolve(name, device or "cpu")
+    check_task(task, ref.device)
+    return ref
+
+
+def relative(score: float, baseline: float, eps: float = 1e-3) -> float:
+    """A task's score relative to the baseline's, in (0, 1): 1 / (1 + err / err_baseline) with
+    err = 1 - score (`eps` keeps two perfect scores at 0.5 rather than 0 / 0)."""
+    ratio = (1.0 - score + eps) / (1.0 - baseline + eps)
+    return 1.0 / (1.0 + ratio)
+
+
+def aggregate(scores: Sequence[float], baselines: Sequence[float]) -> float:
+    """A normalised tier's score of one job over its tasks: the minimum of `relative`, so a
+    task the candidate fails is never made up for by the others."""
+    if len(scores) != len(baselines) or not scores:
+        raise ValueError(f"one baseline per task: {len(scores)} scores, {len(baselines)} "
+                         "baselines")
+    return min(relative(a, b) for a, b in zip(scores, baselines))
+
+
 def score_chunk(job: tuple[tuple[str, ...], int, list[tuple[str, float]], int]) -> list[float]:
     """Worker entry point: the micro scores of one share of a generation's jobs."""
     from engine.fitness.micro import score_micro
@@ -63,33 +130,39 @@ class FunnelFitness:
     call (the run's time budget raises from it)."""
 
     def __init__(self, evaluator: Evaluator, tiers: Sequence[Tier], state_path: Path, *,
-                 tick: Callable[[], None] | None = None) -> None:
-        if len(tiers) < 2:
-            raise ValueError("a funnel run needs at least two tiers (the micro tier and the "
-                             "preset's training)")
-        for tier in tiers[1:]:
-            if tuple(tier.lr_scales) != (1.0,):
-                raise ValueError(f"tier {tier.name!r}: a trained tier runs the program at its "
-                                 f"own step size; use lr_scales [1.0], not {list(tier.lr_scales)}")
+                 tick: Callable[[], None] | None = None, device: str | None = None) -> None:
+        self.micro = micro_tiers(evaluator.mode, tiers)
         self.evaluator, self.tiers, self.path, self.tick = evaluator, list(tiers), state_path, tick
+        self.device = device
+        self.definitions = {name: self._definition(name) for tier in tiers
+                            if tier.name not in self.micro for name in tier.tasks}
         state = None
         if state_path.exists():
             state = FunnelState.from_json(json.loads(state_path.read_text(encoding="utf-8")))
-        scorers = {tiers[0].name: self._micro, **{t.name: self._train for t in tiers[1:]}}
+        scorers = {t.name: self._micro if t.name in self.micro else self._train for t in tiers}
         self.funnel = Funnel(tiers, scorers, state, checkpoint=self._save)
-        self.trained: dict[str, Evaluation] = {}  # text -> its seed-0 training's answer
-        self._by_seed: dict[int, Evaluator] = {0: evaluator}
+        self.trained: dict[str, Evaluation] = {}  # text -> its first training's answer
+        self._evaluators: dict[tuple[str, float, int], Evaluator] = {}
         # Rows of trainings that failed by no fault of the candidate's (a timeout, a dead
         # worker): used for this generation, as the evaluator uses its floor fitness, but never
         # saved, so that a resume (or the next time the text comes up) trains it again.
         self._unsaved: set[tuple[str, str, float, int]] = set()
 
+    def _definition(self, name: str):
+        """What an Evaluator trains for task `name`: the run's own task, or `task_definition`'s."""
+        if name in (self.evaluator.task, getattr(self.evaluator.definition, "ref", None)):
+            return self.evaluator.definition
+        return task_definition(name, self.device)
+
     def _save(self, state: FunnelState) -> None:
+        self._write(state)
+        if self.tick is not None:
+            self.tick()
+
+    def _write(self, state: FunnelState) -> None:
         data = state.to_json()
         data["rows"] = [r for r in data["rows"] if tuple(r[:4]) not in self._unsaved]
         write_atomic(self.path, json.dumps(data))
-        if self.tick is not None:
-            self.tick()
 
     # -- scorers -------------------------------------------------------------------------------
 
@@ -115,26 +188,105 @@ class FunnelFitness:
         return out
 
     def _train(self, tier: Tier, jobs: Sequence[Job]) -> list[float]:
-        """The evaluator's training (store first) per seed offset; a failed training is 0."""
-        out = [0.0] * len(jobs)
-        for s in sorted({j[2] for j in jobs}):
-            index = [i for i, j in enumerate(jobs) if j[2] == s]
-            answers = self._evaluator(s).evaluate([jobs[i][0] for i in index])
-            for i, answer in zip(index, answers):
-                out[i] = answer.fitness if answer.reason is None else 0.0
-                if not_reusable(answer.reason):
-                    self._unsaved.add((jobs[i][0], tier.name, float(jobs[i][1]), s))
-                if s == 0:
-                    self.trained[jobs[i][0]] = answer
+        """Each job's row (module docstring): its raw score per task, then the aggregate."""
+        ref = self.evaluator.mode.baseline()[1] if tier.normalise else None
+        seeds = sorted({j[2] for j in jobs})
+        want = [(t, float(sc), s) for t, sc, s in jobs]
+        if ref is not None:
+            want += [(ref, float(sc), s) for sc in tier.lr_scales for s in seeds]
+        raw = self._raw(tier, want)
+        out = []
+        for text, scale, seed in jobs:
+            scores = [raw[(text, task, float(scale), seed)] for task in tier.tasks]
+            if ref is None:
+                out.append(sum(scores) / len(scores))
+                continue
+            base = [max(raw[(ref, task, float(sc), seed)] for sc in tier.lr_scales)
+                    for task in tier.tasks]
+            out.append(aggregate(scores, base))
         return out
 
-    def _evaluator(self, offset: int) -> Evaluator:
-        """The run's evaluator at seed run_seed + offset (same store, executor and task)."""
-        if offset not in self._by_seed:
-            other = copy.copy(self.evaluator)
-            other.seed = self.evaluator.seed + offset
-            self._by_seed[offset] = other
-        return self._by_seed[offset]
+    def _raw(self, tier: Tier, jobs: Sequence[Job]) -> dict[tuple[str, str, float, int], float]:
+        """(text, task, scale, seed) -> the task's score (0 for a failed training), for every
+        task of `tier`: from the tier's per-task rows, else trained (store first), all of one
+        call's trainings in one executor call."""
+        out, work = {}, []
+        for task in tier.tasks:
+            sub = f"{tier.name}/{task}"
+            groups: dict[tuple[float, int], list[str]] = {}
+            for text, scale, seed in dict.fromkeys(jobs):
+                row = self.funnel.state.rows.get((text, sub, scale, seed))
+                if row is None:
+                    groups.setdefault((scale, seed), []).append(text)
+                else:
+                    out[(text, task, scale, seed)] = row
+            for (scale, seed), texts in groups.items():
+                evaluator = self._evaluator(task, scale, seed)
+                work.append((task, scale, seed, evaluator, evaluator.answer_cheaply(texts)))
+        train_batches(self.evaluator.executor, [(e, b) for *_, e, b in work])
+        for task, scale, seed, _, batch in work:
+            for answer in batch.results():
+                value = answer.fitness if answer.reason is None else 0.0
+                key = (answer.text, f"{tier.name}/{task}", scale, seed)
+                self.funnel.state.rows[key] = value
+                out[(answer.text, task, scale, seed)] = value
+                if not_reusable(answer.reason):
+                    self._unsaved.update({key, (answer.text, tier.name, scale, seed)})
+                if seed == 0 and answer.text not in self.trained:
+                    self.trained[answer.text] = answer
+        return out
+
+    def _evaluator(self, task: str, scale: float, offset: int) -> Evaluator:
+        """The run's evaluator for `task` at step size scale `scale` and seed run_seed +
+        offset (same store, executor, backend and limits)."""
+        key = (task, scale, offset)
+        e = self.evaluator
+        if key == (e.task, 1.0, 0) or (self.definitions[task] is e.definition
+                                        and (scale, offset) == (1.0, 0)):
+            return e
+        if key not in self._evaluators:
+            other = Evaluator(e.mode, self.definitions[task], e.seed + offset, e.store,
+                              e.executor, time_limit=e.time_limit, backend=e.backend, run=e.run,
+                              worker=e.worker, lr_scale=scale)
+            other.counts, other.failures = e.counts, e.failures  # one run, one set of counts
+            self._evaluators[key] = other
+        return self._evaluators[key]
+
+    def lr_scale(self, text: str) -> float:
+        """The step size scale `text` scored best at, at the highest tier it reached."""
+        tier = self._reached(text)
+        return 1.0 if tier is None else self.funnel.best_scale(tier, text)
+
+    def _reached(self, text: str) -> Tier | None:
+        return next((t for t in reversed(self.tiers)
+                     if self.funnel.tier_score(t, text) is not None), None)
+
+    def best_detail(self, text: str) -> dict:
+        """summary.json's `best.lr_scale` and `best.tasks` for `text`: at the highest tier it
+        reached and its best scale, per task its mean score over the seeds it ran, the
+        baseline's at the baseline's own best scale over the same seeds (trained now if the
+        tier did not normalise), and the relative score of the two."""
+        tier = self._reached(text)
+        if tier is None or tier.name in self.micro:
+            return {"lr_scale": self.lr_scale(text), "tier": tier and tier.name,
+                    "tasks": [{"task": t, "score": None, "baseline": None, "relative": None}
+                              for t in (tier.tasks if tier else ())]}
+        scale = self.funnel.best_scale(tier, text)
+        seeds = range(len(self.funnel._seed_scores(tier, text, range(tier.seeds))))
+        ref = self.evaluator.mode.baseline()[1]
+        raw = self._raw(tier, [(t, float(sc), s) for t, scales in ((text, [scale]),
+                                                                    (ref, tier.lr_scales))
+                               for sc in scales for s in seeds])
+        tasks = []
+        for task in tier.tasks:
+            mine = sum(raw[(text, task, scale, s)] for s in seeds) / len(seeds)
+            base = max(sum(raw[(ref, task, float(sc), s)] for s in seeds) / len(seeds)
+                       for sc in tier.lr_scales)
+            tasks.append({"task": task, "score": round(mine, 6), "baseline": round(base, 6),
+                          "relative": round(relative(mine, base), 6)})
+        self._write(self.funnel.state)
+        return {"lr_scale": scale, "tier": tier.name, "seeds": len(seeds), "tasks": tasks,
+                "normalised": tier.normalise}
 
     # -- the fitness function ------------------------------------------------------------------
 
@@ -163,7 +315,7 @@ class FunnelFitness:
                 results.append(final[i])
                 continue
             standing = standings[text]
-            if standing.level == 0:
+            if self.tiers[standing.level].name in self.micro:
                 answer = Evaluation(text, hashes.get(i), standing.fitness, "micro")
             else:
                 seen = self.trained.get(text) or Evaluation(text, hashes.get(i), 0.0, "store")

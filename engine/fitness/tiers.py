@@ -48,9 +48,12 @@ class Tier:
     """One fidelity level. `tasks` and `steps`/`epochs` say what its scorer trains (micro tasks
     by name and optimizer steps; a preset's name and epochs); `seeds` how many training seeds
     each candidate gets; `promote` the fraction of the candidates it scores in a generation that
-    go on to the next tier (rounded up; the last tier's is ignored); `lr_scales` the learning
-    rates each candidate is tried at (its score is the best of them); `racing`: seeds stop as
-    soon as the candidate cannot beat the incumbent (engine.fitness.racing)."""
+    go on to the next tier (rounded up; the last tier's is ignored); `lr_scales` the step size
+    scales each candidate is tried at (its score is the best scale's mean over seeds, and that
+    scale is its `Standing.lr_scale`); `racing`: seeds stop as soon as the candidate cannot beat
+    the incumbent (engine.fitness.racing); `normalise`: each task's score is taken relative to
+    the mode's baseline (Adam for ALR) trained at the same scales and seeds, and a job's score
+    is the minimum over the tier's tasks (engine.fitness.funnel says how)."""
 
     name: str
     tasks: tuple[str, ...]
@@ -60,6 +63,7 @@ class Tier:
     promote: float = 0.25
     lr_scales: tuple[float, ...] = (1.0,)
     racing: bool = False
+    normalise: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not self.tasks:
@@ -76,13 +80,15 @@ class Tier:
     def to_json(self) -> dict:
         return {"name": self.name, "tasks": list(self.tasks), "steps": self.steps,
                 "epochs": self.epochs, "seeds": self.seeds, "promote": self.promote,
-                "lr_scales": list(self.lr_scales), "racing": self.racing}
+                "lr_scales": list(self.lr_scales), "racing": self.racing,
+                "normalise": self.normalise}
 
     @classmethod
     def from_json(cls, data: Mapping) -> "Tier":
         return cls(data["name"], tuple(data["tasks"]), data.get("steps"), data.get("epochs"),
                    data.get("seeds", 1), data.get("promote", 0.25),
-                   tuple(data.get("lr_scales", (1.0,))), data.get("racing", False))
+                   tuple(data.get("lr_scales", (1.0,))), data.get("racing", False),
+                   data.get("normalise", False))
 
 
 # Measured defaults (BENCHMARKS.md, "Fidelity tiers"): of the micro tiers tried against the quick
@@ -124,6 +130,7 @@ class Standing:
     level: int
     score: float
     order: int
+    lr_scale: float = 1.0  # the best step size scale at its tier (Tier.lr_scales)
 
     @property
     def key(self) -> tuple[int, float, int]:
@@ -206,15 +213,35 @@ class Funnel:
         if self.checkpoint is not None:
             self.checkpoint(self.state)
 
+    def best_scale(self, tier: Tier, text: str, seeds: range | None = None) -> float:
+        """The scale whose mean over the seeds run at every scale is highest (ties: the scale
+        nearest 1 in log space, then the first listed). A program's step size is one choice
+        for all seeds, as a user's lr is: picking each seed's best scale would score the luck
+        of the seeds."""
+        seeds = range(tier.seeds) if seeds is None else seeds
+        per_scale = {s: [] for s in tier.lr_scales}
+        for seed in seeds:
+            values = [self.state.rows.get((text, tier.name, float(s), seed))
+                      for s in tier.lr_scales]
+            if any(v is None for v in values):
+                break
+            for s, v in zip(tier.lr_scales, values):
+                per_scale[s].append(v)
+        if not per_scale[tier.lr_scales[0]]:
+            return float(min(tier.lr_scales, key=lambda s: abs(math.log(s))))
+        return float(max(tier.lr_scales,
+                         key=lambda s: (sum(per_scale[s]), -abs(math.log(s)))))
+
     def _seed_scores(self, tier: Tier, text: str, seeds: range) -> list[float]:
-        """Per seed run so far (in order), the best lr scale's score."""
+        """Per seed run so far (in order, every scale done), the score at the best scale."""
+        scale = self.best_scale(tier, text, seeds)
         out = []
         for seed in seeds:
             values = [self.state.rows.get((text, tier.name, float(s), seed))
                       for s in tier.lr_scales]
             if any(v is None for v in values):
                 break
-            out.append(max(values))
+            out.append(self.state.rows[(text, tier.name, scale, seed)])
         return out
 
     def tier_score(self, tier: Tier, text: str) -> float | None:
@@ -256,7 +283,8 @@ class Funnel:
         if self.checkpoint is not None:
             self.checkpoint(self.state)
         standings = {t: Standing(t, level[t], self.tier_score(self.tiers[level[t]], t),
-                                 self.state.order[t]) for t in distinct}
+                                 self.state.order[t],
+                                 self.best_scale(self.tiers[level[t]], t)) for t in distinct}
         return [standings[t] for t in texts]
 
     def _race(self, tier: Tier, texts: list[str]) -> None:

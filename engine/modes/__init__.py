@@ -88,8 +88,10 @@ class Mode:
         return 0.0
 
     def train(self, task: Task, program: Program | Schedule, *, seed: int,
-              time_limit: float | None, backend: str) -> EvalResult:
-        """The candidate's fitness under the task's protocol, with its compile seconds."""
+              time_limit: float | None, backend: str, lr_scale: float = 1.0) -> EvalResult:
+        """The candidate's fitness under the task's protocol, with its compile seconds, at step
+        size scale `lr_scale` (ALR: the optimizer's `lr`, which multiplies the weight update of
+        a program that never reads it; DLR: every learning rate the schedule sets)."""
         raise NotImplementedError
 
     def behaviour(self, program: Program | Schedule, preset: str | None = None) -> str:
@@ -167,9 +169,9 @@ class _Alr(Mode):
         return kernel, time.perf_counter() - start
 
     def train(self, task: Task, program: Program, *, seed: int, time_limit: float | None,
-              backend: str) -> EvalResult:
+              backend: str, lr_scale: float = 1.0) -> EvalResult:
         """The protocol's fitness; the program is lowered and compiled once, here, and every
-        trial's optimizer runs that kernel."""
+        trial's optimizer runs that kernel (at `lr=lr_scale`)."""
         import dataclasses
 
         import kernels
@@ -181,12 +183,13 @@ class _Alr(Mode):
 
             result = supervised_fitness(
                 task, lambda model: kernels.EvolvedOptimizer(model.parameters(), program,
-                                                             backend=backend, kernel=kernel),
+                                                             lr_scale, backend=backend,
+                                                             kernel=kernel),
                 seed=seed, time_limit=time_limit)
             return dataclasses.replace(result, compile_seconds=compile_seconds)
         result = alr_fitness(
-            task, lambda params: kernels.EvolvedOptimizer(params, program, backend=backend,
-                                                          kernel=kernel),
+            task, lambda params: kernels.EvolvedOptimizer(params, program, lr_scale,
+                                                          backend=backend, kernel=kernel),
             seed=seed, time_limit=time_limit)
         return dataclasses.replace(result, compile_seconds=compile_seconds)
 
@@ -234,18 +237,22 @@ class _Dlr(Mode):
         return [snapper.render(snapper.schedule(schedule.expr))]
 
     def train(self, task: Task, program: Schedule, *, seed: int, time_limit: float | None,
-              backend: str) -> EvalResult:
+              backend: str, lr_scale: float = 1.0) -> EvalResult:
+        """SGD driven by the schedule; at `lr_scale` s every learning rate it sets is s times
+        the schedule's, which itself sees the unscaled ones (`scaled_schedule`): so a constant
+        schedule and one that decays its input both move with s, as a tuned SGD lr would."""
         import torch
 
         from engine.tasks.protocol import Task, dlr_fitness
 
+        schedule = scaled_schedule(program, lr_scale)
         if not isinstance(task, Task):  # a user task's TaskRef: SGD at its initial_lr
             from engine.tasks.registry import supervised_fitness
 
             return supervised_fitness(
-                task, lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr),
-                seed=seed, time_limit=time_limit, schedule=program)
-        return dlr_fitness(task, program, seed=seed, time_limit=time_limit)
+                task, lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr * lr_scale),
+                seed=seed, time_limit=time_limit, schedule=schedule)
+        return dlr_fitness(task, schedule, seed=seed, time_limit=time_limit, lr_scale=lr_scale)
 
     def behaviour(self, program: Program | Schedule, preset: str | None = None) -> str:
         """The learning rates the schedule gives over the protocol's epochs."""
@@ -261,10 +268,22 @@ class _Dlr(Mode):
         return ",".join(lrs)
 
     def render(self, text: str, about: str, lr: float = 1.0) -> str:
-        """``lr`` does not apply: a schedule sets the learning rate itself."""
+        """``lr``: the step size scale of every learning rate the schedule sets
+        (`scaled_schedule`)."""
         from engine.modes.export import render_dlr
 
-        return render_dlr(Schedule.parse(text), about)
+        return render_dlr(Schedule.parse(text), about, lr)
+
+
+def scaled_schedule(schedule: Schedule, scale: float):
+    """`schedule` at step size scale `scale`: lr -> scale * schedule(epoch, lr / scale), so
+    the initial lr and every value the schedule returns are `scale` times the unscaled run's
+    (the schedule itself unchanged). The schedule itself at scale 1."""
+    if scale == 1.0:
+        return schedule
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"lr_scale must be a positive number, got {scale!r}")
+    return lambda epoch, lr: scale * schedule(epoch, lr / scale)
 
 
 ALR, DLR = _Alr(), _Dlr()

@@ -306,7 +306,7 @@ class BestOptimizer(torch.optim.Optimizer):
 # -- DLR: a schedule ---------------------------------------------------------------------------
 
 
-def render_dlr(schedule: Schedule, about: str) -> str:
+def render_dlr(schedule: Schedule, about: str, lr_scale: float = 1.0) -> str:
     doc = (f"The best learning-rate schedule of an AutoLR run, as a standalone function.\n\n"
            f"{about}\n\n"
            "The schedule, `lr_next = f(epoch, lr)`, is applied at the start of every epoch (the\n"
@@ -320,7 +320,7 @@ def render_dlr(schedule: Schedule, about: str) -> str:
            "        train_one_epoch(model, optimizer)\n"
            "        scheduler.step()                    # the lr for the next epoch\n")
     return TEMPLATE_DLR.format(doc=_string_literal(doc), text=repr(str(schedule)),
-                               expr=_python_expr(schedule.expr))
+                               expr=_python_expr(schedule.expr), scale=repr(float(lr_scale)))
 
 
 def _python_expr(node: Node) -> str:
@@ -348,15 +348,19 @@ import math
 
 import torch
 
-__all__ = ["INITIAL_LR", "SCHEDULE", "BestSchedule", "schedule"]
+__all__ = ["INITIAL_LR", "LR_SCALE", "SCHEDULE", "BestSchedule", "schedule"]
 
 SCHEDULE = {text}
-INITIAL_LR = 0.01  # the DLR protocol's plain SGD starts here
+# The step size scale the run found best: every learning rate is LR_SCALE times what SCHEDULE
+# gives for the unscaled ones (1.0: the schedule as written).
+LR_SCALE = {scale}
+INITIAL_LR = 0.01 * LR_SCALE  # the DLR protocol's plain SGD starts at 0.01, times the scale
 
 
 def schedule(epoch: int, lr: float) -> float:
     """The learning rate for `epoch`, from the current one."""
-    return float({expr})
+    lr = lr / LR_SCALE
+    return LR_SCALE * float({expr})
 
 
 class BestSchedule(torch.optim.lr_scheduler.LRScheduler):

@@ -383,11 +383,14 @@ def dlr_fitness(
     time_limit: float | None = None,
     dataset: FashionMNIST | None = None,
     device: str | torch.device | None = None,
+    lr_scale: float = 1.0,
 ) -> EvalResult:
     """DLR fitness: fitness-set accuracy of plain SGD whose lr is `schedule(epoch, lr)` each epoch.
 
     Trained on the training pool (or its first `task.dlr.chunks` chunks), early stopping on
-    validation loss, best weights restored. `time_limit`, `device` as for `alr_fitness`.
+    validation loss, best weights restored. `time_limit`, `device` as for `alr_fitness`. SGD
+    starts at `lr_scale` times the protocol's initial lr (`schedule` is then the scaled one:
+    engine.modes.scaled_schedule).
     """
     if not callable(schedule):
         raise TypeError(
@@ -406,7 +409,7 @@ def dlr_fitness(
     trial = _trial(
         task,
         data,
-        lambda model: torch.optim.SGD(model.parameters(), lr=protocol.initial_lr),
+        lambda model: torch.optim.SGD(model.parameters(), lr=protocol.initial_lr * lr_scale),
         data.train(protocol.chunks),
         -1,
         seed,

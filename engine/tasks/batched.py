@@ -11,7 +11,8 @@ Layout: one flat arena per buffer (weight, grad, each tensor state) of shape (K,
 member k's parameters, contiguous, in `model.parameters()` order and memory layout, so a
 per-member update kernel (or an interpreter) runs on a plain 1-D slice. The stacked parameters
 the forward pass reads are strided views (K, *shape) of the weight arena: the kernels write where
-the forward reads.
+the forward reads. The arena lives where the training data does: on a GPU it is a CUDA tensor and
+the update gets torch tensors (each member's Triton kernel, `KernelUpdate(..., "triton")`).
 
 What "the same as alone" means here (tests/test_batched.py holds it):
 - Initial weights: member k is `spec.build(init_seed_k)`, built by the one-model code and copied

@@ -173,6 +173,36 @@ def test_any_update_behind_the_interface(digits, one_torch_thread):
     assert torch.equal(results[1], results[3])
 
 
+def test_triton_kernels_train_a_tensor_arena_as_the_numba_ones(digits, one_torch_thread):
+    """On CUDA the batched trainer hands torch tensors to the triton kernels; Triton's CPU
+    interpreter stands in for the GPU here. Same trainings as numba's, diverging member included,
+    within float32 noise (the two compilers may contract or order operations differently)."""
+    train, val = digits
+    members = [MEMBERS[k] for k in (0, 2, 4, 5)]  # adam at two lrs (one launch), a diverging one
+    runs = []
+    for backend in ("numba", "triton"):
+        model = StackedModel(MLPSpec(64, (32,)), [7] * len(members))
+        update = KernelUpdate([m.program for m in members], backend)
+        assert update.tensors == (backend == "triton")
+        fits = fit_batched(model, update, [m.lr for m in members], train, val, seed=SEED,
+                           batch_size=32, max_epochs=EPOCHS, patience=EPOCHS)
+        runs.append((fits, model.weight.clone()))
+    (fits, weight), (fits_t, weight_t) = runs
+    assert fits_t[2].reason.startswith("diverged: training loss")
+    for a, b in zip(fits, fits_t):
+        _same_fit(a, b, exact_losses=False)
+    scale = float(weight.abs().max())
+    assert float((weight - weight_t).abs().max()) <= 1e-5 * scale
+
+
+def test_a_numpy_update_refuses_an_arena_off_the_cpu(digits):
+    train, val = digits
+    model = StackedModel(MLPSpec(64, (32,)), [7], device="meta")
+    with pytest.raises(ValueError, match="needs an update on torch tensors"):
+        fit_batched(model, KernelUpdate([zoo.sgd()]), [0.1], train, val, seed=0, batch_size=32,
+                    max_epochs=1, patience=1)
+
+
 def test_train_batch_scores_each_member(digits, one_torch_thread):
     train, val = digits
     results = train_batch(MLPSpec(64, (32,)), [Member(zoo.adam(), 1e-2), Member(EXPLODING)],
@@ -193,5 +223,7 @@ def test_bad_input_is_a_clear_error(digits):
                     max_epochs=1, patience=1)
     with pytest.raises(TypeError, match="MLPSpec or a ModelSpec"):
         StackedModel("mlp", [1])
+    with pytest.raises(ValueError, match="backend 'torch'"):
+        KernelUpdate([zoo.sgd()], "torch")
     with pytest.raises(ValueError, match="Member.lr"):
         Member(zoo.sgd(), float("nan"))

@@ -531,6 +531,11 @@ def test_gpu_script_dry_run_in_the_interpreter():
     checks = [line for line in out.stdout.splitlines() if line.startswith("| check")]
     assert len(checks) == 2 and all(line.rstrip(" |").endswith("ok") for line in checks)
     assert "EvolvedOptimizer(adam)" in out.stdout and "device copy" in out.stdout
+    # section 5: the batched trainer on Triton kernels against one at a time, both sides' rows
+    batched = [line for line in out.stdout.splitlines() if line.startswith("| batched")]
+    assert len(batched) == 3 and "one at a time" in batched[0], out.stdout
+    assert all("candidates/h" in line for line in batched), batched
+    assert "K=4 stacked" in batched[2] and "x one at a time" in batched[2], batched
 
 
 def test_gpu_check_accepts_what_flush_to_zero_explains():

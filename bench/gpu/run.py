@@ -24,6 +24,12 @@
 4. Per-segment launches (how batched training runs one program at many lr scales or seeds): the
    Triton `kernel_segments` of zoo programs over 64 segments with 64 different lrs, held bit for
    bit to the same kernel run on each segment alone, and its time against those 64 launches.
+5. Batched training: candidates per hour of population-batched training (engine.tasks.batched
+   `train_batch`, K = 64 and 256 members of the micro tier's 784-64-32-10 MLP stacked, each
+   member's Triton kernel on its arena row) against the same candidates trained one at a time
+   (`fit` with an EvolvedOptimizer on the Triton backend, timed on 16 of them), 90 steps of batch
+   100 on random images, 8 zoo programs at several lrs; the ratio, and how far the batched
+   accuracies are from the one-at-a-time ones (reduction-order noise only).
 
 Without a GPU it says so, checks that everything imports and that every kernel's Triton source
 generates and compiles as Python, and exits 0. Exit status 1 when a correctness check fails.
@@ -41,7 +47,8 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # nothing is pip-installed on the GPU machine
+# Nothing is pip-installed on the GPU machine; section 5 lives beside this file.
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(Path(__file__).resolve().parent)]
 
 N_RANDOM = 50
 N_CHECK = 5003  # not a multiple of the block: the masked tail is checked too
@@ -69,6 +76,7 @@ try:
     from kernels import EvolvedOptimizer, zoo
     from numerics import close
     from randprog import random_inputs, random_program
+    from batch_training import batched_rows  # section 5, beside this file
 except ImportError as exc:  # numpy is the one dependency torch does not bring along
     print(f"error: cannot import what the check needs ({exc}); AutoLR needs numpy and torch",
           file=sys.stderr)
@@ -437,10 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     models = ({"CNN": fmnist_cnn, "MLP": lambda: wide_mlp(4096)} if device.type == "cuda"
               else {"MLP (toy)": lambda: wide_mlp(64)})
     seg_length = 100_000 if device.type == "cuda" else 200
+    batch_args = (([64, 256], (784, 64, 32, 10), 30, 3, 100) if device.type == "cuda"
+                  else ([2, 4], (64, 16, 10), 2, 2, 16))
     segments_failed = []
     for section, make_rows in (("kernel", lambda: kernel_rows(device, sizes, ms_of)),
                                ("optimizer", lambda: optimizer_rows(device, models, ms_of)),
-                               ("segments", lambda: segment_rows(device, seg_length, ms_of))):
+                               ("segments", lambda: segment_rows(device, seg_length, ms_of)),
+                               ("batched", lambda: batched_rows(device, *batch_args))):
         try:  # one broken section must not cost the rest of the table
             rows += make_rows()
         except Exception as exc:

@@ -11,7 +11,8 @@ Layout: one flat arena per buffer (weight, grad, each tensor state) of shape (K,
 member k's parameters, contiguous, in `model.parameters()` order and memory layout, so a
 per-member update kernel (or an interpreter) runs on a plain 1-D slice. The stacked parameters
 the forward pass reads are strided views (K, *shape) of the weight arena: the kernels write where
-the forward reads.
+the forward reads. The arena lives where the training data does: on a GPU it is a CUDA tensor and
+the update gets torch tensors (each member's Triton kernel, `KernelUpdate(..., "triton")`).
 
 What "the same as alone" means here (tests/test_batched.py holds it):
 - Initial weights: member k is `spec.build(init_seed_k)`, built by the one-model code and copied
@@ -89,13 +90,14 @@ class Member:
 
 @dataclass
 class ArenaViews:
-    """What an update sees: (K, P) float32 numpy arrays sharing memory with the training arena.
-    Row k of each is member k's contiguous slice; `states` holds every tensor state any member
-    keeps, zero at the start."""
+    """What an update sees: (K, P) float32 arrays sharing memory with the training arena: numpy
+    arrays on the CPU, or torch tensors on the arena's device for an update whose `tensors` is
+    True (Triton kernels, which run on CUDA). Row k of each is member k's contiguous slice;
+    `states` holds every tensor state any member keeps, zero at the start."""
 
-    weight: np.ndarray
-    grad: np.ndarray
-    states: dict[str, np.ndarray]
+    weight: np.ndarray | torch.Tensor
+    grad: np.ndarray | torch.Tensor
+    states: dict[str, np.ndarray | torch.Tensor]
 
 
 class MemberUpdate(Protocol):
@@ -103,7 +105,8 @@ class MemberUpdate(Protocol):
 
     `tensor_states` names the (K, P) state buffers it needs. `step` counts from 0 (the update
     about to be applied); `active[k]` False means member k is frozen: leave its slice alone.
-    Generated kernels (`KernelUpdate`) or an IR interpreter can sit behind it."""
+    Generated kernels (`KernelUpdate`) or an IR interpreter can sit behind it. An update with a
+    true `tensors` attribute gets torch tensors (any device); one without, numpy arrays (CPU)."""
 
     tensor_states: tuple[str, ...]
 
@@ -115,26 +118,33 @@ class KernelUpdate:
     """Each member's own compiled kernel (`kernels.compile(program, backend)`) on its row.
 
     Members with the same program share one launch over their rows whatever their lr and
-    uniform states (the generated `kernel_segments`)."""
+    uniform states (the generated `kernel_segments`). `backend` "numba" works on a CPU arena's
+    numpy rows; "triton" on torch tensors: a CUDA arena (or a CPU one in Triton's interpreter)."""
 
     def __init__(self, programs: Sequence[Program], backend: str = "numba") -> None:
         import kernels  # the engine reaches kernels only where it trains
 
-        if backend != "numba":
-            raise ValueError(f"KernelUpdate runs numba kernels on CPU arenas; got backend "
-                             f"{backend!r}")
+        if backend not in ("numba", "triton"):
+            raise ValueError(f"KernelUpdate runs 'numba' kernels (CPU arenas) or 'triton' ones "
+                             f"(CUDA arenas); got backend {backend!r}")
+        self.tensors = backend == "triton"
         self.kernels = [kernels.compile(p, backend) for p in programs]
         self.tensor_states = tuple(s for s in TENSOR_STATES
                                    if any(s in kn.tensor_states for kn in self.kernels))
         self.scalars = [dict.fromkeys(kn.scalar_states, 0.0) for kn in self.kernels]
         self._memo: dict[tuple, dict[str, float]] = {}
 
-    def warm_up(self) -> None:
-        """Compile each program's `kernel_segments` now, on a throwaway one-element segment."""
+    def warm_up(self, device: str | torch.device = "cpu") -> None:
+        """Compile each program's `kernel_segments` now, on a throwaway one-element segment (on
+        `device`: where the triton kernels will run)."""
         for kn in {kn.hash: kn for kn in self.kernels}.values():
             one = [np.zeros(1, np.float32) for _ in range(2 + len(kn.tensor_states))]
-            kn.module.kernel_segments(np.array([[0, 1]], np.int64),
-                                      np.zeros((1, 1 + len(kn.scalar_states)), np.float32), *one)
+            segments = np.array([[0, 1]], np.int64)
+            values = np.zeros((1, 1 + len(kn.scalar_states)), np.float32)
+            if self.tensors:
+                segments, values, *one = (torch.from_numpy(a).to(device)
+                                          for a in (segments, values, *one))
+            kn.module.kernel_segments(segments, values, *one)
 
     def _advance(self, k: int, lr: float) -> dict[str, float]:
         """Member k's uniform states (step counters) one step on, by the reference semantics
@@ -174,6 +184,9 @@ class KernelUpdate:
                 self.scalars[k] = new = self._advance(k, float(lrs[k]))
                 values[j] = [lrs[k], *(new[s] for s in kn.scalar_states)]
             segments = np.array([(k * row, (k + 1) * row) for k in members], np.int64)
+            if self.tensors:  # the launch reads both where the arena is
+                segments = torch.from_numpy(segments).to(weight.device)
+                values = torch.from_numpy(values).to(weight.device)
             kn.module.kernel_segments(segments, values, weight, grad,
                                       *(arena.states[s].reshape(-1) for s in kn.tensor_states))
 
@@ -192,8 +205,8 @@ def evaluate_batched(model: StackedModel, x: torch.Tensor, y: torch.Tensor,
         for start in range(0, len(y), batch_size):
             logits = model(x[start:start + batch_size], active=active)
             target = y[start:start + batch_size]
-            loss_sum += _member_losses(model, logits, target, "sum").double().numpy()
-            correct += (logits.argmax(2) == target).sum(1).numpy()
+            loss_sum += _member_losses(model, logits, target, "sum").double().cpu().numpy()
+            correct += (logits.argmax(2) == target).sum(1).cpu().numpy()
     n = max(len(y), 1)
     return loss_sum / n, correct / n
 
@@ -221,7 +234,7 @@ class _Track:
     val_loss: list[float] = field(default_factory=list)
     best_value: float | None = None
     best_epoch: int = -1
-    best_weight: np.ndarray | None = None
+    best_weight: np.ndarray | torch.Tensor | None = None
     reason: str | None = None
     seconds: float = 0.0
 
@@ -271,13 +284,22 @@ class _BatchRun:
                  seed: int) -> None:
         self.model, self.update, self.lrs = model, update, lrs
         self.start = time.perf_counter()
+        device = model.weight.device
+        tensors = bool(getattr(update, "tensors", False))
+        if device.type != "cpu" and not tensors:
+            raise ValueError(f"{type(update).__name__} updates numpy rows of a CPU arena; a "
+                             f"model on {device} needs an update on torch tensors, e.g. "
+                             "KernelUpdate(programs, backend='triton')")
         self.grad = torch.zeros_like(model.weight)
         self.grad_views = model.grad_views(self.grad)
-        self.arena = ArenaViews(model.weight.numpy(), self.grad.numpy(),
-                                {s: np.zeros((model.k, model.row), np.float32)
-                                 for s in update.tensor_states})
-        self.shuffle_gen = torch.Generator().manual_seed(seed)  # the one-model trainer's streams
-        self.dropout_gen = torch.Generator().manual_seed(seed + 0x5EED)
+        states = {s: torch.zeros_like(model.weight) for s in update.tensor_states}
+        self.arena = (ArenaViews(model.weight, self.grad, states) if tensors else
+                      ArenaViews(model.weight.numpy(), self.grad.numpy(),
+                                 {s: t.numpy() for s, t in states.items()}))
+        # The one-model trainer's streams: the shuffle on the CPU (the same order on every
+        # device), the dropout masks where they are used.
+        self.shuffle_gen = torch.Generator().manual_seed(seed)
+        self.dropout_gen = torch.Generator(device=device).manual_seed(seed + 0x5EED)
         self.tracks = [_Track() for _ in range(model.k)]
         self.active = np.ones(model.k, dtype=bool)
         self.steps = 0
@@ -299,15 +321,15 @@ class _BatchRun:
             idx = order[first:first + batch_size]
             logits = model(x[idx], dropout=self.dropout_gen, active=active)
             losses = _member_losses(model, logits, y[idx])
-            values = losses.detach().numpy().astype(np.float64)
+            values = losses.detach().cpu().numpy().astype(np.float64)
             for j in np.flatnonzero(active & ~np.isfinite(values)):
                 self.stop(j, f"diverged: training loss {float(values[j])} at epoch {epoch}, "
                              f"step {first // batch_size}")
                 trained[j] = False
             if not active.any():
                 break
-            mask = torch.from_numpy(active)
-            total = torch.where(mask, losses, torch.zeros(())).sum()
+            mask = torch.from_numpy(active).to(losses.device)
+            total = torch.where(mask, losses, losses.new_zeros(())).sum()
             grads = torch.autograd.grad(total, model.leaves)
             with torch.no_grad():
                 torch._foreach_copy_(self.grad_views, list(grads))
@@ -337,7 +359,8 @@ class _BatchRun:
                 self.stop(j, f"diverged: validation loss {val_loss[j]} at epoch {epoch}")
             elif t.best_value is None or val_acc[j] > t.best_value:
                 t.best_value, t.best_epoch = float(val_acc[j]), epoch
-                t.best_weight = self.arena.weight[j].copy()
+                row = self.arena.weight[j]
+                t.best_weight = row.clone() if isinstance(row, torch.Tensor) else row.copy()
             elif epoch - t.best_epoch >= patience:
                 self.stop(j, None)
 
@@ -379,16 +402,20 @@ def train_batch(spec: MLPSpec | ModelSpec, members: Sequence[Member],
     """Train `members` together and score each: what `engine.tasks.protocol._trial` does for one.
 
     `init_seed` is one model seed for all (the engine's rule: every candidate starts alike) or
-    one per member. `update` defaults to each member's generated numba kernel (`KernelUpdate`);
-    pass another `MemberUpdate` (an IR interpreter) to run without per-program compiles."""
+    one per member. The stacked model lives where the training data does. `update` defaults to
+    each member's generated kernel (`KernelUpdate`: numba on the CPU, triton on a GPU); pass
+    another `MemberUpdate` (an IR interpreter) to run without per-program compiles."""
     members = list(members)
     if not members:
         raise ValueError("train_batch needs at least one member")
     seeds = [init_seed] * len(members) if isinstance(init_seed, int) else list(init_seed)
     if len(seeds) != len(members):
         raise ValueError(f"init_seed gives {len(seeds)} seeds for {len(members)} members")
-    model = StackedModel(spec, seeds)
-    update = update if update is not None else KernelUpdate([m.program for m in members])
+    device = train[0].device
+    model = StackedModel(spec, seeds, device=device)
+    if update is None:
+        update = KernelUpdate([m.program for m in members],
+                              "numba" if device.type == "cpu" else "triton")
     fits = fit_batched(model, update, [m.lr for m in members], train, val, seed=seed,
                        batch_size=batch_size, max_epochs=max_epochs, patience=patience,
                        max_steps=max_steps, deadline=deadline, eval_batch=eval_batch)

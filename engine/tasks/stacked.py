@@ -24,10 +24,12 @@ class StackedModel:
 
     `weight` is the arena (K, P); `leaves` the stacked parameters (K, *shape), strided views of it
     that autograd differentiates; `forward(x, dropout)` gives logits (K, B, classes) for a batch
-    `x` every member sees.
+    `x` every member sees. `device` is where the arena lives; the members are built on the CPU and
+    copied there, so they start the same on every device.
     """
 
-    def __init__(self, spec: MLPSpec | ModelSpec, init_seeds: Sequence[int]) -> None:
+    def __init__(self, spec: MLPSpec | ModelSpec, init_seeds: Sequence[int],
+                 device: str | torch.device = "cpu") -> None:
         if not isinstance(spec, (MLPSpec, ModelSpec)):
             raise TypeError(f"StackedModel stacks an MLPSpec or a ModelSpec, not "
                             f"{type(spec).__name__}")
@@ -46,14 +48,16 @@ class StackedModel:
             total += math.prod(shape)
         self.numel = total
         self.row = -(-total // ALIGN) * ALIGN
-        self.weight = torch.zeros((self.k, self.row), dtype=torch.float32)
+        self.weight = torch.zeros((self.k, self.row), dtype=torch.float32, device=device)
         self.leaves = [self._view(self.weight, i) for i in range(len(self.shapes))]
         with torch.no_grad():
             torch._foreach_copy_(self.leaves, [torch.stack([ps[i].detach() for ps in params])
+                                               .to(self.weight.device)
                                                for i in range(len(self.shapes))])
         for leaf in self.leaves:
             leaf.requires_grad_(True)
-        self.fused_pool = True  # False: torch's pooling ops (same results, slower)
+        # False: torch's pooling ops (same results, slower); the fused ones are numba, CPU only.
+        self.fused_pool = self.weight.device.type == "cpu"
 
     def _view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
         return buffer.as_strided((self.k, *self.shapes[i]), (self.row, *self.strides[i]),

@@ -60,6 +60,23 @@ def test_one_scale_for_all_seeds_not_each_seeds_luckiest():
     assert standing.lr_scale == 1.0 and standing.score == pytest.approx(0.5)
 
 
+def test_a_refining_tier_searches_around_the_coarse_best():
+    """Tier.refine: the next tier's grid is factors around the scale the tier before found;
+    the score peaks at scale 3 here, between the coarse grid's points."""
+    def score(tier, jobs):
+        return [1.0 - abs(math.log10(scale / 3.0)) / 4 for _, scale, _ in jobs]
+
+    coarse = Tier("coarse", ("x",), lr_scales=(0.1, 1.0, 10.0), promote=1.0)
+    fine = Tier("fine", ("x",), lr_scales=(10 ** -0.5, 1.0, 10 ** 0.5), refine=True)
+    funnel = Funnel((coarse, fine), {"coarse": score, "fine": score})
+    [standing] = funnel.evaluate(["p"])
+    assert funnel.scales(fine, "p") == (0.316227766017, 1.0, 3.16227766017)
+    assert standing.level == 1 and standing.lr_scale == 3.16227766017
+    assert funnel.reference_scales(fine) == coarse.lr_scales
+    with pytest.raises(ValueError, match="it is the first"):
+        Funnel((fine,), {"fine": score})
+
+
 # -- normalising against the baseline, over tasks -------------------------------------------------
 
 @given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 0.999)), min_size=1, max_size=5),

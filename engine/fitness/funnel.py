@@ -190,10 +190,11 @@ class FunnelFitness:
     def _train(self, tier: Tier, jobs: Sequence[Job]) -> list[float]:
         """Each job's row (module docstring): its raw score per task, then the aggregate."""
         ref = self.evaluator.mode.baseline()[1] if tier.normalise else None
+        grid = self.funnel.reference_scales(tier)
         seeds = sorted({j[2] for j in jobs})
         want = [(t, float(sc), s) for t, sc, s in jobs]
         if ref is not None:
-            want += [(ref, float(sc), s) for sc in tier.lr_scales for s in seeds]
+            want += [(ref, float(sc), s) for sc in grid for s in seeds]
         raw = self._raw(tier, want)
         out = []
         for text, scale, seed in jobs:
@@ -201,7 +202,7 @@ class FunnelFitness:
             if ref is None:
                 out.append(sum(scores) / len(scores))
                 continue
-            base = [max(raw[(ref, task, float(sc), seed)] for sc in tier.lr_scales)
+            base = [max(raw[(ref, task, float(sc), seed)] for sc in grid)
                     for task in tier.tasks]
             out.append(aggregate(scores, base))
         return out
@@ -274,14 +275,14 @@ class FunnelFitness:
         scale = self.funnel.best_scale(tier, text)
         seeds = range(len(self.funnel._seed_scores(tier, text, range(tier.seeds))))
         ref = self.evaluator.mode.baseline()[1]
-        raw = self._raw(tier, [(t, float(sc), s) for t, scales in ((text, [scale]),
-                                                                    (ref, tier.lr_scales))
+        grid = self.funnel.reference_scales(tier)
+        raw = self._raw(tier, [(t, float(sc), s) for t, scales in ((text, [scale]), (ref, grid))
                                for sc in scales for s in seeds])
         tasks = []
         for task in tier.tasks:
             mine = sum(raw[(text, task, scale, s)] for s in seeds) / len(seeds)
             base = max(sum(raw[(ref, task, float(sc), s)] for s in seeds) / len(seeds)
-                       for sc in tier.lr_scales)
+                       for sc in grid)
             tasks.append({"task": task, "score": round(mine, 6), "baseline": round(base, 6),
                           "relative": round(relative(mine, base), 6)})
         self._write(self.funnel.state)

@@ -53,7 +53,9 @@ class Tier:
     scale is its `Standing.lr_scale`); `racing`: seeds stop as soon as the candidate cannot beat
     the incumbent (engine.fitness.racing); `normalise`: each task's score is taken relative to
     the mode's baseline (Adam for ALR) trained at the same scales and seeds, and a job's score
-    is the minimum over the tier's tasks (engine.fitness.funnel says how)."""
+    is the minimum over the tier's tasks (engine.fitness.funnel says how); `refine`: the
+    `lr_scales` are factors around each candidate's best scale at the tier before (a finer grid
+    where the coarse one found the candidate's step size), not scales of their own."""
 
     name: str
     tasks: tuple[str, ...]
@@ -64,6 +66,7 @@ class Tier:
     lr_scales: tuple[float, ...] = (1.0,)
     racing: bool = False
     normalise: bool = False
+    refine: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not self.tasks:
@@ -81,14 +84,14 @@ class Tier:
         return {"name": self.name, "tasks": list(self.tasks), "steps": self.steps,
                 "epochs": self.epochs, "seeds": self.seeds, "promote": self.promote,
                 "lr_scales": list(self.lr_scales), "racing": self.racing,
-                "normalise": self.normalise}
+                "normalise": self.normalise, "refine": self.refine}
 
     @classmethod
     def from_json(cls, data: Mapping) -> "Tier":
         return cls(data["name"], tuple(data["tasks"]), data.get("steps"), data.get("epochs"),
                    data.get("seeds", 1), data.get("promote", 0.25),
                    tuple(data.get("lr_scales", (1.0,))), data.get("racing", False),
-                   data.get("normalise", False))
+                   data.get("normalise", False), data.get("refine", False))
 
 
 # Measured defaults (BENCHMARKS.md, "Fidelity tiers"): of the micro tiers tried against the quick
@@ -193,6 +196,9 @@ class Funnel:
         missing = [n for n in names if n not in scorers]
         if missing:
             raise ValueError(f"no scorer for tier(s) {', '.join(missing)}")
+        if tiers[0].refine:
+            raise ValueError(f"tier {tiers[0].name!r} refines the scale of the tier before it, "
+                             "but it is the first")
         self.tiers, self.scorers = list(tiers), dict(scorers)
         self.state = state or FunnelState()
         self.checkpoint, self.alpha = checkpoint, alpha
@@ -213,36 +219,49 @@ class Funnel:
         if self.checkpoint is not None:
             self.checkpoint(self.state)
 
+    def scales(self, tier: Tier, text: str) -> tuple[float, ...]:
+        """The step size scales `text` is tried at on `tier`: its own, or (Tier.refine) its
+        factors times the text's best scale at the tier before (12 significant digits, so that
+        the same product is the same row key every time)."""
+        if not tier.refine:
+            return tier.lr_scales
+        before = self.tiers[self.tiers.index(tier) - 1]
+        base = self.best_scale(before, text)
+        return tuple(float(f"{base * f:.12g}") for f in tier.lr_scales)
+
+    def reference_scales(self, tier: Tier) -> tuple[float, ...]:
+        """The grid a baseline is tuned over for `tier`: its own scales, or for a refining
+        tier those of the nearest tier before it that has a grid of its own."""
+        index = self.tiers.index(tier)
+        while self.tiers[index].refine:
+            index -= 1
+        return self.tiers[index].lr_scales
+
+    def _done(self, tier: Tier, text: str, seeds: range) -> list[dict[float, float]]:
+        """Per seed run so far at every scale (in order): scale -> score."""
+        scales, out = self.scales(tier, text), []
+        for seed in seeds:
+            values = [self.state.rows.get((text, tier.name, float(s), seed)) for s in scales]
+            if any(v is None for v in values):
+                break
+            out.append(dict(zip(scales, values)))
+        return out
+
     def best_scale(self, tier: Tier, text: str, seeds: range | None = None) -> float:
         """The scale whose mean over the seeds run at every scale is highest (ties: the scale
         nearest 1 in log space, then the first listed). A program's step size is one choice
         for all seeds, as a user's lr is: picking each seed's best scale would score the luck
         of the seeds."""
-        seeds = range(tier.seeds) if seeds is None else seeds
-        per_scale = {s: [] for s in tier.lr_scales}
-        for seed in seeds:
-            values = [self.state.rows.get((text, tier.name, float(s), seed))
-                      for s in tier.lr_scales]
-            if any(v is None for v in values):
-                break
-            for s, v in zip(tier.lr_scales, values):
-                per_scale[s].append(v)
-        if not per_scale[tier.lr_scales[0]]:
-            return float(min(tier.lr_scales, key=lambda s: abs(math.log(s))))
-        return float(max(tier.lr_scales,
-                         key=lambda s: (sum(per_scale[s]), -abs(math.log(s)))))
+        scales = self.scales(tier, text)
+        done = self._done(tier, text, range(tier.seeds) if seeds is None else seeds)
+        if not done:
+            return float(min(scales, key=lambda s: abs(math.log(s))))
+        return float(max(scales, key=lambda s: (sum(d[s] for d in done), -abs(math.log(s)))))
 
     def _seed_scores(self, tier: Tier, text: str, seeds: range) -> list[float]:
         """Per seed run so far (in order, every scale done), the score at the best scale."""
         scale = self.best_scale(tier, text, seeds)
-        out = []
-        for seed in seeds:
-            values = [self.state.rows.get((text, tier.name, float(s), seed))
-                      for s in tier.lr_scales]
-            if any(v is None for v in values):
-                break
-            out.append(self.state.rows[(text, tier.name, scale, seed)])
-        return out
+        return [d[scale] for d in self._done(tier, text, seeds)]
 
     def tier_score(self, tier: Tier, text: str) -> float | None:
         seeds = self._seed_scores(tier, text, range(tier.seeds))
@@ -265,7 +284,7 @@ class Funnel:
                 self._race(tier, current)
             else:
                 self._run(tier, [(t, s, seed) for seed in range(tier.seeds) for t in current
-                                 for s in tier.lr_scales])
+                                 for s in self.scales(tier, t)])
             for text in current:
                 level[text] = index
             last = index == len(self.tiers) - 1
@@ -302,7 +321,7 @@ class Funnel:
                         key=strength, default=None)
         for text in texts:
             for seed in seeds:
-                self._run(tier, [(text, s, seed) for s in tier.lr_scales])
+                self._run(tier, [(text, s, seed) for s in self.scales(tier, text)])
                 mine = self._seed_scores(tier, text, seeds)
                 if incumbent is not None and text != incumbent and seed + 1 < tier.seeds:
                     theirs = self._seed_scores(tier, incumbent, seeds)

@@ -17,6 +17,10 @@ and again against the same truth.
 
 Prints, per candidate micro tier: Spearman's rho between micro score and quick fitness, how
 many of the quick top 10 the micro top 25% keeps, and the micro tier's time per program.
+
+    # 3. the lr grid (no cache needed): how much of each zoo optimizer's best micro score a grid
+    #    of step size scales loses against a quarter-decade sweep over 1e-3..1e3
+    PYTHONPATH=$PWD .venv/bin/python bench/calibrate_tiers.py grid
 """
 
 from __future__ import annotations
@@ -211,6 +215,28 @@ def micro(args: argparse.Namespace) -> None:
               f"{seconds / len(texts) * 1000:.0f} ms a program ({seconds:.0f} s)", flush=True)
 
 
+def grid(args: argparse.Namespace) -> None:
+    """Per zoo optimizer (each reads lr, so a scale is its lr): the best micro score over a fine
+    sweep, where it lies, and what coarser grids (spacing x range) lose against it."""
+    import torch
+
+    from engine.fitness.micro import score_micro
+    from kernels import zoo
+
+    torch.set_num_threads(1)
+    fine = [10 ** (k / 4) for k in range(-12, 13)]
+    for name in ("adam", "rmsprop", "momentum", "nesterov", "lion", "adagrad", "sign"):
+        v = np.array(score_micro(("fashion28-deep",), 90,
+                                 [(str(getattr(zoo, name)()), s) for s in fine], seed=args.seed))
+        cells = []
+        for step, label in ((4, "decade"), (2, "half-decade")):
+            for reach in (4, 8, 12):  # quarter decades either side of lr 1
+                idx = [i for i in range(len(fine)) if (i - 12) % step == 0 and abs(i - 12) <= reach]
+                cells.append(f"{label} +-{reach / 4:g} ({len(idx)} pts) -{v.max() - v[idx].max():.3f}")
+        print(f"{name}: best {v.max():.3f} at lr {fine[int(v.argmax())]:.3g}; " + "; ".join(cells),
+              flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -225,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     for p in (q, m):
         p.add_argument("--seed", type=int, default=0)
     sub.choices["micro"].add_argument("--tiers", nargs="*", help="names of candidate tiers")
+    g = sub.add_parser("grid", help="what coarse lr grids lose against a fine sweep")
+    g.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    {"quick": quick, "micro": micro}[args.what](args)
+    {"quick": quick, "micro": micro, "grid": grid}[args.what](args)
     return 0
 
 

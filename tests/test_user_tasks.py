@@ -343,6 +343,19 @@ def test_held_out_families_have_three_disjoint_stratified_splits(name):
     assert len(load_test_split(compare, 0)[1]) == sizes[2]
 
 
+def test_wine_is_trained_on_the_brier_score():
+    """Held out by its loss: sum_c (p_c - onehot_c)^2, averaged; bounded by 2 per example, so
+    one confident mistake cannot send exp(-loss) to 0 as it does cross-entropy's."""
+    from engine.tasks.families.wine_mlp import brier
+
+    task = resolve("wine-mlp")[0]
+    assert task.loss is brier and task.metric == "neg_loss"
+    out = torch.tensor([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0], [0.0, 50.0, 0.0]])
+    target = torch.tensor([0, 1, 1])
+    # uniform: (2/3)^2 + 2 (1/3)^2 = 2/3; confidently wrong: 2; confidently right: 0.
+    assert float(brier(out, target)) == pytest.approx((2 / 3 + 2 + 0) / 3, abs=1e-6)
+
+
 def _readme_example() -> str:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Evolve an optimizer for your own model"):]

@@ -57,6 +57,6 @@ def tabular_splits(loader: Callable[..., tuple], sizes: tuple[int, int, int],
 def tabular_task(name: str, loader: Callable[..., tuple], widths: tuple[int, ...],
                  sizes: tuple[int, int, int], purpose: int, **protocol) -> SupervisedTask:
     """A held-out tabular family: an MLP of `widths` on `loader`'s data split by
-    `tabular_splits`, cross-entropy, and `protocol` (metric, batch_size, epochs, patience)."""
+    `tabular_splits`, and `protocol` (loss, metric, batch_size, epochs, patience)."""
     return SupervisedTask(name=name, data=functools.partial(tabular_splits, loader, sizes, purpose),
-                          model=functools.partial(mlp, *widths), loss="cross_entropy", **protocol)
+                          model=functools.partial(mlp, *widths), **protocol)

@@ -142,7 +142,7 @@ def test_program_from_text_file_and_run_directory(tmp_path):
 def test_tasks_have_disjoint_fixed_splits():
     task = compare_tasks.get_task("digits")
     a = compare_tasks.train_val(task, 0)
-    for cached in (compare_tasks.train_val, compare_tasks.load_test_split, compare_tasks._digits_indices):
+    for cached in (compare_tasks.train_val, compare_tasks.load_test_split, compare_tasks.digits_indices):
         cached.cache_clear()  # the same split again, computed afresh: not the cached object
     b = compare_tasks.train_val(task, 0)
     assert a is not b
@@ -219,6 +219,31 @@ def test_tuning_never_reads_the_test_split(monkeypatch):
     monkeypatch.setattr(compare_tasks, "load_test_split", forbidden)
     for contender in contenders():
         tuning.tune(tuning.TuneJob(settings(), contender))  # never calls it
+
+
+@pytest.mark.parametrize("name", ["wine-mlp", "cancer-mlp", "digits-cnn"])
+def test_held_out_families_are_tuned_without_their_test_split(name, monkeypatch):
+    """The held-out families hold their test split in the same loaded data as train and val;
+    tuning still never asks for it, and each final seed asks once."""
+    task = dataclasses.replace(compare_tasks.get_task(name), epochs=2)
+    real_test, reads = compare_tasks.load_test_split, []
+
+    def forbidden(task, seed):
+        raise AssertionError("tuning read the test split")
+
+    monkeypatch.setattr(compare_tasks, "load_test_split", forbidden)
+    for contender in contenders("weight: mul(0.05, grad)", "adamw"):
+        tuning.tune(tuning.TuneJob(settings(task=task, trials=2), contender))
+
+    def counted(task, seed):
+        reads.append(seed)
+        return real_test(task, seed)
+
+    monkeypatch.setattr(compare_tasks, "load_test_split", counted)
+    report = run_compare(contenders("weight: mul(0.05, grad)", "adamw"),
+                         settings(task=task, trials=2, seeds=2))
+    assert len(reads) == 4 and all(s["reason"] is None for r in report["rows"] for s in r["seeds"])
+    assert report["costs"]["AdamW"]["bytes_per_param"] == 8
 
 
 def test_test_split_raises_during_tuning_and_is_read_once_per_seed_after(monkeypatch):

@@ -335,8 +335,11 @@ def test_held_out_families_have_three_disjoint_stratified_splits(name):
     if name != "digits-cnn":  # standardised on train: mean 0, sd 1 there, not elsewhere
         assert torch.allclose(data.train[0].mean(0), torch.zeros(shape), atol=1e-5)
         assert not torch.allclose(data.test[0].mean(0), torch.zeros(shape), atol=1e-3)
-    else:
+    else:  # digits-mlp's images and split, through convolutions
         assert any(isinstance(m, torch.nn.Conv2d) for m in task.model().modules())
+        mlp = check_task(resolve("digits-mlp")[0])
+        for (x, y), (x_mlp, y_mlp) in zip(splits, (mlp.train, mlp.val, mlp.test)):
+            assert torch.allclose(x.reshape(len(x), -1), x_mlp) and torch.equal(y, y_mlp)
     compare = get_task(name)  # engine.compare takes it, test split apart
     assert compare.source == "supervised"
     assert len(train_val(compare, 0).val[1]) == sizes[1]

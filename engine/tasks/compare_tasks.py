@@ -35,8 +35,8 @@ from engine.tasks.data import load_fashion_mnist
 from engine.tasks.protocol import PRESETS, derive_seed, make_split, prepare
 from engine.tasks.training import ModelSpec
 
-__all__ = ["CompareTask", "MLP", "MLPSpec", "Splits", "all_splits", "from_reference", "get_task",
-           "load_test_split", "names", "supervised", "train_val"]
+__all__ = ["CompareTask", "MLP", "MLPSpec", "Splits", "all_splits", "digits_indices",
+           "from_reference", "get_task", "load_test_split", "names", "supervised", "train_val"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -202,7 +202,9 @@ def _images(x: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _digits_indices(seed: int, sizes: tuple[int | None, ...]) -> tuple[np.ndarray, ...]:
+def digits_indices(seed: int, sizes: tuple[int | None, ...]) -> tuple[np.ndarray, ...]:
+    """Train, validation and test rows of scikit-learn's digits for split seed `seed`
+    (stratified, sorted): digits-mlp's split, which digits-cnn reads too."""
     from sklearn.datasets import load_digits
 
     labels = load_digits().target
@@ -253,7 +255,7 @@ def train_val(task: CompareTask, seed: int) -> Splits:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        train, val, _ = _digits_indices(seed, task.sizes)
+        train, val, _ = digits_indices(seed, task.sizes)
         mean = digits.data[train].mean(axis=0) / 16.0
         return Splits(train=_tensors(digits.data[train], digits.target[train], mean, 16.0),
                       val=_tensors(digits.data[val], digits.target[val], mean, 16.0), mean=mean)
@@ -276,7 +278,7 @@ def load_test_split(task: CompareTask, seed: int) -> Pair:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        _, _, index = _digits_indices(seed, task.sizes)
+        _, _, index = digits_indices(seed, task.sizes)
         return _tensors(digits.data[index], digits.target[index], mean, 16.0)
     raise ValueError(f"task {task.name!r} has an unknown data source {task.source!r}")
 

@@ -343,18 +343,30 @@ def test_divergence_at_some_tuned_settings_is_counted():
 def test_a_crashing_optimizer_is_a_failed_row_not_a_crash(monkeypatch):
     real_tune = tuning.tune
 
+    real_measure = cost.measure
+
     def tune(job):
         if job.contender.role == "candidate":
             raise RuntimeError("kernel exploded")
         return real_tune(job)
 
+    def measure(task, program, *args):
+        if program == contenders()[0].program:
+            raise RuntimeError("kernel exploded")
+        return real_measure(task, program, *args)
+
     monkeypatch.setattr(tuning, "tune", tune)
+    monkeypatch.setattr(cost, "measure", measure)
     report = run_compare(contenders(), settings())
     row = report["rows"][0]
     assert row["failed"] == "tuning failed: raised: RuntimeError: kernel exploded"
     assert row["test"] == {"mean": 0.0, "sd": 0.0, "median": 0.0, "n": 2, "diverged": 2}
     assert tables.table_rows(report)[0][1] == "failed"
     assert report["rows"][1]["test"]["diverged"] == 0
+    # Its cost, too, is a reported failure, and the other rows are measured.
+    assert report["costs"][row["name"]]["error"] == "RuntimeError: kernel exploded"
+    assert tables.cost_rows(report)[0] == [row["name"], *["failed"] * 4]
+    assert report["costs"]["Adam"]["bytes_per_param"] == 8
 
 
 def _row(name, role, accs, diverged=()):

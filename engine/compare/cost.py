@@ -23,7 +23,7 @@ import torch
 
 from engine.tasks.compare_tasks import CompareTask
 
-__all__ = ["REFERENCE", "WARMUP", "STEPS", "measure", "with_ratios"]
+__all__ = ["REFERENCE", "WARMUP", "STEPS", "failed", "measure", "with_ratios"]
 
 WARMUP, STEPS = 3, 15
 REFERENCE = "Adam"  # the row every ratio divides by
@@ -60,15 +60,21 @@ def measure(task: CompareTask, program: str, lr: float, weight_decay: float = 0.
             "parameters": count, "bytes_per_param": state_bytes / count}
 
 
+def failed(reason: str) -> dict:
+    """The cost of a row whose optimizer raised while measured: no figures, the reason."""
+    return {"step_seconds": None, "state_bytes": None, "parameters": None,
+            "bytes_per_param": None, "error": reason}
+
+
+def _ratio(mine: float | None, adams: float | None) -> float | None:
+    return None if mine is None or not adams else mine / adams
+
+
 def with_ratios(costs: dict[str, dict], reference: Callable[[], dict]) -> dict[str, dict]:
     """Each row's cost with `step_vs_adam` and `memory_vs_adam`: the ratio to the REFERENCE
-    row's, or to `reference()` (Adam measured apart) when the table has no Adam row. A memory
-    ratio to Adam's 8 bytes is always defined; None only if Adam's step took no time at all."""
+    row's, or to `reference()` (Adam measured apart) when the table has no Adam row. A ratio is
+    None where either side has no figure (a row that failed)."""
     adam = costs.get(REFERENCE) or reference()
-    out = {}
-    for name, cost in costs.items():
-        step = adam["step_seconds"]
-        out[name] = {**cost, "step_vs_adam": cost["step_seconds"] / step if step > 0 else None,
-                     "memory_vs_adam": cost["bytes_per_param"] / adam["bytes_per_param"]
-                     if adam["bytes_per_param"] else None}
-    return out
+    return {name: {**cost, "step_vs_adam": _ratio(cost["step_seconds"], adam["step_seconds"]),
+                   "memory_vs_adam": _ratio(cost["bytes_per_param"], adam["bytes_per_param"])}
+            for name, cost in costs.items()}

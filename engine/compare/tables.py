@@ -152,11 +152,12 @@ COST_COLUMNS = ("optimizer", "step ms (median)", "step × Adam", "state bytes/pa
 
 def cost_rows(report: dict) -> list[list[str]]:
     """The cost table as strings: step time and state memory, each also against Adam's."""
-    def ratio(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
+    def show(value: float | None, form: str) -> str:
+        return "failed" if value is None else format(value, form)
 
-    return [[name, f"{c['step_seconds'] * 1e3:.3g}", ratio(c["step_vs_adam"]),
-             f"{c['bytes_per_param']:g}", ratio(c["memory_vs_adam"])]
+    return [[name, show(None if c["step_seconds"] is None else c["step_seconds"] * 1e3, ".3g"),
+             show(c["step_vs_adam"], ".2f"), show(c["bytes_per_param"], "g"),
+             show(c["memory_vs_adam"], ".2f")]
             for name, c in (report.get("costs") or {}).items()]
 
 

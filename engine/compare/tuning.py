@@ -378,12 +378,16 @@ def _costs(contenders: Sequence[Contender], rows: list[dict], settings: Settings
     from kernels import zoo
 
     def measure(program: str, lr: float, wd: float) -> dict:
-        return cost.measure(settings.task, program, lr, wd, settings.backend, settings.seed)
+        try:
+            return cost.measure(settings.task, program, lr, wd, settings.backend, settings.seed)
+        except Exception as err:  # noqa: BLE001 - a row that crashes is reported, as in tuning
+            return cost.failed(f"{type(err).__name__}: {err}")
 
     found = {c.name: measure(c.program, row["lr"] or 1e-3, row["weight_decay"] or 0.0)
              for c, row in zip(contenders, rows)}
     out = cost.with_ratios(found, lambda: measure(str(zoo.adam()), 1e-3, 0.0))
     for name, c in out.items():
-        log(f"cost of {name}: step {c['step_seconds'] * 1e3:.3g} ms, "
+        log(f"cost of {name}: failed ({c['error']})" if c.get("error") else
+            f"cost of {name}: step {c['step_seconds'] * 1e3:.3g} ms, "
             f"{c['bytes_per_param']:g} bytes of state per parameter")
     return out

@@ -440,8 +440,12 @@ def test_outputs_json_markdown_and_plot(tmp_path):
 def test_state_memory_is_bytes_of_per_weight_state_per_parameter(key, per_param):
     """Adam keeps two float32 moments (8 bytes a weight; its step counter is one scalar per
     tensor, left out), Nesterov and Lion one buffer, SGD and Sign nothing."""
+    import numba
+
     row = baseline_contender(key)
+    threads = (torch.get_num_threads(), numba.get_num_threads())
     found = cost.measure(TINY, row.program, 1e-3, 0.01 if row.tune_decay else 0.0)
+    assert (torch.get_num_threads(), numba.get_num_threads()) == threads  # one while timed
     assert found["bytes_per_param"] == per_param
     assert found["parameters"] == sum(p.numel() for p in TINY.build_model(0).parameters())
     assert found["step_seconds"] > 0

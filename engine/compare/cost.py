@@ -29,14 +29,33 @@ WARMUP, STEPS = 3, 15
 REFERENCE = "Adam"  # the row every ratio divides by
 
 
+def _one_thread() -> Callable[[], None]:
+    """One thread for torch and for numba's parallel kernels, as every training of the
+    comparison has (numba's default of every core would time a different kernel run); returns
+    what puts both back. numba first: its OpenMP layer resets torch's count."""
+    try:
+        import numba
+    except ImportError:
+        numba = None
+    before = (numba.get_num_threads() if numba else None, torch.get_num_threads())
+    if numba:
+        numba.set_num_threads(1)
+    torch.set_num_threads(1)
+
+    def restore() -> None:
+        if numba:
+            numba.set_num_threads(before[0])
+        torch.set_num_threads(before[1])
+    return restore
+
+
 def measure(task: CompareTask, program: str, lr: float, weight_decay: float = 0.0,
             backend: str = "auto", seed: int = 0) -> dict:
     """Step time (seconds, median of STEPS after WARMUP) and state bytes per parameter of
     `program` run by EvolvedOptimizer at `lr` / `weight_decay` on `task`'s model."""
     from kernels import EvolvedOptimizer
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as every training of the comparison runs
+    restore = _one_thread()
     try:
         model = task.build_model(seed)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -55,7 +74,7 @@ def measure(task: CompareTask, program: str, lr: float, weight_decay: float = 0.
         state_bytes = sum(optimizer.state[p][name].nbytes for p in params
                           for name in optimizer.tensor_states if name in optimizer.state[p])
     finally:
-        torch.set_num_threads(threads)
+        restore()
     return {"step_seconds": statistics.median(times), "state_bytes": int(state_bytes),
             "parameters": count, "bytes_per_param": state_bytes / count}
 

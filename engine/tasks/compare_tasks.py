@@ -6,10 +6,14 @@ An optimizer found on one task is only interesting if it also works where it was
 besides the evolution presets (`quick`, and `paper` for a GPU or a long CPU run) there are tasks
 that differ in architecture (`fmnist-mlp`: an MLP on Fashion-MNIST images the quick evolution run
 never saw) or in data (`digits-mlp`, alias `digits`: scikit-learn's bundled 8x8 handwritten
-digits, so it runs anywhere, offline, in seconds). None is defined here: each comes from the task
-registry (engine/tasks/registry.py), the presets from the fmnist-cnn family and the held-out MLPs
-from their family files (widths, batch size, epochs, and `HELD_OUT`: how compare redraws their
-splits per split seed); this module holds only how each data source is split.
+digits, so it runs anywhere, offline, in seconds); and three that a discovery search on
+Fashion-MNIST, digits-mlp and diabetes never uses: `wine-mlp` (other data and a Brier-score
+loss), `cancer-mlp` (other data, a deeper MLP) and `digits-cnn` (digits-mlp's data through a
+CNN), each a SupervisedTask whose own split is the same for every split seed. None is defined
+here: each comes from the task registry (engine/tasks/registry.py), the presets from the
+fmnist-cnn family and the MLPs of Fashion-MNIST and digits from their family files (widths,
+batch size, epochs, and `HELD_OUT`: how compare redraws their splits per split seed); this
+module holds only how each data source is split.
 
 Every task has a train / validation / test split fixed by the split seed. The test split is kept
 apart on purpose: `train_val` gives what tuning may see, and `load_test_split` is the only

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from codegen.ir import Program
-from engine.compare import cli, stats, tables, tuning
+from engine.compare import cli, cost, stats, tables, tuning
 from engine.tasks import compare_tasks
 from engine.compare.tuning import Settings, baseline_contender, candidate, run_compare
 from kernels import zoo
@@ -38,10 +38,13 @@ def contenders(text: str = "weight: mul(0.05, grad)", *keys: str):
     return [candidate(Program.parse(text)), *(baseline_contender(k) for k in keys or ("adam", "sign"))]
 
 
+TIMES = ("seconds", "step_seconds", "step_vs_adam")
+
+
 def without_times(value):
     """The report minus wall-clock fields, which are the only thing allowed to change."""
     if isinstance(value, dict):
-        return {k: without_times(v) for k, v in value.items() if k not in ("seconds",)}
+        return {k: without_times(v) for k, v in value.items() if k not in TIMES}
     if isinstance(value, list):
         return [without_times(v) for v in value]
     return value
@@ -73,19 +76,51 @@ def test_lion_is_a_default_row_next_to_adam_and_adagrad_adabelief_are_on_request
         assert row.tuned == "learning rate" and row.program == str(zoo.ZOO[key]())
 
 
-def test_adamw_is_adam_with_torchs_default_weight_decay():
+def test_adamw_is_adam_with_decoupled_weight_decay():
     adamw, adam = baseline_contender("adamw"), baseline_contender("adam")
     assert adamw.name == "AdamW" and adamw.program == adam.program == str(zoo.adam())
-    assert (adamw.weight_decay, adam.weight_decay) == (0.01, 0.0)
-    assert "weight_decay=0.01" in adamw.source and "not tuned" in adamw.source
+    assert (adamw.tune_decay, adam.tune_decay, baseline_contender("lion").tune_decay) == \
+        (True, False, True)
+    assert "decoupled weight decay (tuned with lr" in adamw.source
     # Same lr, same seeds: the training differs by the weight decay alone, and it is applied.
     s = settings()
-    with_decay, _ = tuning._train(s, adamw, 1e-2, 1, 2)
-    without, _ = tuning._train(s, adam, 1e-2, 1, 2)
+    with_decay, _ = tuning._train(s, adamw, 1e-2, 1, 2, weight_decay=0.05)
+    without, _ = tuning._train(s, adamw, 1e-2, 1, 2)
     assert any(not torch.equal(p, q) for p, q in zip(with_decay.parameters(),
                                                      without.parameters()))
-    report = run_compare([adam, adamw], settings(trials=1, seeds=1))
-    assert [row["weight_decay"] for row in report["rows"]] == [0.0, 0.01]
+
+
+def test_adamw_and_lion_tune_weight_decay_in_the_same_trials():
+    """Their TPE study samples lr and weight decay (log-uniform, --wd-range) within everyone's
+    trial budget; the chosen decay is reported, edge-flagged, and used by every seed. No other
+    row has one."""
+    wd_range = (1e-4, 5e-2)
+    rows = contenders("weight: mul(0.05, grad)", "adam", "adamw", "lion")
+    report = run_compare(rows, settings(trials=5, seeds=1, wd_range=wd_range))
+    by = {row["name"]: row for row in report["rows"]}
+    for name in ("AdamW", "Lion"):
+        row, trials = by[name], by[name]["tuning"]["trials"]
+        assert len(trials) == 5 and len({t["weight_decay"] for t in trials}) == 5
+        assert all(wd_range[0] <= t["weight_decay"] <= wd_range[1] for t in trials)
+        assert wd_range[0] <= row["weight_decay"] <= wd_range[1] and row["weight_decay"] != 0.01
+        best = max(trials, key=lambda t: t["val_acc"])
+        assert (row["lr"], row["weight_decay"]) == (best["lr"], best["weight_decay"])
+        assert set(row["tuning"]["edge"]) == {"lr", "weight decay"}
+    for name in ("Adam", rows[0].name):
+        assert by[name]["weight_decay"] is None
+        assert "weight_decay" not in by[name]["tuning"]["trials"][0]
+    assert report["wd_range"] == list(wd_range)
+    cells = {r[0]: r[1] for r in tables.table_rows(report)}
+    assert f"wd {by['AdamW']['weight_decay']:.3g}" in cells["AdamW"] and "wd" not in cells["Adam"]
+    # The seeds train with the tuned decay: seed 0 rerun with it reproduces the row's curve.
+    adamw, s = next(c for c in rows if c.name == "AdamW"), settings(trials=5, seeds=1)
+    job = tuning.SeedJob(s, adamw, by["AdamW"]["lr"], 0, by["AdamW"]["weight_decay"])
+    assert tuning.train_seed(job)["val_curve"] == by["AdamW"]["seeds"][0]["val_curve"]
+    # A tuned decay at the end of its range is flagged like an lr.
+    by["AdamW"]["weight_decay"] = 4.9e-2
+    by["AdamW"]["tuning"]["edge"] = {"lr": None, "weight decay": "high"}
+    assert "(weight decay high edge)" in {r[0]: r[1] for r in tables.table_rows(report)}["AdamW"]
+    assert "also their decoupled weight decay" in tables.markdown(report)
 
 
 def test_program_from_text_file_and_run_directory(tmp_path):
@@ -107,7 +142,7 @@ def test_program_from_text_file_and_run_directory(tmp_path):
 def test_tasks_have_disjoint_fixed_splits():
     task = compare_tasks.get_task("digits")
     a = compare_tasks.train_val(task, 0)
-    for cached in (compare_tasks.train_val, compare_tasks.load_test_split, compare_tasks._digits_indices):
+    for cached in (compare_tasks.train_val, compare_tasks.load_test_split, compare_tasks.digits_indices):
         cached.cache_clear()  # the same split again, computed afresh: not the cached object
     b = compare_tasks.train_val(task, 0)
     assert a is not b
@@ -184,6 +219,31 @@ def test_tuning_never_reads_the_test_split(monkeypatch):
     monkeypatch.setattr(compare_tasks, "load_test_split", forbidden)
     for contender in contenders():
         tuning.tune(tuning.TuneJob(settings(), contender))  # never calls it
+
+
+@pytest.mark.parametrize("name", ["wine-mlp", "cancer-mlp", "digits-cnn"])
+def test_held_out_families_are_tuned_without_their_test_split(name, monkeypatch):
+    """The held-out families hold their test split in the same loaded data as train and val;
+    tuning still never asks for it, and each final seed asks once."""
+    task = dataclasses.replace(compare_tasks.get_task(name), epochs=2)
+    real_test, reads = compare_tasks.load_test_split, []
+
+    def forbidden(task, seed):
+        raise AssertionError("tuning read the test split")
+
+    monkeypatch.setattr(compare_tasks, "load_test_split", forbidden)
+    for contender in contenders("weight: mul(0.05, grad)", "adamw"):
+        tuning.tune(tuning.TuneJob(settings(task=task, trials=2), contender))
+
+    def counted(task, seed):
+        reads.append(seed)
+        return real_test(task, seed)
+
+    monkeypatch.setattr(compare_tasks, "load_test_split", counted)
+    report = run_compare(contenders("weight: mul(0.05, grad)", "adamw"),
+                         settings(task=task, trials=2, seeds=2))
+    assert len(reads) == 4 and all(s["reason"] is None for r in report["rows"] for s in r["seeds"])
+    assert report["costs"]["AdamW"]["bytes_per_param"] == 8
 
 
 def test_test_split_raises_during_tuning_and_is_read_once_per_seed_after(monkeypatch):
@@ -283,18 +343,30 @@ def test_divergence_at_some_tuned_settings_is_counted():
 def test_a_crashing_optimizer_is_a_failed_row_not_a_crash(monkeypatch):
     real_tune = tuning.tune
 
+    real_measure = cost.measure
+
     def tune(job):
         if job.contender.role == "candidate":
             raise RuntimeError("kernel exploded")
         return real_tune(job)
 
+    def measure(task, program, *args):
+        if program == contenders()[0].program:
+            raise RuntimeError("kernel exploded")
+        return real_measure(task, program, *args)
+
     monkeypatch.setattr(tuning, "tune", tune)
+    monkeypatch.setattr(cost, "measure", measure)
     report = run_compare(contenders(), settings())
     row = report["rows"][0]
     assert row["failed"] == "tuning failed: raised: RuntimeError: kernel exploded"
     assert row["test"] == {"mean": 0.0, "sd": 0.0, "median": 0.0, "n": 2, "diverged": 2}
     assert tables.table_rows(report)[0][1] == "failed"
     assert report["rows"][1]["test"]["diverged"] == 0
+    # Its cost, too, is a reported failure, and the other rows are measured.
+    assert report["costs"][row["name"]]["error"] == "RuntimeError: kernel exploded"
+    assert tables.cost_rows(report)[0] == [row["name"], *["failed"] * 4]
+    assert report["costs"]["Adam"]["bytes_per_param"] == 8
 
 
 def _row(name, role, accs, diverged=()):
@@ -362,6 +434,41 @@ def test_outputs_json_markdown_and_plot(tmp_path):
     assert "| Adam |" in paths["markdown"].read_text()
 
 
+@pytest.mark.parametrize("key, per_param", [("adam", 8), ("adamw", 8), ("sgd", 0),
+                                            ("nesterov", 4), ("lion", 4), ("rmsprop", 4),
+                                            ("sign", 0)])
+def test_state_memory_is_bytes_of_per_weight_state_per_parameter(key, per_param):
+    """Adam keeps two float32 moments (8 bytes a weight; its step counter is one scalar per
+    tensor, left out), Nesterov and Lion one buffer, SGD and Sign nothing."""
+    import numba
+
+    row = baseline_contender(key)
+    threads = (torch.get_num_threads(), numba.get_num_threads())
+    found = cost.measure(TINY, row.program, 1e-3, 0.01 if row.tune_decay else 0.0)
+    assert (torch.get_num_threads(), numba.get_num_threads()) == threads  # one while timed
+    assert found["bytes_per_param"] == per_param
+    assert found["parameters"] == sum(p.numel() for p in TINY.build_model(0).parameters())
+    assert found["step_seconds"] > 0
+
+
+def test_the_report_has_the_cost_against_adams(tmp_path):
+    report = run_compare(contenders("weight: mul(0.05, grad)", "adam", "sgd", "nesterov"),
+                         settings(trials=2, seeds=1))
+    costs = report["costs"]
+    assert list(costs) == [row["name"] for row in report["rows"]]
+    assert [costs[n]["memory_vs_adam"] for n in ("Adam", "SGD", "Nesterov")] == [1.0, 0.0, 0.5]
+    assert costs["Adam"]["step_vs_adam"] == 1.0
+    assert all(c["step_vs_adam"] > 0 for c in costs.values())
+    assert set(report["seconds"]) == {"tuning", "seeds", "total"}
+    md = tables.write_outputs(report, tmp_path)["markdown"].read_text()
+    assert "## Cost" in md and "| Nesterov |" in md.split("## Cost")[1]
+    assert "tuning" in md and "seeds" in md.split("Wall time")[1]
+    # Without an Adam row the ratios are to Adam measured apart.
+    alone = run_compare(contenders("weight: mul(0.05, grad)", "nesterov"),
+                        settings(trials=1, seeds=1))
+    assert alone["costs"]["Nesterov"]["memory_vs_adam"] == 0.5
+
+
 # -- the CLI -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
@@ -372,6 +479,8 @@ def test_outputs_json_markdown_and_plot(tmp_path):
     (["no-such-file"], "neither a file, a run directory nor a program text"),
     (["weight: mul(0.1, grad)", "--seeds", "0"], "must be at least 1"),
     (["weight: mul(0.1, grad)", "--lr-range", "1", "0.1"], "need 0 < LOW < HIGH"),
+    (["weight: mul(0.1, grad)", "--wd-range", "0.1", "0.01"], "need 0 < LOW < HIGH < 1"),
+    (["weight: mul(0.1, grad)", "--wd-range", "0", "0.1"], "--wd-range 0 0.1"),
 ])
 def test_bad_inputs_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     args = [a.replace("{rundir}", str(tmp_path)) for a in args]

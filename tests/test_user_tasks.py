@@ -311,6 +311,54 @@ def test_builtin_families_resolve_and_pass_the_check():
     assert resolve("charlm")[0].metric == "neg_loss" and resolve("diabetes")[0].loss == "mse"
 
 
+HELD_OUT = {"wine-mlp": ((106, 36, 36), 13, 3), "cancer-mlp": ((341, 114, 114), 30, 2),
+            "digits-cnn": ((997, 350, 450), (1, 8, 8), 10)}
+
+
+@pytest.mark.parametrize("name", HELD_OUT)
+def test_held_out_families_have_three_disjoint_stratified_splits(name):
+    """What engine.compare needs of a held-out task: train / val / test, disjoint, every class in
+    each, standardised with the training split's statistics only, and a model that trains."""
+    from engine.tasks.compare_tasks import get_task, load_test_split, train_val
+    from engine.tasks.supervised import check_task
+
+    sizes, shape, classes = HELD_OUT[name]
+    task, _ = resolve(name)
+    data = check_task(task)
+    splits = (data.train, data.val, data.test)
+    assert tuple(len(y) for _, y in splits) == sizes
+    assert all(set(y.tolist()) == set(range(classes)) for _, y in splits)
+    assert all(x.dtype == torch.float32 and x.shape[1:] == (
+        (shape,) if isinstance(shape, int) else shape) for x, _ in splits)
+    rows = [{tuple(r.tolist()) for r in x.reshape(len(x), -1)} for x, _ in splits]
+    assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
+    if name != "digits-cnn":  # standardised on train: mean 0, sd 1 there, not elsewhere
+        assert torch.allclose(data.train[0].mean(0), torch.zeros(shape), atol=1e-5)
+        assert not torch.allclose(data.test[0].mean(0), torch.zeros(shape), atol=1e-3)
+    else:  # digits-mlp's images and split, through convolutions
+        assert any(isinstance(m, torch.nn.Conv2d) for m in task.model().modules())
+        mlp = check_task(resolve("digits-mlp")[0])
+        for (x, y), (x_mlp, y_mlp) in zip(splits, (mlp.train, mlp.val, mlp.test)):
+            assert torch.allclose(x.reshape(len(x), -1), x_mlp) and torch.equal(y, y_mlp)
+    compare = get_task(name)  # engine.compare takes it, test split apart
+    assert compare.source == "supervised"
+    assert len(train_val(compare, 0).val[1]) == sizes[1]
+    assert len(load_test_split(compare, 0)[1]) == sizes[2]
+
+
+def test_wine_is_trained_on_the_brier_score():
+    """Held out by its loss: sum_c (p_c - onehot_c)^2, averaged; bounded by 2 per example, so
+    one confident mistake cannot send exp(-loss) to 0 as it does cross-entropy's."""
+    from engine.tasks.families.wine_mlp import brier
+
+    task = resolve("wine-mlp")[0]
+    assert task.loss is brier and task.metric == "neg_loss"
+    out = torch.tensor([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0], [0.0, 50.0, 0.0]])
+    target = torch.tensor([0, 1, 1])
+    # uniform: (2/3)^2 + 2 (1/3)^2 = 2/3; confidently wrong: 2; confidently right: 0.
+    assert float(brier(out, target)) == pytest.approx((2 / 3 + 2 + 0) / 3, abs=1e-6)
+
+
 def _readme_example() -> str:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Evolve an optimizer for your own model"):]

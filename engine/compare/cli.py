@@ -16,8 +16,8 @@ from codegen import backends
 from engine.app.cli import Parser, UsageError, positive_int
 from engine.compare.tables import print_table, write_outputs
 from engine.compare.tuning import (
-    BASELINES, LR_RANGE, Contender, Settings, baseline_contender, candidate, resolve_program,
-    run_compare)
+    BASELINES, LR_RANGE, WD_RANGE, Contender, Settings, baseline_contender, candidate,
+    resolve_program, run_compare)
 from engine.tasks import compare_tasks
 from engine.tasks.compare_tasks import CompareTask
 
@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m engine.compare",
                 description="Compare an evolved optimizer with tuned Adam, Lion, RMSprop, "
                             "Nesterov, ADES and Sign: the same tuning budget for each (TPE over a "
-                            "log-scale learning rate / step factor, on the validation split), "
+                            "log-scale learning rate / step factor, with weight decay for AdamW "
+                            "and Lion, on the validation split), "
                             "then N seeds each (the same seeds for all), test accuracy, and a "
                             "paired Wilcoxon test of each candidate against each baseline "
                             "(Holm-corrected, bootstrap intervals).",
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the task's epoch budget")
     p.add_argument("--lr-range", type=float, nargs=2, default=list(LR_RANGE),
                    metavar=("LOW", "HIGH"), help="log-uniform tuning range, for every optimizer")
+    p.add_argument("--wd-range", type=float, nargs=2, default=list(WD_RANGE),
+                   metavar=("LOW", "HIGH"),
+                   help="log-uniform range of the decoupled weight decay that AdamW and Lion "
+                        "tune together with their learning rate")
     p.add_argument("--backend", choices=("auto", *backends.BACKENDS), default="auto",
                    help="kernel backend for every optimizer")
     return p
@@ -69,6 +74,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     low, high = args.lr_range
     if not (0 < low < high and math.isfinite(high)):
         raise UsageError(f"--lr-range {low:g} {high:g}: need 0 < LOW < HIGH")
+    wd_low, wd_high = args.wd_range
+    # lr * wd >= 1 would zero or flip every weight each step: no range reaches there sensibly.
+    if not (0 < wd_low < wd_high < 1):
+        raise UsageError(f"--wd-range {wd_low:g} {wd_high:g}: need 0 < LOW < HIGH < 1")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.backend != "auto" and not backends.get(args.backend).available("cpu"):
@@ -76,7 +85,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                          f"{args.backend} backend runs on {backends.get(args.backend).runs_on} "
                          f"there: {backends.get(args.backend).instead}")
     return Settings(task=task, seeds=args.seeds, trials=args.trials, seed=args.seed,
-                    lr_range=(low, high), backend=args.backend)
+                    lr_range=(low, high), wd_range=(wd_low, wd_high), backend=args.backend)
 
 
 def contenders_from(args: argparse.Namespace) -> list[Contender]:

@@ -82,8 +82,9 @@ def _p(value: float) -> str:
 def table_rows(report: dict) -> list[list[str]]:
     """The table as strings: the same for the markdown, the terminal and the tests.
 
-    `tuned` is the chosen learning rate ("lr 1e-3") or step factor ("x0.5"), marked
-    "(low edge)" / "(high edge)" when it lies at an end of the search range."""
+    `tuned` is the chosen learning rate ("lr 1e-3") or step factor ("x0.5"), and the weight
+    decay where it was tuned ("wd 0.01"), marked "(low edge)" / "(high edge)" (or "(weight decay
+    low edge)") when it lies at an end of the search range."""
     out = []
     for row in report["rows"]:
         t, tuning = row["test"], row["tuning"]
@@ -92,6 +93,8 @@ def table_rows(report: dict) -> list[list[str]]:
             lr = "failed"
         else:
             lr = f"lr {row['lr']:.3g}" if row["tuned"] == "learning rate" else f"x{row['lr']:.3g}"
+            if row.get("weight_decay") is not None:
+                lr += f", wd {row['weight_decay']:.3g}"
             edges = [f"{k} " * (k != "lr") + f"{v} edge"
                      for k, v in (tuning.get("edge") or {}).items() if v]
             lr += f" ({', '.join(edges)})" if edges else ""
@@ -134,18 +137,56 @@ def verdicts(report: dict) -> list[str]:
     return lines
 
 
+def _decay_note(report: dict) -> str:
+    tuned = [r["name"] for r in report["rows"] if r.get("weight_decay") is not None]
+    if not tuned:
+        return ""
+    low, high = report["wd_range"]
+    return (f" ({' and '.join(tuned)} also their decoupled weight decay, log-uniform over "
+            f"[{low:g}, {high:g}], in the same trials)")
+
+
+COST_COLUMNS = ("optimizer", "step ms (median)", "step × Adam", "state bytes/param",
+                "memory × Adam")
+
+
+def cost_rows(report: dict) -> list[list[str]]:
+    """The cost table as strings: step time and state memory, each also against Adam's."""
+    def show(value: float | None, form: str) -> str:
+        return "failed" if value is None else format(value, form)
+
+    return [[name, show(None if c["step_seconds"] is None else c["step_seconds"] * 1e3, ".3g"),
+             show(c["step_vs_adam"], ".2f"), show(c["bytes_per_param"], "g"),
+             show(c["memory_vs_adam"], ".2f")]
+            for name, c in (report.get("costs") or {}).items()]
+
+
+def cost_lines(report: dict) -> list[str]:
+    rows = cost_rows(report)
+    if not rows:
+        return []
+    return ["", "## Cost", "",
+            "Per optimizer at its tuned values on this task's model: the median time of "
+            "`optimizer.step()` alone (one CPU thread, after warm-up steps, fixed seeded "
+            "gradients) and the bytes of its per-weight state tensors per parameter (Adam's "
+            "two float32 moments: 8), each also as a ratio to Adam's.", "",
+            "| " + " | ".join(COST_COLUMNS) + " |", "|" + "---|" * len(COST_COLUMNS),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def markdown(report: dict) -> str:
     task = report["task"]
     lines = [f"# Compare on `{task['name']}`", "", f"{task['about']}; {task['epochs']} epochs, "
              f"batch {task['batch_size']}.", "",
              f"Tuning: {report['trials']} TPE trials per optimizer (each optimizer its own "
              f"sampler seed, {report['sampler']['n_startup_trials']} random trials first), "
-             f"log-uniform over [{report['lr_range'][0]:g}, {report['lr_range'][1]:g}], "
-             f"scored on the validation split. Then {report['seeds']} seeds each on the tuned "
-             "value, the same seeds for every optimizer; test accuracy of each run's "
-             "best-validation epoch. A diverged run counts at accuracy 0 and is never dropped. "
-             "`*` marks the candidate; \"(low edge)\" / \"(high edge)\": the tuned value lies "
-             "within 5% of the log-range of that end, so the best value may lie outside it.", "",
+             f"log-uniform over [{report['lr_range'][0]:g}, {report['lr_range'][1]:g}]"
+             f"{_decay_note(report)}, scored on the validation split. Then {report['seeds']} "
+             "seeds each on the tuned value, the same seeds for every optimizer; test accuracy "
+             "of each run's best-validation epoch. A diverged run counts at accuracy 0 and is "
+             "never dropped. `*` marks the candidate; \"(low edge)\" / \"(high edge)\": the tuned "
+             "value lies within 5% of the log-range of that end, so the best value may lie "
+             "outside it.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
     if report.get("comparisons"):
@@ -170,6 +211,7 @@ def markdown(report: dict) -> str:
                       f"`{'; '.join(row['program'].splitlines())}`{scaled}"]
         else:
             lines += [f"- {row['name']}: {row['source']}"]
+    lines += cost_lines(report)
     s = report["seconds"]
     lines += ["", f"Wall time {s['total']:.0f} s (tuning {s['tuning']:.0f} s, seeds "
                   f"{s['seeds']:.0f} s) with {report['workers']} worker(s).",

@@ -1,19 +1,22 @@
 """`python -m engine.compare`: is an evolved optimizer better than tuned human ones, on this task?
 
 A fair answer needs the same treatment for everyone, so every optimizer in the table goes through
-the same three steps:
+the same steps:
 
-1. Tune: one number per optimizer, its step size, by Optuna's TPE sampler with the same number
-   of trials and the same log-uniform range for all: the optimizer's own ``lr``. Each optimizer's
-   sampler has its own seed, derived from the run seed and the optimizer's name (stable across
-   runs): with one shared seed every row would try the same first values, and tuned values would
-   repeat across rows by construction rather than by merit. A tuned value within 5% of the
-   log-range of either end is flagged in the table: the best value may lie outside the range. For
-   Adam, AdamW, Lion, RMSprop and Nesterov it is the learning rate; an evolved program (whose step
-   size comes from its own evolved constants) never reads ``lr``, so EvolvedOptimizer scales its
-   weight update by it, a global step factor; ADES and Sign, themselves evolved, read ``lr`` as
-   that factor. AdamW's weight decay is not tuned: it stays at torch.optim.AdamW's default, 0.01
-   (one tuned number per optimizer keeps the budget the same for all). Each trial trains once (a
+1. Tune: every optimizer's step size by Optuna's TPE sampler with the same number of trials and
+   the same log-uniform range for all: the optimizer's own ``lr``. For Adam, AdamW, Lion, RMSprop
+   and Nesterov it is the learning rate; an evolved program (whose step size comes from its own
+   evolved constants) never reads ``lr``, so EvolvedOptimizer scales its weight update by it, a
+   global step factor; ADES and Sign, themselves evolved, read ``lr`` as that factor. AdamW and
+   Lion, whose decoupled weight decay is part of the method, tune it too, within the same number
+   of trials: log-uniform over its own range (``--wd-range``), sampled jointly with ``lr`` by
+   multivariate TPE, since their product is the decay per step. The decay is EvolvedOptimizer's,
+   decoupled as torch.optim.AdamW's (``p <- p * (1 - lr * wd)`` before the update; Lion's paper
+   decays the same way); every other row has none. Each optimizer's sampler has its own seed,
+   derived from the run seed and the optimizer's name (stable across runs): with one shared seed
+   every row would try the same first values, and tuned values would repeat across rows by
+   construction rather than by merit. A tuned value within 5% of the log-range of either end is
+   flagged in the table: the best value may lie outside the range. Each trial trains once (a
    fixed tuning seed) and scores the best validation accuracy: tuning never sees the test split,
    which is loaded only in step 2.
 2. Train N seeds (initial weights, batch order, dropout) with the tuned value; every run trains
@@ -25,6 +28,8 @@ the same three steps:
    the same seeds (paired by seed): two-sided Wilcoxon signed-rank test, Holm-corrected over
    every comparison of the table, and the median and mean paired difference with a seeded
    bootstrap 95% interval (`engine.compare.stats` documents each choice).
+4. Cost: the wall time of the tuning and of the seeds, and per row its step time and state
+   memory against Adam's (`engine.compare.cost`).
 
 Every optimizer runs as `kernels.EvolvedOptimizer` with a `kernels.zoo` program, the human ones
 included (they reproduce torch.optim step for step; tests/test_zoo.py). One runtime for every row
@@ -49,25 +54,25 @@ from pathlib import Path
 from codegen.ir import ParseError, Program
 from engine import modes
 from engine.app.cli import UsageError
-from engine.compare import stats
+from engine.compare import cost, stats
 from engine.compare.tables import summarise
 from engine.tasks import compare_tasks
 from engine.tasks.compare_tasks import CompareTask
 from engine.tasks.protocol import FLOOR_FITNESS, derive_seed
 
-__all__ = ["BASELINES", "LR_RANGE", "Contender", "Settings", "baseline_contender", "candidate",
-           "resolve_program", "run_compare", "sampler_seed"]
+__all__ = ["BASELINES", "LR_RANGE", "WD_RANGE", "Contender", "Settings", "baseline_contender",
+           "candidate", "resolve_program", "run_compare", "sampler_seed"]
 
-FORMAT, VERSION = "autolr-compare", 2  # 2: "comparisons" replace each row's vs/delta/p
+FORMAT, VERSION = "autolr-compare", 3  # 3: tuned weight decay, "costs"; 2: "comparisons"
 # AdamW and Lion by default, next to Adam. Adagrad and AdaBelief are one `--optimizers` away
 # rather than in every table: each row costs its own tuning budget (trials + seeds trainings), and
 # neither adds a new kind of update to the default set (AdaBelief is Adam with a centred second
 # moment, Adagrad RMSprop without forgetting).
 BASELINES = ("adam", "adamw", "lion", "rmsprop", "nesterov", "ades", "sign")
-# Baselines that are a zoo program with decoupled weight decay: key -> (zoo key, weight decay).
-# 0.01 is torch.optim.AdamW's default, kept fixed (only lr is tuned, as for every row).
-WEIGHT_DECAY = {"adamw": ("adam", 0.01)}
+# Baselines whose decoupled weight decay is tuned with their lr: key -> its zoo program.
+WEIGHT_DECAY = {"adamw": "adam", "lion": "lion"}
 LR_RANGE = (1e-5, 10.0)  # log-uniform, the same for every optimizer
+WD_RANGE = (1e-5, 1e-1)  # log-uniform, for the rows that tune weight decay
 NAMES = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "nesterov": "Nesterov",
          "ades": "ADES", "sign": "Sign", "sgd": "SGD", "momentum": "Momentum", "lion": "Lion",
          "adagrad": "Adagrad", "adabelief": "AdaBelief"}
@@ -80,7 +85,8 @@ _TUNE, _FINAL, _SAMPLER = 11, 12, 13  # seed purposes (engine.compare.tables has
 class Contender:
     """One row: a program run by EvolvedOptimizer whose runtime `lr` is the tuned value.
 
-    `role` is "candidate" (what is being tested) or "baseline"; `tuned` says what `lr` means.
+    `role` is "candidate" (what is being tested) or "baseline"; `tuned` says what `lr` means;
+    `tune_decay`: its weight decay is tuned with `lr` (AdamW, Lion), else it has none.
     """
 
     name: str
@@ -88,7 +94,7 @@ class Contender:
     role: str
     tuned: str  # "learning rate" or "step factor"
     source: str = ""  # where it came from: a run summary, a file, "text", a zoo call
-    weight_decay: float = 0.0  # EvolvedOptimizer's (decoupled), fixed while lr is tuned
+    tune_decay: bool = False
 
 
 def candidate(program: Program, source: str = "text") -> Contender:
@@ -101,7 +107,7 @@ def candidate(program: Program, source: str = "text") -> Contender:
 def baseline_contender(key: str) -> Contender:
     from kernels import zoo
 
-    zoo_key, weight_decay = WEIGHT_DECAY.get(key, (key, 0.0))
+    zoo_key = WEIGHT_DECAY.get(key, key)
     if zoo_key not in zoo.ZOO:
         raise UsageError(f"unknown optimizer {key!r}; choose from: "
                          f"{', '.join([*zoo.ZOO, *WEIGHT_DECAY])}")
@@ -109,12 +115,12 @@ def baseline_contender(key: str) -> Contender:
                         "adabelief")
     source = f"kernels.zoo.{zoo_key}() (its defaults for the other settings)" if human else \
         f"kernels.zoo.{zoo_key}() (its constants as evolved)"
-    if weight_decay:
-        source = (f"kernels.zoo.{zoo_key}() with weight_decay={weight_decay:g} (decoupled, "
-                  "torch.optim.AdamW's default; not tuned), its defaults for the rest")
+    if key in WEIGHT_DECAY:
+        source = (f"kernels.zoo.{zoo_key}() with decoupled weight decay (tuned with lr, as "
+                  "torch.optim.AdamW's), its defaults for the rest")
     return Contender(name=NAMES.get(key, key), program=str(zoo.ZOO[zoo_key]()), role="baseline",
                      tuned="learning rate" if human else "step factor", source=source,
-                     weight_decay=weight_decay)
+                     tune_decay=key in WEIGHT_DECAY)
 
 
 def resolve_program(arg: str) -> tuple[Program, str]:
@@ -165,6 +171,7 @@ class Settings:
     trials: int = 15
     seed: int = 0  # split seed, and the root of every sampler and training seed
     lr_range: tuple[float, float] = LR_RANGE
+    wd_range: tuple[float, float] = WD_RANGE
     backend: str = "auto"
 
     @property
@@ -196,9 +203,11 @@ class SeedJob:
     contender: Contender
     lr: float
     index: int
+    weight_decay: float = 0.0
 
 
-def _train(settings: Settings, contender: Contender, lr: float, init_seed: int, fit_seed: int):
+def _train(settings: Settings, contender: Contender, lr: float, init_seed: int, fit_seed: int,
+           weight_decay: float = 0.0):
     """One training run on the train split, validated on the validation split. No test data."""
     from engine.tasks.training import fit
     from kernels import EvolvedOptimizer
@@ -208,7 +217,7 @@ def _train(settings: Settings, contender: Contender, lr: float, init_seed: int, 
 
     def optimizer_for(model):
         return EvolvedOptimizer(model.parameters(), contender.program, lr,
-                                weight_decay=contender.weight_decay, backend=settings.backend)
+                                weight_decay=weight_decay, backend=settings.backend)
 
     if task.source == "supervised":  # a SupervisedTask: its loss, its metric as "val_acc"
         from engine.tasks.supervised import Loaded, fit_supervised
@@ -226,29 +235,41 @@ def _train(settings: Settings, contender: Contender, lr: float, init_seed: int, 
 
 
 def tune(job: TuneJob) -> dict:
-    """TPE over the contender's `lr`; each trial's score is its best validation accuracy."""
+    """TPE over the contender's `lr` (and weight decay where it tunes it); each trial's score
+    is its best validation accuracy."""
+    import warnings
+
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    s = job.settings
+    s, decay = job.settings, job.contender.tune_decay
     start = time.perf_counter()
     seed = sampler_seed(s, job.contender.name)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.startup_trials)
+    with warnings.catch_warnings():  # multivariate TPE is "experimental" in Optuna's words
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # An lr-only study stays univariate: the same draws as every table before.
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.startup_trials,
+                                             multivariate=decay)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     trials = []
     for _ in range(s.trials):
         trial = study.ask()
         lr = trial.suggest_float("lr", *s.lr_range, log=True)
-        _, result = _train(s, job.contender, lr, _seed(s, _TUNE, 0), _seed(s, _TUNE, 1))
+        wd = trial.suggest_float("weight_decay", *s.wd_range, log=True) if decay else 0.0
+        _, result = _train(s, job.contender, lr, _seed(s, _TUNE, 0), _seed(s, _TUNE, 1), wd)
         value = FLOOR_FITNESS if result.reason else max(result.val_acc, default=FLOOR_FITNESS)
         study.tell(trial, value)
-        trials.append({"lr": lr, "val_acc": value, "reason": result.reason})
+        trials.append({"lr": lr, **({"weight_decay": wd} if decay else {}), "val_acc": value,
+                       "reason": result.reason})
     best = max(range(len(trials)), key=lambda i: (trials[i]["val_acc"], -i))
     lr = trials[best]["lr"]
-    return {"lr": lr, "best_val": trials[best]["val_acc"], "trials": trials,
+    wd = trials[best]["weight_decay"] if decay else None
+    edge = {"lr": stats.at_edge(lr, *s.lr_range)}
+    if decay:
+        edge["weight decay"] = stats.at_edge(wd, *s.wd_range)
+    return {"lr": lr, "weight_decay": wd, "best_val": trials[best]["val_acc"], "trials": trials,
             "diverged": sum(t["reason"] is not None for t in trials), "sampler_seed": seed,
-            "edge": {"lr": stats.at_edge(lr, *s.lr_range)},
-            "seconds": time.perf_counter() - start}
+            "edge": edge, "seconds": time.perf_counter() - start}
 
 
 def train_seed(job: SeedJob) -> dict:
@@ -258,7 +279,7 @@ def train_seed(job: SeedJob) -> dict:
     s = job.settings
     start = time.perf_counter()
     model, result = _train(s, job.contender, job.lr, _seed(s, _FINAL, 2 * job.index),
-                           _seed(s, _FINAL, 2 * job.index + 1))
+                           _seed(s, _FINAL, 2 * job.index + 1), job.weight_decay)
     test_acc = FLOOR_FITNESS
     if result.reason is None and s.task.source == "supervised":
         from engine.tasks.supervised import metric_value
@@ -300,7 +321,7 @@ def run_compare(contenders: Sequence[Contender], settings: Settings, workers: in
     """
     start = time.perf_counter()
     rows = [{"name": c.name, "role": c.role, "tuned": c.tuned, "program": c.program,
-             "source": c.source, "weight_decay": c.weight_decay, "failed": None,
+             "source": c.source, "weight_decay": None, "failed": None,
              "tuning": None, "lr": None, "seeds": []}
             for c in contenders]
     with _executor(workers) as executor:
@@ -312,11 +333,14 @@ def run_compare(contenders: Sequence[Contender], settings: Settings, workers: in
                 log(f"{row['name']}: {row['failed']}")
                 continue
             row["tuning"], row["lr"] = outcome.value, outcome.value["lr"]
-            log(f"tuned {row['name']}: {row['tuned']} {row['lr']:.3g}, best validation "
+            row["weight_decay"] = outcome.value["weight_decay"]
+            wd = "" if row["weight_decay"] is None else f", weight decay {row['weight_decay']:.3g}"
+            log(f"tuned {row['name']}: {row['tuned']} {row['lr']:.3g}{wd}, best validation "
                 f"{outcome.value['best_val']:.4f} ({outcome.value['diverged']} of "
                 f"{settings.trials} trials diverged) in {outcome.value['seconds']:.0f} s")
         tuned_at = time.perf_counter()
-        jobs = [SeedJob(settings, c, rows[i]["lr"], k) for i, c in enumerate(contenders)
+        jobs = [SeedJob(settings, c, rows[i]["lr"], k, rows[i]["weight_decay"] or 0.0)
+                for i, c in enumerate(contenders)
                 if rows[i]["failed"] is None for k in range(settings.seeds)]
         owner = [next(i for i, c in enumerate(contenders) if c is j.contender) for j in jobs]
         for n, outcome in executor.run(train_seed, jobs):
@@ -327,18 +351,43 @@ def run_compare(contenders: Sequence[Contender], settings: Settings, workers: in
         if row["failed"]:  # no tuned value, so no run: every seed counts at the floor
             row["seeds"] = [_floor_seed(k, row["failed"]) for k in range(settings.seeds)]
     end = time.perf_counter()
+    costs = _costs(contenders, rows, settings, log)
     task = settings.task
     report = {
         "format": FORMAT, "version": VERSION,
         "task": {"name": task.name, "about": task.about, "epochs": task.epochs,
                  "batch_size": task.batch_size, "model": repr(task.model)},
         "seeds": settings.seeds, "trials": settings.trials, "seed": settings.seed,
-        "lr_range": list(settings.lr_range), "backend": settings.backend,
+        "lr_range": list(settings.lr_range), "wd_range": list(settings.wd_range),
+        "backend": settings.backend,
         "sampler": {"name": "optuna TPESampler", "n_startup_trials": settings.startup_trials,
                     "seeds": {c.name: sampler_seed(settings, c.name) for c in contenders}},
         "rows": rows,
         "seconds": {"tuning": tuned_at - start, "seeds": end - tuned_at, "total": end - start},
+        "costs": costs,
         "workers": workers,
     }
     summarise(report)
     return report
+
+
+def _costs(contenders: Sequence[Contender], rows: list[dict], settings: Settings,
+           log: Callable[[str], None]) -> dict[str, dict]:
+    """Each row's step time and state memory (`engine.compare.cost`) at its tuned values, in
+    this process after every training, so that no training competes with the timing."""
+    from kernels import zoo
+
+    def measure(program: str, lr: float, wd: float) -> dict:
+        try:
+            return cost.measure(settings.task, program, lr, wd, settings.backend, settings.seed)
+        except Exception as err:  # noqa: BLE001 - a row that crashes is reported, as in tuning
+            return cost.failed(f"{type(err).__name__}: {err}")
+
+    found = {c.name: measure(c.program, row["lr"] or 1e-3, row["weight_decay"] or 0.0)
+             for c, row in zip(contenders, rows)}
+    out = cost.with_ratios(found, lambda: measure(str(zoo.adam()), 1e-3, 0.0))
+    for name, c in out.items():
+        log(f"cost of {name}: failed ({c['error']})" if c.get("error") else
+            f"cost of {name}: step {c['step_seconds'] * 1e3:.3g} ms, "
+            f"{c['bytes_per_param']:g} bytes of state per parameter")
+    return out

@@ -6,10 +6,14 @@ An optimizer found on one task is only interesting if it also works where it was
 besides the evolution presets (`quick`, and `paper` for a GPU or a long CPU run) there are tasks
 that differ in architecture (`fmnist-mlp`: an MLP on Fashion-MNIST images the quick evolution run
 never saw) or in data (`digits-mlp`, alias `digits`: scikit-learn's bundled 8x8 handwritten
-digits, so it runs anywhere, offline, in seconds). None is defined here: each comes from the task
-registry (engine/tasks/registry.py), the presets from the fmnist-cnn family and the held-out MLPs
-from their family files (widths, batch size, epochs, and `HELD_OUT`: how compare redraws their
-splits per split seed); this module holds only how each data source is split.
+digits, so it runs anywhere, offline, in seconds); and three that a discovery search on
+Fashion-MNIST, digits-mlp and diabetes never uses: `wine-mlp` (other data and a Brier-score
+loss), `cancer-mlp` (other data, a deeper MLP) and `digits-cnn` (digits-mlp's data through a
+CNN), each a SupervisedTask whose own split is the same for every split seed. None is defined
+here: each comes from the task registry (engine/tasks/registry.py), the presets from the
+fmnist-cnn family and the MLPs of Fashion-MNIST and digits from their family files (widths,
+batch size, epochs, and `HELD_OUT`: how compare redraws their splits per split seed); this
+module holds only how each data source is split.
 
 Every task has a train / validation / test split fixed by the split seed. The test split is kept
 apart on purpose: `train_val` gives what tuning may see, and `load_test_split` is the only
@@ -35,8 +39,8 @@ from engine.tasks.data import load_fashion_mnist
 from engine.tasks.protocol import PRESETS, derive_seed, make_split, prepare
 from engine.tasks.training import ModelSpec
 
-__all__ = ["CompareTask", "MLP", "MLPSpec", "Splits", "all_splits", "from_reference", "get_task",
-           "load_test_split", "names", "supervised", "train_val"]
+__all__ = ["CompareTask", "MLP", "MLPSpec", "Splits", "all_splits", "digits_indices",
+           "from_reference", "get_task", "load_test_split", "names", "supervised", "train_val"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -202,7 +206,9 @@ def _images(x: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _digits_indices(seed: int, sizes: tuple[int | None, ...]) -> tuple[np.ndarray, ...]:
+def digits_indices(seed: int, sizes: tuple[int | None, ...]) -> tuple[np.ndarray, ...]:
+    """Train, validation and test rows of scikit-learn's digits for split seed `seed`
+    (stratified, sorted): digits-mlp's split, which digits-cnn reads too."""
     from sklearn.datasets import load_digits
 
     labels = load_digits().target
@@ -253,7 +259,7 @@ def train_val(task: CompareTask, seed: int) -> Splits:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        train, val, _ = _digits_indices(seed, task.sizes)
+        train, val, _ = digits_indices(seed, task.sizes)
         mean = digits.data[train].mean(axis=0) / 16.0
         return Splits(train=_tensors(digits.data[train], digits.target[train], mean, 16.0),
                       val=_tensors(digits.data[val], digits.target[val], mean, 16.0), mean=mean)
@@ -276,7 +282,7 @@ def load_test_split(task: CompareTask, seed: int) -> Pair:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        _, _, index = _digits_indices(seed, task.sizes)
+        _, _, index = digits_indices(seed, task.sizes)
         return _tensors(digits.data[index], digits.target[index], mean, 16.0)
     raise ValueError(f"task {task.name!r} has an unknown data source {task.source!r}")
 

@@ -682,6 +682,13 @@ def test_smoke_runs_the_funnel_and_every_output_shows_it(alr_run, env):
     assert tiers[0]["promoted"] == tiers[1]["evaluated"]
     assert summary["evaluations"]["outcomes"]["micro"] >= 1
     assert summary["best"]["tier"] in ("micro", "quick") and 0 <= summary["best"]["score"] <= 1
+    # One task, one scale: best.tasks lists it with Adam's score at the same seeds.
+    assert summary["best"]["lr_scale"] == 1.0
+    nearest = summary["best"]["nearest_seed"]  # a tree edit distance to one of the run's seeds
+    assert nearest["name"] in json.loads((run_dir / "config.json").read_text())["seeds"]
+    assert nearest["distance"] >= 0
+    [task] = summary["best"]["tasks"]
+    assert task["task"] == "smoke" and task["baseline"] == summary["baseline"]["fitness"]
     assert "## Fidelity tiers" in (run_dir / "report.md").read_text()
     lines = [line for line in result.stdout.splitlines() if line.startswith("gen ")]
     assert len(lines) == 3 and all(re.search(r"funnel \d+ micro > \d+ quick ", l) for l in lines)
@@ -705,6 +712,7 @@ def test_tiers_off_trains_every_candidate_as_before(env, tmp_path):
                cwd=tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "tiers" not in summary and summary["evaluations"]["outcomes"]["micro"] == 0
+    assert summary["best"]["lr_scale"] == 1.0 and len(summary["best"]["tasks"]) == 1
     assert "tiers" not in json.loads((run_dir / "config.json").read_text())
     assert not (run_dir / "funnel.json").exists()
     result = engine_run(["--resume", "--out", run_dir, "--tiers", "on"], env, cwd=tmp_path,

@@ -234,6 +234,11 @@ def summary(outcome: RunOutputs, parsed: Phenotypes | None = None) -> dict:
     }
     if outcome.tiers:  # a run without the funnel keeps its summary as it was
         summary["tiers"] = outcome.tiers
+    if cfg.seeds:  # how far evolution moved from what it was given (constants left out)
+        from engine.evolution.structure import nearest_seed
+
+        name, distance = nearest_seed(best_text, cfg.seeds)
+        summary["best"]["nearest_seed"] = {"name": name, "distance": distance}
     detail = outcome.best_detail
     if detail is not None:
         summary["best"].update(lr_scale=detail["lr_scale"], tasks=detail["tasks"])
@@ -363,7 +368,11 @@ def _report_markdown(data: dict, fame: Sequence[dict], plots: dict, mode: Mode) 
                          "restored." if data.get("task") else
                          "Fitness is the protocol's accuracy on a held-out fitness set (ALR: "
                          "the minimum over trials).")]
+    near = best.get("nearest_seed")
     lines += ["", "## The best program", "", *_fenced(best["canonical"]), "",
+              *([f"Its tree is {near['distance']} edit(s) (insert, delete or relabel a node of "
+                 f"the canonical tree, constants left out) from its nearest seed, "
+                 f"{near['name']}.", ""] if near else []),
               "`best_optimizer.py` is a standalone copy of it for your own project "
               "(needs only torch):", "", "```python",
               *mode.usage, "```", "", *_tasks_markdown(best, baseline)]

@@ -89,6 +89,7 @@ class Contender:
     tuned: str  # "learning rate" or "step factor"
     source: str = ""  # where it came from: a run summary, a file, "text", a zoo call
     weight_decay: float = 0.0  # EvolvedOptimizer's (decoupled), fixed while lr is tuned
+    lr_range: tuple[float, float] | None = None  # its own tuning range; None: Settings.lr_range
 
 
 def candidate(program: Program, source: str = "text") -> Contender:
@@ -138,7 +139,7 @@ def resolve_program(arg: str) -> tuple[Program, str]:
         if kind is None or not kind.compiled:
             what = kind.candidate if kind else "an unknown mode"
             raise UsageError(f"{summary}: a {str(mode).upper()} run ({what}); compare takes "
-                             "ALR optimizers")
+                             "ALR optimizers (--mode dlr: schedules)")
         source = f"best program of {summary}"
     elif path.is_file():
         text, source = path.read_text(encoding="utf-8"), str(path)
@@ -210,18 +211,24 @@ def _train(settings: Settings, contender: Contender, lr: float, init_seed: int, 
         return EvolvedOptimizer(model.parameters(), contender.program, lr,
                                 weight_decay=contender.weight_decay, backend=settings.backend)
 
+    from engine.compare.schedules import ScheduleContender
+
+    schedule = None
+    if isinstance(contender, ScheduleContender):  # --mode dlr: torch's SGD under a schedule
+        optimizer_for, schedule = contender.training(lr, task)
+
     if task.source == "supervised":  # a SupervisedTask: its loss, its metric as "val_acc"
         from engine.tasks.supervised import Loaded, fit_supervised
 
         data = Loaded(splits.train, splits.val, None)
         return fit_supervised(compare_tasks.supervised(task), data,
                               optimizer_for, init_seed=init_seed, shuffle_seed=fit_seed,
-                              epochs=task.epochs, patience=task.epochs)
+                              epochs=task.epochs, patience=task.epochs, schedule=schedule)
     model = task.build_model(init_seed)
     optimizer = optimizer_for(model)
     result = fit(model, optimizer, splits.train, splits.val, seed=fit_seed,
                  batch_size=task.batch_size, max_epochs=task.epochs, patience=task.epochs,
-                 monitor="val_acc", eval_batch=task.eval_batch)
+                 monitor="val_acc", eval_batch=task.eval_batch, schedule=schedule)
     return model, result
 
 
@@ -235,10 +242,11 @@ def tune(job: TuneJob) -> dict:
     seed = sampler_seed(s, job.contender.name)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.startup_trials)
     study = optuna.create_study(direction="maximize", sampler=sampler)
+    span = job.contender.lr_range or s.lr_range
     trials = []
     for _ in range(s.trials):
         trial = study.ask()
-        lr = trial.suggest_float("lr", *s.lr_range, log=True)
+        lr = trial.suggest_float("lr", *span, log=True)
         _, result = _train(s, job.contender, lr, _seed(s, _TUNE, 0), _seed(s, _TUNE, 1))
         value = FLOOR_FITNESS if result.reason else max(result.val_acc, default=FLOOR_FITNESS)
         study.tell(trial, value)
@@ -247,7 +255,7 @@ def tune(job: TuneJob) -> dict:
     lr = trials[best]["lr"]
     return {"lr": lr, "best_val": trials[best]["val_acc"], "trials": trials,
             "diverged": sum(t["reason"] is not None for t in trials), "sampler_seed": seed,
-            "edge": {"lr": stats.at_edge(lr, *s.lr_range)},
+            "edge": {"lr": stats.at_edge(lr, *span)},
             "seconds": time.perf_counter() - start}
 
 

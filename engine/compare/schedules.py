@@ -29,7 +29,6 @@ both modes. `--epochs` overrides either.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -120,10 +119,18 @@ def resolve_schedule(arg: str) -> tuple[Schedule, str]:
     """A schedule from text, a file holding one, or a DLR run directory (its summary.json's
     best); returns it and where it came from, for the report."""
     path = Path(arg)
+    text, source = arg, "text"
     if path.is_dir() or path.suffix == ".json":
-        return _from_summary(arg, path / "summary.json" if path.is_dir() else path)
-    text, source = (path.read_text(encoding="utf-8"), str(path)) if path.is_file() \
-        else (arg, "text")
+        summary, best, mode = tuning.read_summary(arg, "schedule")
+        if modes.find(mode) is not modes.DLR:
+            raise UsageError(f"{summary}: the run's mode is {mode!r}, not 'dlr'; --mode dlr "
+                             "compares schedules (drop --mode dlr for an optimizer)")
+        text, source = best["program"], f"best schedule of {summary}"
+        if isinstance(best.get("lr_scale"), (int, float)):
+            source += (f", which scored best at step factor {best['lr_scale']:g} in the run "
+                       "(tuned afresh here)")
+    elif path.is_file():
+        text, source = path.read_text(encoding="utf-8"), str(path)
     try:
         return Schedule.parse(text), source
     except (ParseError, ValueError, TypeError) as err:
@@ -131,28 +138,6 @@ def resolve_schedule(arg: str) -> tuple[Schedule, str]:
         raise UsageError(f"cannot parse the schedule from {shown}: {' '.join(str(err).split())} "
                          "(a schedule is f(epoch, lr) on one line, like 'mul(lr, 0.9)', a file "
                          "holding one, or a DLR run directory)") from None
-
-
-def _from_summary(arg: str, summary: Path) -> tuple[Schedule, str]:
-    if not summary.is_file():
-        raise UsageError(f"{arg}: no summary.json there; pass a finished DLR run directory "
-                         "(engine.run writes summary.json at the end), a schedule file or "
-                         "schedule text")
-    try:
-        data = json.loads(summary.read_text(encoding="utf-8"))
-        best, mode = data["best"], data.get("mode", modes.DEFAULT.name)
-        schedule = Schedule.parse(best["program"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"{summary}: not a DLR run summary with a best schedule "
-                         f"({' '.join(str(err).split())})") from None
-    if modes.find(mode) is not modes.DLR:
-        raise UsageError(f"{summary}: a {str(mode).upper()} run; --mode dlr compares schedules "
-                         "(drop --mode dlr for an optimizer)")
-    source = f"best schedule of {summary}"
-    if isinstance(best.get("lr_scale"), (int, float)):
-        source += (f", which scored best at step factor {best['lr_scale']:g} in the run "
-                   "(tuned afresh here)")
-    return schedule, source
 
 
 # -- the rows ---------------------------------------------------------------------------------
@@ -205,8 +190,8 @@ def run_compare(rows: Sequence[ScheduleContender], settings: Settings, workers: 
     low, high = settings.lr_range
     report["mode_note"] = (
         f"Learning-rate schedules (DLR): every row is {SGD}, so only the schedule differs. "
-        f"SGD constant tunes its lr, SGD cosine its initial lr (cosine annealing towards 0 over the "
-        f"{settings.task.epochs} epochs, stepped per epoch); a candidate tunes a step factor "
+        f"SGD constant tunes its lr, SGD cosine its initial lr (cosine annealing towards 0 over "
+        f"the {settings.task.epochs} epochs, stepped per epoch); a candidate tunes a step factor "
         f"over [{low / start:g}, {high / start:g}] (the lr range over the task's initial lr "
         f"{start:g}): SGD starts at the factor x {start:g} and every lr the schedule sets is "
         "multiplied by it, so its starting lr spans the baselines' range.")

@@ -118,6 +118,26 @@ def baseline_contender(key: str) -> Contender:
                      weight_decay=weight_decay)
 
 
+def read_summary(arg: str, what: str) -> tuple[Path, dict, object]:
+    """The summary.json of run directory `arg` (or `arg` itself, a .json file): its path, its
+    "best" entry (which has a "program") and its mode; a UsageError where there is none. `what`
+    the run's best is ("program", "schedule"), for the message."""
+    path = Path(arg)
+    summary = path / "summary.json" if path.is_dir() else path
+    if not summary.is_file():
+        raise UsageError(f"{arg}: no summary.json there; pass a finished run directory "
+                         f"(engine.run writes summary.json at the end), a {what} file or "
+                         f"{what} text")
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+        best, mode = data["best"], data.get("mode", modes.DEFAULT.name)
+        if not isinstance(best["program"], str):
+            raise TypeError(f"best.program is {type(best['program']).__name__}, not text")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{summary}: not a run summary with a best {what} ({err})") from None
+    return summary, best, mode
+
+
 def resolve_program(arg: str) -> tuple[Program, str]:
     """A program from text, a file holding one, or a run directory (its summary.json's best).
 
@@ -125,16 +145,8 @@ def resolve_program(arg: str) -> tuple[Program, str]:
     path = Path(arg)
     source = "text"
     if path.is_dir() or path.suffix == ".json":
-        summary = path / "summary.json" if path.is_dir() else path
-        if not summary.is_file():
-            raise UsageError(f"{arg}: no summary.json there; pass a finished run directory "
-                             "(engine.run writes summary.json at the end), a program file or "
-                             "program text")
-        try:
-            data = json.loads(summary.read_text(encoding="utf-8"))
-            text, mode = data["best"]["program"], data.get("mode", modes.DEFAULT.name)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise UsageError(f"{summary}: not a run summary with a best program ({err})") from None
+        summary, best, mode = read_summary(arg, "program")
+        text = best["program"]
         kind = modes.find(mode)
         if kind is None or not kind.compiled:
             what = kind.candidate if kind else "an unknown mode"

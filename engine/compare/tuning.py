@@ -29,6 +29,8 @@ the same three steps:
 Every optimizer runs as `kernels.EvolvedOptimizer` with a `kernels.zoo` program, the human ones
 included (they reproduce torch.optim step for step; tests/test_zoo.py). One runtime for every row
 means a difference in the table can only come from the update rule, not from two code paths.
+With ``--mode dlr`` every row is torch.optim.SGD under a learning-rate schedule instead, by the
+same steps (engine.compare.schedules).
 
 Outputs (``--out``): compare.md, compare.json, curves.png (validation accuracy per epoch, mean
 over seeds; and each trial's validation accuracy against its tuned value). User errors are one

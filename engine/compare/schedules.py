@@ -13,7 +13,7 @@ weight decay), so a difference in the table can only come from the schedule:
   the schedule sets is s times its own, the schedule seeing lr / s). s ranges over the
   comparison's lr range divided by the task's initial lr, so the candidate's starting learning
   rates span the same range as the baselines' learning rates: the candidate `0.01` at factor s
-  *is* SGD constant at lr 0.01 s, bit for bit.
+  *is* SGD constant at lr 0.01 s, bit for bit (0.01 as the IR stores it, a float32).
 - "SGD constant": SGD at the tuned lr, for every epoch.
 - "SGD cosine": SGD from the tuned initial lr annealed as torch's CosineAnnealingLR with
   T_max = the task's epoch budget and eta_min = 0, stepped once per epoch: epoch k runs at

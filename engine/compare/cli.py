@@ -13,7 +13,9 @@ from datetime import datetime
 from pathlib import Path
 
 from codegen import backends
+from engine import modes
 from engine.app.cli import Parser, UsageError, positive_int
+from engine.compare import schedules
 from engine.compare.tables import print_table, write_outputs
 from engine.compare.tuning import (
     BASELINES, LR_RANGE, WD_RANGE, Contender, Settings, baseline_contender, candidate,
@@ -34,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("programs", nargs="+", metavar="PROGRAM_OR_RUN_DIR",
                    help="program text, a file holding one, or a run directory (its "
-                        "summary.json's best program)")
+                        "summary.json's best program); with --mode dlr a schedule f(epoch, lr) "
+                        "such as 'mul(lr, 0.9)', a file holding one, or a DLR run directory")
+    p.add_argument("--mode", choices=tuple(modes.MODES), default=modes.ALR.name,
+                   help="alr: optimizers against the --optimizers baselines; dlr: learning-rate "
+                        "schedules against plain SGD at a tuned constant lr and a tuned cosine "
+                        "schedule (engine.compare.schedules)")
     p.add_argument("--task", default="quick",
                    help=f"one of: {', '.join(compare_tasks.names())}; or "
                         "FILE.py:CALLABLE returning an engine.tasks.SupervisedTask with a "
@@ -69,6 +76,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         task = compare_tasks.get_task(args.task)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if args.mode == modes.DLR.name:
+        task = schedules.dlr_task(task)
     if args.epochs is not None:
         task = dataclasses.replace(task, epochs=args.epochs)
     low, high = args.lr_range
@@ -114,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         settings = settings_from(args)
-        contenders = contenders_from(args)
+        dlr = args.mode == modes.DLR.name
+        if dlr and args.optimizers != ",".join(BASELINES):
+            raise UsageError("--optimizers names ALR baselines; --mode dlr always compares with "
+                             f"{schedules.CONSTANT} and {schedules.COSINE}")
+        contenders = schedules.contenders(args.programs, settings) if dlr else \
+            contenders_from(args)
         _check_data(settings.task, settings.seed)
         out = args.out or Path("runs") / (f"compare-{settings.task.name}-"
                                           f"{datetime.now():%Y%m%d-%H%M%S}")
@@ -129,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     err_console.print(f"compare on {settings.task.name}: {len(contenders)} optimizers x "
                       f"({settings.trials} tuning trials + {settings.seeds} seeds), "
                       f"{args.workers} worker(s)")
-    report = run_compare(contenders, settings, args.workers, log=err_console.print)
+    run = schedules.run_compare if dlr else run_compare
+    report = run(contenders, settings, args.workers, log=err_console.print)
+    report.setdefault("mode", args.mode)
     report["command"] = shlex.join(["python", "-m", "engine.compare", *argv])
     report["created"] = datetime.now().astimezone().isoformat(timespec="seconds")
     paths = write_outputs(report, out)

@@ -187,6 +187,7 @@ def markdown(report: dict) -> str:
              "never dropped. `*` marks the candidate; \"(low edge)\" / \"(high edge)\": the tuned "
              "value lies within 5% of the log-range of that end, so the best value may lie "
              "outside it.", "",
+             *([report["mode_note"], ""] if report.get("mode_note") else []),
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
     if report.get("comparisons"):
@@ -205,7 +206,8 @@ def markdown(report: dict) -> str:
     lines += ["", "Programs (`lr` is the tuned value; compare.json has every program as run):", ""]
     for row in report["rows"]:
         if row["role"] == "candidate":
-            scaled = "" if Program.parse(row["program"]).reads_lr else \
+            scaled = row["note"] if "note" in row else \
+                "" if Program.parse(row["program"]).reads_lr else \
                 ", its weight update scaled by the tuned factor (EvolvedOptimizer's lr)"
             lines += [f"- {row['name']} ({row['source']}), run as: "
                       f"`{'; '.join(row['program'].splitlines())}`{scaled}"]

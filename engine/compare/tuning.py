@@ -34,6 +34,8 @@ the same steps:
 Every optimizer runs as `kernels.EvolvedOptimizer` with a `kernels.zoo` program, the human ones
 included (they reproduce torch.optim step for step; tests/test_zoo.py). One runtime for every row
 means a difference in the table can only come from the update rule, not from two code paths.
+With ``--mode dlr`` every row is torch.optim.SGD under a learning-rate schedule instead, by the
+same steps (engine.compare.schedules).
 
 Outputs (``--out``): compare.md, compare.json, curves.png (validation accuracy per epoch, mean
 over seeds; and each trial's validation accuracy against its tuned value). User errors are one
@@ -95,6 +97,7 @@ class Contender:
     tuned: str  # "learning rate" or "step factor"
     source: str = ""  # where it came from: a run summary, a file, "text", a zoo call
     tune_decay: bool = False
+    lr_range: tuple[float, float] | None = None  # its own tuning range; None: Settings.lr_range
 
 
 def candidate(program: Program, source: str = "text") -> Contender:
@@ -123,6 +126,26 @@ def baseline_contender(key: str) -> Contender:
                      tune_decay=key in WEIGHT_DECAY)
 
 
+def read_summary(arg: str, what: str) -> tuple[Path, dict, object]:
+    """The summary.json of run directory `arg` (or `arg` itself, a .json file): its path, its
+    "best" entry (which has a "program") and its mode; a UsageError where there is none. `what`
+    the run's best is ("program", "schedule"), for the message."""
+    path = Path(arg)
+    summary = path / "summary.json" if path.is_dir() else path
+    if not summary.is_file():
+        raise UsageError(f"{arg}: no summary.json there; pass a finished run directory "
+                         f"(engine.run writes summary.json at the end), a {what} file or "
+                         f"{what} text")
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+        best, mode = data["best"], data.get("mode", modes.DEFAULT.name)
+        if not isinstance(best["program"], str):
+            raise TypeError(f"best.program is {type(best['program']).__name__}, not text")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{summary}: not a run summary with a best {what} ({err})") from None
+    return summary, best, mode
+
+
 def resolve_program(arg: str) -> tuple[Program, str]:
     """A program from text, a file holding one, or a run directory (its summary.json's best).
 
@@ -130,21 +153,13 @@ def resolve_program(arg: str) -> tuple[Program, str]:
     path = Path(arg)
     source = "text"
     if path.is_dir() or path.suffix == ".json":
-        summary = path / "summary.json" if path.is_dir() else path
-        if not summary.is_file():
-            raise UsageError(f"{arg}: no summary.json there; pass a finished run directory "
-                             "(engine.run writes summary.json at the end), a program file or "
-                             "program text")
-        try:
-            data = json.loads(summary.read_text(encoding="utf-8"))
-            text, mode = data["best"]["program"], data.get("mode", modes.DEFAULT.name)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise UsageError(f"{summary}: not a run summary with a best program ({err})") from None
+        summary, best, mode = read_summary(arg, "program")
+        text = best["program"]
         kind = modes.find(mode)
         if kind is None or not kind.compiled:
             what = kind.candidate if kind else "an unknown mode"
             raise UsageError(f"{summary}: a {str(mode).upper()} run ({what}); compare takes "
-                             "ALR optimizers")
+                             "ALR optimizers (--mode dlr: schedules)")
         source = f"best program of {summary}"
     elif path.is_file():
         text, source = path.read_text(encoding="utf-8"), str(path)
@@ -219,18 +234,24 @@ def _train(settings: Settings, contender: Contender, lr: float, init_seed: int, 
         return EvolvedOptimizer(model.parameters(), contender.program, lr,
                                 weight_decay=weight_decay, backend=settings.backend)
 
+    from engine.compare.schedules import ScheduleContender
+
+    schedule = None
+    if isinstance(contender, ScheduleContender):  # --mode dlr: torch's SGD under a schedule
+        optimizer_for, schedule = contender.training(lr, task)
+
     if task.source == "supervised":  # a SupervisedTask: its loss, its metric as "val_acc"
         from engine.tasks.supervised import Loaded, fit_supervised
 
         data = Loaded(splits.train, splits.val, None)
         return fit_supervised(compare_tasks.supervised(task), data,
                               optimizer_for, init_seed=init_seed, shuffle_seed=fit_seed,
-                              epochs=task.epochs, patience=task.epochs)
+                              epochs=task.epochs, patience=task.epochs, schedule=schedule)
     model = task.build_model(init_seed)
     optimizer = optimizer_for(model)
     result = fit(model, optimizer, splits.train, splits.val, seed=fit_seed,
                  batch_size=task.batch_size, max_epochs=task.epochs, patience=task.epochs,
-                 monitor="val_acc", eval_batch=task.eval_batch)
+                 monitor="val_acc", eval_batch=task.eval_batch, schedule=schedule)
     return model, result
 
 
@@ -251,10 +272,11 @@ def tune(job: TuneJob) -> dict:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.startup_trials,
                                              multivariate=decay)
     study = optuna.create_study(direction="maximize", sampler=sampler)
+    span = job.contender.lr_range or s.lr_range
     trials = []
     for _ in range(s.trials):
         trial = study.ask()
-        lr = trial.suggest_float("lr", *s.lr_range, log=True)
+        lr = trial.suggest_float("lr", *span, log=True)
         wd = trial.suggest_float("weight_decay", *s.wd_range, log=True) if decay else 0.0
         _, result = _train(s, job.contender, lr, _seed(s, _TUNE, 0), _seed(s, _TUNE, 1), wd)
         value = FLOOR_FITNESS if result.reason else max(result.val_acc, default=FLOOR_FITNESS)
@@ -264,7 +286,7 @@ def tune(job: TuneJob) -> dict:
     best = max(range(len(trials)), key=lambda i: (trials[i]["val_acc"], -i))
     lr = trials[best]["lr"]
     wd = trials[best]["weight_decay"] if decay else None
-    edge = {"lr": stats.at_edge(lr, *s.lr_range)}
+    edge = {"lr": stats.at_edge(lr, *span)}
     if decay:
         edge["weight decay"] = stats.at_edge(wd, *s.wd_range)
     return {"lr": lr, "weight_decay": wd, "best_val": trials[best]["val_acc"], "trials": trials,
@@ -375,7 +397,11 @@ def _costs(contenders: Sequence[Contender], rows: list[dict], settings: Settings
            log: Callable[[str], None]) -> dict[str, dict]:
     """Each row's step time and state memory (`engine.compare.cost`) at its tuned values, in
     this process after every training, so that no training competes with the timing."""
+    from engine.compare.schedules import ScheduleContender
     from kernels import zoo
+
+    if any(isinstance(c, ScheduleContender) for c in contenders):
+        return {}  # --mode dlr: every row is the same plain SGD, only its lrs differ
 
     def measure(program: str, lr: float, wd: float) -> dict:
         try:

@@ -120,6 +120,10 @@ def test_the_baseline_ties_with_itself_on_every_task(tmp_path):
     [a, s] = fitness.evaluate([adam, sgd])
     assert a.fitness == 0.5  # level 0, a tie at its own best scale, on both tasks
     assert s.fitness != 0.5
+    # Every training counted (2 programs x 2 tasks x 2 scales; Adam is its own baseline), once.
+    assert fitness.trainings == 8 and fitness.train_seconds > 0
+    fitness.evaluate([adam, sgd])
+    assert fitness.trainings == 8
     detail = fitness.best_detail(adam)
     assert [t["task"] for t in detail["tasks"]] == ["diabetes", "digits-mlp"]
     assert all(t["relative"] == 0.5 and t["score"] == t["baseline"] for t in detail["tasks"])
@@ -193,3 +197,20 @@ def test_a_user_tiered_dlr_run_records_its_scale_and_tasks(env, tmp_path):  # no
     exec((out / "best_optimizer.py").read_text(), namespace)
     assert namespace["LR_SCALE"] == best["lr_scale"]
     assert namespace["INITIAL_LR"] == pytest.approx(0.01 * best["lr_scale"])
+
+
+def test_two_texts_of_one_program_are_scored_once(tmp_path):
+    """The funnel keys candidates by their canonical program: a text that only spells the same
+    program differently is answered from the first one's rows, not scored again."""
+    store = Store(tmp_path / "store.sqlite")
+    executor = SerialExecutor()
+    evaluator = Evaluator(modes.ALR, "smoke", 0, store, executor, backend="numba")
+    tiers = [Tier("micro", ("digits-mlp",), steps=20, promote=0.0)]
+    fitness = FunnelFitness(evaluator, tiers, tmp_path / "funnel.json")
+    one, other = "weight: mul(0.01, grad)", "weight: mul(grad, 0.01)"
+    assert fitness.key(one) == fitness.key(other)
+    a, b = fitness.evaluate([one, other])
+    assert a.fitness == b.fitness and (a.text, b.text) == (one, other)
+    assert fitness.counts()[0]["evaluated"] == 1
+    executor.close()
+    store.close()

@@ -168,10 +168,14 @@ def evaluation_counts(events: Sequence[dict]) -> dict:
     answers = first_answers(every)
     reasons = Counter(reason_kind(e["reason"]) for e in answers if e.get("reason"))
     trainings = [e for e in every if e["source"] == "trained"]
+    count, seconds = len(trainings), sum(e.get("seconds", 0.0) for e in trainings)
+    funnel = [e for e in events if e.get("event") == "funnel" and "trainings" in e]
+    if funnel:  # a funnel run trains each candidate at several tasks, scales and seeds
+        count = sum(e["trainings"] for e in funnel)
+        seconds = sum(e["train_seconds"] for e in funnel)
     return {"requested": len(answers), "outcomes": outcomes.count(answers),
             "reasons": dict(reasons.most_common()), "answered_again": len(every) - len(answers),
-            "trainings": len(trainings),
-            "train_seconds": round(sum(e.get("seconds", 0.0) for e in trainings), 1)}
+            "trainings": count, "train_seconds": round(seconds, 1)}
 
 
 def wall_seconds(events: Sequence[dict]) -> tuple[float, int]:

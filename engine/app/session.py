@@ -194,11 +194,15 @@ class Session:
         self.display.start_generation(self.generation, len(texts))
         if self.tracker is not None:
             self.tracker.start_generation()
+        funnel = self.scorer is not self.evaluator
+        before = (self.scorer.trainings, self.scorer.train_seconds) if funnel else None
         results = self.scorer.evaluate(texts, on_result=self._answered)
-        if self.scorer is not self.evaluator:
+        if funnel:
             self.display.funnel = self.scorer.counts()
             self.log({"event": "funnel", "generation": self.generation,
-                      "tiers": self.scorer.counts()})
+                      "tiers": self.scorer.counts(),
+                      "trainings": self.scorer.trainings - before[0],
+                      "train_seconds": round(self.scorer.train_seconds - before[1], 3)})
         _check_not_all_broken(self.generation, results)
         return [r.fitness for r in results]
 

@@ -143,6 +143,9 @@ class FunnelFitness:
         self.funnel = Funnel(tiers, scorers, state, checkpoint=self._save)
         self.trained: dict[str, Evaluation] = {}  # text -> its first training's answer
         self._evaluators: dict[tuple[str, float, int], Evaluator] = {}
+        # Trainings this process ran for the trained tiers (every task, scale and seed): the
+        # answers a run logs are one per candidate, so they alone would undercount the work.
+        self.trainings, self.train_seconds = 0, 0.0
         # Rows of trainings that failed by no fault of the candidate's (a timeout, a dead
         # worker): used for this generation, as the evaluator uses its floor fitness, but never
         # saved, so that a resume (or the next time the text comes up) trains it again.
@@ -189,7 +192,7 @@ class FunnelFitness:
 
     def _train(self, tier: Tier, jobs: Sequence[Job]) -> list[float]:
         """Each job's row (module docstring): its raw score per task, then the aggregate."""
-        ref = self.evaluator.mode.baseline()[1] if tier.normalise else None
+        ref = self.key(self.evaluator.mode.baseline()[1]) if tier.normalise else None
         grid = self.funnel.reference_scales(tier)
         seeds = sorted({j[2] for j in jobs})
         want = [(t, float(sc), s) for t, sc, s in jobs]
@@ -227,6 +230,9 @@ class FunnelFitness:
         train_batches(self.evaluator.executor, [(e, b) for *_, e, b in work])
         for task, scale, seed, _, batch in work:
             for answer in batch.results():
+                if answer.source == "trained":
+                    self.trainings += 1
+                    self.train_seconds += answer.seconds
                 value = answer.fitness if answer.reason is None else 0.0
                 key = (answer.text, f"{tier.name}/{task}", scale, seed)
                 self.funnel.state.rows[key] = value
@@ -255,6 +261,7 @@ class FunnelFitness:
 
     def lr_scale(self, text: str) -> float:
         """The step size scale `text` scored best at, at the highest tier it reached."""
+        text = self.key(text)
         tier = self._reached(text)
         return 1.0 if tier is None else self.funnel.best_scale(tier, text)
 
@@ -267,6 +274,7 @@ class FunnelFitness:
         reached and its best scale, per task its mean score over the seeds it ran, the
         baseline's at the baseline's own best scale over the same seeds (trained now if the
         tier did not normalise), and the relative score of the two."""
+        text = self.key(text)
         tier = self._reached(text)
         if tier is None or tier.name in self.micro:
             return {"lr_scale": self.lr_scale(text), "tier": tier and tier.name,
@@ -274,7 +282,7 @@ class FunnelFitness:
                               for t in (tier.tasks if tier else ())]}
         scale = self.funnel.best_scale(tier, text)
         seeds = range(len(self.funnel._seed_scores(tier, text, range(tier.seeds))))
-        ref = self.evaluator.mode.baseline()[1]
+        ref = self.key(self.evaluator.mode.baseline()[1])
         grid = self.funnel.reference_scales(tier)
         raw = self._raw(tier, [(t, float(sc), s) for t, scales in ((text, [scale]), (ref, grid))
                                for sc in scales for s in seeds])
@@ -305,8 +313,9 @@ class FunnelFitness:
         hashes = {i: a.hash for i, a in batch.answers.items()}
         for h, pending in batch.pending.items():
             hashes.update({i: h for i in pending.indices})
-        candidates = [t for i, t in enumerate(texts) if i not in final]
-        standings = dict(zip(candidates, self.funnel.evaluate(candidates)))
+        keys = {t: self.key(t) for i, t in enumerate(texts) if i not in final}
+        distinct = list(dict.fromkeys(keys.values()))
+        standings = dict(zip(distinct, self.funnel.evaluate(distinct)))
         for key in self._unsaved:
             self.funnel.state.rows.pop(key, None)
         self._unsaved.clear()
@@ -315,16 +324,22 @@ class FunnelFitness:
             if i in final:
                 results.append(final[i])
                 continue
-            standing = standings[text]
+            standing = standings[keys[text]]
             if self.tiers[standing.level].name in self.micro:
                 answer = Evaluation(text, hashes.get(i), standing.fitness, "micro")
             else:
-                seen = self.trained.get(text) or Evaluation(text, hashes.get(i), 0.0, "store")
+                seen = self.trained.get(keys[text]) or Evaluation(text, hashes.get(i), 0.0,
+                                                                  "store")
                 answer = dataclasses.replace(seen, text=text, fitness=standing.fitness)
             if on_result is not None:
                 on_result(answer)
             results.append(answer)
         return results
+
+    def key(self, text: str) -> str:
+        """The funnel's key for a parseable `text`: its canonical program's text, so that two
+        texts of one program (the same hash) are scored once, as the store answers them."""
+        return str(self.evaluator.mode.parse(text).canonical())
 
     def counts(self) -> list[dict]:
         """The last generation's per-tier figures (the progress display's)."""

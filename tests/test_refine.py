@@ -8,6 +8,7 @@ import json
 import math
 import random
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from engine.evolution.structure import structure_key
 from engine.fitness.tiers import split_fitness
 from engine.rundir import checkpoint_files, load_checkpoint
 from test_evolve import ALR, SMALL, hashed
-from test_run import env  # noqa: F401  (a fixture: the smoke run's data, real or made)
+from test_run import engine_run, env, events, history_rows, wait_for  # noqa: F401  (env: a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXT = load_grammar(ALR_EXT_GRAMMAR)
@@ -235,20 +236,58 @@ def test_the_cli_refuses_the_option_where_nothing_can_be_refined(tmp_path, capsy
 
 # -- a real run ------------------------------------------------------------------------------------
 
+def smoke_args(run_dir: Path, store: Path) -> list:
+    return ["--mode", "alr", "--preset", "smoke", "--executor", "serial", "--out", run_dir,
+            "--store", store, "--grammar", ALR_EXT_GRAMMAR, "--refine-constants", "1"]
+
+
+@pytest.fixture(scope="module")
+def refined_run(tmp_path_factory, env):  # noqa: F811
+    """An uninterrupted smoke run with the extended grammar and --refine-constants 1."""
+    base = tmp_path_factory.mktemp("refine")
+    result = engine_run(smoke_args(base / "run", base / "store.sqlite"), env, cwd=base)
+    return base / "run", result
+
+
+GEN_LINE = re.compile(r"^gen +\d+/\d+ .* new +(\d+) \(([^)]*)\)", re.MULTILINE)
+
+
 @pytest.mark.slow
-def test_a_smoke_run_with_the_extended_grammar_refines_constants(tmp_path, env):  # noqa: F811
-    run_dir = tmp_path / "run"
-    args = ["--mode", "alr", "--preset", "smoke", "--executor", "serial", "--out", run_dir,
-            "--store", tmp_path / "store.sqlite", "--grammar", ALR_EXT_GRAMMAR,
-            "--refine-constants", "1"]
-    result = subprocess.run([sys.executable, "-m", "engine.run", *map(str, args)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                            env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_a_smoke_run_with_the_extended_grammar_refines_constants(refined_run):
+    run_dir, result = refined_run
     config = json.loads((run_dir / "config.json").read_text())
     assert config["evolution"]["refine_constants"] == 1
     assert "--refine-constants 1" in config["reproduce"]
     body = load_checkpoint(checkpoint_files(run_dir / "checkpoints")[0])
     assert body["refined"]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["best"]["fitness"] >= 0
+    assert all(r["evaluated"] > config["evolution"]["population"] for r in body["history"])
+    # The display counts a generation's every answer, refinement's batches included.
+    lines = GEN_LINE.findall(result.stdout)
+    assert len(lines) == config["evolution"]["generations"]
+    for new, detail in lines:
+        assert sum(int(n) for n in re.findall(r"(\d+)", detail)) == int(new), (new, detail)
+
+
+@pytest.mark.slow
+def test_a_smoke_run_killed_while_refining_resumes_to_the_uninterrupted_run(
+        refined_run, env, tmp_path):  # noqa: F811
+    reference, _ = refined_run
+    run_dir = tmp_path / "run"
+    args = smoke_args(run_dir, tmp_path / "store.sqlite")
+    process = subprocess.Popen([sys.executable, "-m", "engine.run", *map(str, args)], env=env,
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def refining_generation_1():  # past its 5 children: a refinement batch is being scored
+        return sum(e.get("event") == "evaluation" and e["generation"] == 1
+                   for e in events(run_dir)) > 6
+
+    try:
+        assert wait_for(refining_generation_1, process), "the run never refined in generation 1"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert not any(e.get("event") == "generation" and e["generation"] == 1
+                   for e in events(run_dir)), "generation 1 finished before the kill"
+    engine_run(["--resume", "--out", run_dir], env, cwd=tmp_path)
+    assert history_rows(run_dir) == history_rows(reference)

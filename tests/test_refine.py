@@ -8,7 +8,6 @@ import json
 import math
 import random
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -273,20 +272,18 @@ def test_a_smoke_run_killed_while_refining_resumes_to_the_uninterrupted_run(
         refined_run, env, tmp_path):  # noqa: F811
     reference, _ = refined_run
     run_dir = tmp_path / "run"
-    args = smoke_args(run_dir, tmp_path / "store.sqlite")
-    process = subprocess.Popen([sys.executable, "-m", "engine.run", *map(str, args)], env=env,
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "engine.run",
+               *map(str, smoke_args(run_dir, tmp_path / "store.sqlite"))]
 
     def refining_generation_1():  # past its 5 children: a refinement batch is being scored
         return sum(e.get("event") == "evaluation" and e["generation"] == 1
                    for e in events(run_dir)) > 6
 
-    try:
-        assert wait_for(refining_generation_1, process), "the run never refined in generation 1"
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    with subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL) as process:
+        refining = wait_for(refining_generation_1, process)
+        process.kill()  # SIGKILL: nothing of the run gets to clean up
+    assert refining, "the run never refined in generation 1"
     assert not any(e.get("event") == "generation" and e["generation"] == 1
                    for e in events(run_dir)), "generation 1 finished before the kill"
     engine_run(["--resume", "--out", run_dir], env, cwd=tmp_path)

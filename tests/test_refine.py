@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from engine.app import session as run_module
+from engine.app.cli import UsageError
+from engine.app.config import build_parser, new_config, resumed_config
 from engine.evolution import refine as refine_module
 from engine.evolution.evolve import EvolutionConfig, evolve
 from engine.evolution.grammar import ALR_EXT_GRAMMAR, load_grammar
@@ -231,6 +233,21 @@ def test_the_cli_refuses_the_option_where_nothing_can_be_refined(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and says in err
     assert not out.exists()
+
+
+def test_config_json_keeps_the_option_and_a_resume_cannot_change_it(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--preset", "smoke", "--out", str(out), "--store", str(tmp_path / "s.db"),
+            "--grammar", str(ALR_EXT_GRAMMAR), "--refine-constants", "2"]
+    config = new_config(build_parser().parse_args(argv), argv)
+    assert config.evolution.refine_constants == 2
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config.to_json()), encoding="utf-8")
+    kept = resumed_config(build_parser().parse_args(["--resume", "--out", str(out)]), out)
+    assert kept.evolution.refine_constants == 2
+    changed = build_parser().parse_args(["--resume", "--out", str(out), "--refine-constants", "1"])
+    with pytest.raises(UsageError, match="--refine-constants 1 differs from the run's"):
+        resumed_config(changed, out)
 
 
 # -- a real run ------------------------------------------------------------------------------------

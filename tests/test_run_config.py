@@ -39,7 +39,8 @@ BEFORE = {
 }
 
 # EvolutionConfig's options added since (engine/evolution/evolve.py), read as their defaults: off.
-ADDED = {"p_mut_const": None, "remutate": 0, "niche_cap": 0, "restart_after": 0}
+ADDED = {"p_mut_const": None, "remutate": 0, "niche_cap": 0, "restart_after": 0,
+         "refine_constants": 0}
 
 
 def test_a_config_written_before_runconfig_reads_back_key_for_key():
@@ -157,7 +158,8 @@ def test_search_flags_reach_the_evolution_and_config_json(tmp_path):
             evolution.restart_after) == (0.3, 2, 3, 4)
     data = json.loads(json.dumps(config.to_json()))
     assert {k: data["evolution"][k] for k in ADDED} == \
-        {"p_mut_const": 0.3, "remutate": 2, "niche_cap": 3, "restart_after": 4}
+        {"p_mut_const": 0.3, "remutate": 2, "niche_cap": 3, "restart_after": 4,
+         "refine_constants": 0}
     assert RunConfig.from_json(data) == config
     assert " ".join(SEARCH_FLAGS) in data["reproduce"]
     # Not given: the fields' defaults (off), and the reproduce line as it always was.

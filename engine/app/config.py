@@ -19,8 +19,8 @@ from codegen import backends
 from codegen.ir import ParseError
 from engine import modes
 from engine.app.cli import Parser, UsageError, positive_int
-from engine.app.flags import MAX_SEED, SEARCH_OPTIONS, add_search_flags, check_seed, \
-    reproduce_args, search_settings
+from engine.app.flags import MAX_SEED, SEARCH_OPTIONS, add_search_flags, check_refine_constants, \
+    check_seed, reproduce_args, search_settings
 from engine.app.flags import duration as _duration, seed as _seed, tiers as _tiers
 from engine.evolution.evolve import EvolutionConfig
 from engine.evolution.grammar import Grammar, GrammarError, load_grammar
@@ -427,6 +427,7 @@ def new_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         raise UsageError("--tiers on: the funnel's micro tier is calibrated for ALR programs on "
                          "the presets' Fashion-MNIST task; this run trains every candidate "
                          "(drop --tiers)")
+    check_refine_constants(evolution, grammar, grammar_path, funnel)
     try:
         return RunConfig(
             name=out.name, out=out, mode=mode, preset=preset, seed=seed, evolution=evolution,

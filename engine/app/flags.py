@@ -1,7 +1,8 @@
 """How engine.run's flag values are read and checked (durations, seeds, the search options), and
 the flags that reproduce a run.
 
-The search options (`--p-mut-const`, `--remutate`, `--niche-cap`, `--restart-after`) are the
+The search options (`--p-mut-const`, `--remutate`, `--niche-cap`, `--restart-after`,
+`--refine-constants`) are the
 `EvolutionConfig` fields that change the search away from the original system
 (engine/evolution/diversity.py). They are off unless given, so a run without them replays bit
 for bit; given, they are saved in config.json's `evolution` and, like the population, cannot
@@ -15,15 +16,17 @@ import json
 import re
 from collections.abc import Callable
 
-from engine.app.cli import integer
+from engine.app.cli import UsageError, integer
 from engine.evolution.evolve import EvolutionConfig
+from engine.evolution.grammar import Grammar
 from engine.modes import Mode
 
-__all__ = ["MAX_SEED", "SEARCH_OPTIONS", "add_search_flags", "check_seed", "duration",
+__all__ = ["MAX_SEED", "SEARCH_OPTIONS", "add_search_flags", "check_refine_constants",
+           "check_seed", "duration",
            "remutate_same", "reproduce_args", "search_settings", "seed", "tiers", "check_tiers"]
 
 # EvolutionConfig's search options, in the order --help lists them.
-SEARCH_OPTIONS = ("p_mut_const", "remutate", "niche_cap", "restart_after")
+SEARCH_OPTIONS = ("p_mut_const", "remutate", "niche_cap", "restart_after", "refine_constants")
 
 MAX_SEED = 2**63 - 1  # the store keeps seeds as SQLite INTEGERs (64-bit, signed)
 
@@ -129,6 +132,28 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restart-after", type=_count, default=None, metavar="G",
                    help="after G generations without a better best, restart from the hall of "
                         "fame plus random individuals (default: 0, off)")
+    p.add_argument("--refine-constants", type=_count, default=None, metavar="K",
+                   help="after each generation, a short local search on the free constants of "
+                        "the K best candidates promoted past the micro tier, once per structure "
+                        "(needs a grammar with free constants, e.g. alr_ext.bnf) (default: 0, "
+                        "off)")
+
+
+def check_refine_constants(evolution: EvolutionConfig, grammar: Grammar, grammar_path: object,
+                           funnel: bool) -> None:
+    """--refine-constants only where it can refine something: free constants to move (the
+    paper grammar's come from a table, which mutation already walks) and a funnel whose
+    promotions choose the candidates. A UsageError otherwise, before anything is written."""
+    if not evolution.refine_constants:
+        return
+    if not grammar.has_free_constants:
+        raise UsageError(f"--refine-constants: {grammar_path} has no free constants (a rule "
+                         "'<x> ::= %float') to refine; use --grammar "
+                         "engine/evolution/grammars/alr_ext.bnf or drop --refine-constants")
+    if not funnel:
+        raise UsageError("--refine-constants refines candidates the funnel promoted past its "
+                         "first tier, and this run has no funnel (--tiers off, --mode dlr or "
+                         "--task); drop --refine-constants")
 
 
 def search_settings(args: argparse.Namespace) -> dict:

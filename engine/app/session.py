@@ -158,6 +158,7 @@ class Session:
         self.result: RunResult | None = None  # what evolve returned, when it ran to the end
         self.generation = 0  # the one being evaluated
         self.generation_started = time.time()
+        self._evaluating: int | None = None  # the generation `fitness` was last called for
         self.last_generation_seconds = 0.0
         self.events_path = out / EVENTS
         self.tracker = None  # engine.app.tracking.TensorBoardLog with --tensorboard
@@ -190,10 +191,17 @@ class Session:
     # -- the fitness function and the generation hook --------------------------------------------
 
     def fitness(self, texts):
-        self.generation_started = time.time()
+        # --refine-constants calls this again within a generation: its time and its outcome
+        # counts run on from the first call (the time forecasts --time-budget's next generation).
+        again = self._evaluating == self.generation
+        if not again:
+            self._evaluating, self.generation_started = self.generation, time.time()
+            if self.tracker is not None:
+                self.tracker.start_generation()
+        kept = self.display.counts if again else None
         self.display.start_generation(self.generation, len(texts))
-        if self.tracker is not None:
-            self.tracker.start_generation()
+        if kept is not None:
+            self.display.counts = kept
         funnel = self.scorer is not self.evaluator
         before = (self.scorer.trainings, self.scorer.train_seconds) if funnel else None
         results = self.scorer.evaluate(texts, on_result=self._answered)

@@ -12,6 +12,8 @@ Reproducibility is the design constraint everything else follows from:
   generation k replays generations k+1.. bit for bit like an uninterrupted one.
 - Fitness values are placed by index, never by arrival order, so the history does not depend on
   which worker finished first.
+- Constant refinement has a random stream of its own per generation, and the checkpoint keeps
+  the structures it refined, so a resumed run refines what the uninterrupted one did.
 - Checkpoints are JSON with a SHA-256 of their body inside, written to a temporary file and moved
   into place with ``os.replace``, so a reader sees a whole file or none (`engine.rundir`). The two
   newest are kept: a corrupt or truncated newest file is refused with a warning and the previous
@@ -35,6 +37,7 @@ from engine.evolution.grammar import Grammar
 from engine.rundir import CheckpointError, checkpoint_files, load_checkpoint, newest_checkpoint, \
     write_checkpoint
 from engine.evolution.diversity import hall_of_fame, mutation_with, remutated, stagnant
+from engine.evolution.refine import check_refinable, refine
 from engine.evolution.sge import Individual, crossover, individual_from_text, initialise, map_genotype
 from engine.evolution.structure import canonical_key, structure_key
 
@@ -81,6 +84,14 @@ class EvolutionConfig:
     - ``restart_after``: after this many generations without a better best, the next population
       is the run's hall of fame (its best distinct programs, a quarter of the population, kept
       with their fitness) filled up with random individuals. 0: off.
+    - ``refine_constants``: after each generation's evaluation (generation 0 and restarts too),
+      the K best members a funnel promoted past its first tier, one per structure not refined
+      before in the run, get a (1+6) local search of 3 steps on their free constants
+      (engine/evolution/refine.py), each step one fitness batch, counted in ``evaluated``. A
+      fitter variant takes its original's place before the generation is recorded, so the next
+      generation is bred from it and elitism carries it (replacing the worst instead would keep
+      the strictly worse original too, crowding one niche). Needs free constants
+      (``<x> ::= %float``); a fitness without tiers (in [0, 1]) promotes nobody. 0: off.
     """
 
     population: int = 20
@@ -96,13 +107,15 @@ class EvolutionConfig:
     remutate: int = 0
     niche_cap: int = 0
     restart_after: int = 0
+    refine_constants: int = 0
 
     def __post_init__(self) -> None:
         def bad(message: str) -> None:
             raise ValueError(f"EvolutionConfig: {message}")
 
         for name in ("population", "generations", "elitism", "tournament", "min_depth",
-                     "max_depth", "seed", "remutate", "niche_cap", "restart_after"):
+                     "max_depth", "seed", "remutate", "niche_cap", "restart_after",
+                     "refine_constants"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 bad(f"{name} must be an int, got {value!r}")
@@ -123,7 +136,7 @@ class EvolutionConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) \
                     or not 0.0 <= value <= 1.0:
                 bad(f"{name} must be a probability in [0, 1], got {value!r}")
-        for name in ("remutate", "niche_cap", "restart_after"):
+        for name in ("remutate", "niche_cap", "restart_after", "refine_constants"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be 0 (off) or a positive count, got {getattr(self, name)}")
         if not 1 <= self.min_depth <= self.max_depth:
@@ -193,6 +206,8 @@ def evolve(grammar: Grammar, config: EvolutionConfig, fitness: FitnessFunction, 
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and directory is None:
         raise ValueError("resume=True needs the checkpoint_dir of the run to resume")
+    if config.refine_constants:
+        check_refinable(grammar)
     identity = _identity(grammar, config, named)
 
     state = None
@@ -202,12 +217,14 @@ def evolve(grammar: Grammar, config: EvolutionConfig, fitness: FitnessFunction, 
         if not resume and checkpoint_files(directory):
             raise CheckpointError(f"{directory} already holds checkpoints of a run; pass "
                                   "resume=True (--resume) to continue it or use an empty directory")
+    refined: set[str] = set()  # structure keys whose constants were refined (refine_constants)
     if state is None:
         population, evaluated = _initial_population(grammar, config, named, fitness)
+        evaluated += _refine(grammar, config, 0, population, fitness, refined)
         history = [_record(0, population, evaluated)]
-        _after_generation(directory, identity, population, history, on_generation)
+        _after_generation(directory, identity, population, history, refined, on_generation)
     else:
-        population, history = state
+        population, history, refined = state
     for generation in range(len(history), config.generations):
         if stagnant([r.best for r in history], config.restart_after):
             population, evaluated = _restart(grammar, config, generation, population, history,
@@ -215,8 +232,9 @@ def evolve(grammar: Grammar, config: EvolutionConfig, fitness: FitnessFunction, 
         else:
             population, evaluated = _next_generation(grammar, config, generation, population,
                                                      fitness, same or canonical_key)
+        evaluated += _refine(grammar, config, generation, population, fitness, refined)
         history.append(_record(generation, population, evaluated))
-        _after_generation(directory, identity, population, history, on_generation)
+        _after_generation(directory, identity, population, history, refined, on_generation)
     return RunResult(history=tuple(history), population=tuple(population))
 
 
@@ -316,6 +334,21 @@ def _restart(grammar: Grammar, config: EvolutionConfig, generation: int,
     return kept + [Scored(c, f) for c, f in zip(fresh, values)], len(set(texts))
 
 
+def _refine(grammar: Grammar, config: EvolutionConfig, generation: int,
+            population: list[Scored], fitness: FitnessFunction, refined: set[str]) -> int:
+    """Put refined variants in their originals' places in ``population``; the number of texts
+    the refinement sent to ``fitness``. A no-op when refine_constants is off."""
+    if not config.refine_constants:
+        return 0
+    rng = random.Random(f"autolr.evolve/{config.seed}/{generation}/refine")
+    better, sent = refine(grammar, [(s.individual, s.fitness) for s in population],
+                          config.refine_constants, refined,
+                          lambda texts: _evaluate(texts, fitness), rng, config.max_depth)
+    for index, (individual, value) in better.items():
+        population[index] = Scored(individual, value)
+    return sent
+
+
 def _tournament(population: list[Scored], size: int, rng: random.Random) -> Scored:
     """Best of ``size`` distinct random entrants; ties go to the earlier one in the population."""
     entrants = sorted(rng.sample(range(len(population)), size))
@@ -399,27 +432,30 @@ def _identity(grammar: Grammar, config: EvolutionConfig, named: list[tuple[str, 
 
 
 def _after_generation(directory: Path | None, identity: dict, population: list[Scored],
-                      history: list[GenerationRecord],
+                      history: list[GenerationRecord], refined: set[str],
                       on_generation: Callable[[GenerationRecord], None] | None) -> None:
     if directory is not None:
-        _write_checkpoint(directory, identity, population, history)
+        _write_checkpoint(directory, identity, population, history, refined)
     if on_generation is not None:
         on_generation(history[-1])
 
 
 def _write_checkpoint(directory: Path, identity: dict, population: list[Scored],
-                      history: list[GenerationRecord]) -> None:
+                      history: list[GenerationRecord], refined: set[str]) -> None:
     generation = history[-1].generation
-    write_checkpoint(directory, generation, {
-        **identity, "generation": generation,
-        "population": [{"genotype": [list(g) for g in s.individual.genotype],
-                        "fitness": s.fitness} for s in population],
-        "history": [r.to_json() for r in history]})
+    body = {**identity, "generation": generation,
+            "population": [{"genotype": [list(g) for g in s.individual.genotype],
+                            "fitness": s.fitness} for s in population],
+            "history": [r.to_json() for r in history]}
+    if identity["config"]["refine_constants"]:  # a run without it writes what it always did
+        body["refined"] = sorted(refined)
+    write_checkpoint(directory, generation, body)
 
 
 def _resume_state(directory: Path, identity: dict, grammar: Grammar,
-                  config: EvolutionConfig) -> tuple[list[Scored], list[GenerationRecord]] | None:
-    """The newest good checkpoint's population and history; None when there is none yet."""
+                  config: EvolutionConfig) \
+        -> tuple[list[Scored], list[GenerationRecord], set[str]] | None:
+    """The newest good checkpoint's population, history and refined set; None if none yet."""
     scan = newest_checkpoint(directory)
     for err in scan.refused:
         warnings.warn(f"refusing checkpoint {err}; trying the previous one", stacklevel=3)
@@ -449,7 +485,7 @@ def _check_identity(path: Path, body: dict, identity: dict) -> None:
 
 
 def _restore(path: Path, body: dict, grammar: Grammar,
-             config: EvolutionConfig) -> tuple[list[Scored], list[GenerationRecord]]:
+             config: EvolutionConfig) -> tuple[list[Scored], list[GenerationRecord], set[str]]:
     history = [GenerationRecord.from_json(r) for r in body["history"]]
     if len(history) > config.generations:
         raise CheckpointError(f"{path}: already has {len(history)} generations, more than the "
@@ -461,4 +497,4 @@ def _restore(path: Path, body: dict, grammar: Grammar,
         if individual.phenotype != text:
             raise CheckpointError(f"{path}: a genotype no longer maps to its recorded phenotype")
         population.append(Scored(individual, float(member["fitness"])))
-    return population, history
+    return population, history, set(body.get("refined", ()))

@@ -16,7 +16,8 @@ from engine import modes
 from engine.evolution.seeds import with_lr
 from engine.exec.serial import SerialExecutor
 from engine.fitness.evaluator import Evaluator
-from engine.fitness.funnel import FunnelFitness, aggregate, relative, task_definition
+from engine.fitness.funnel import (FunnelFitness, aggregate, read_state, relative,
+                                   task_definition)
 from engine.fitness.store import Store
 from engine.fitness.tiers import Funnel, Tier, micro_scorer
 from engine.modes import scaled_schedule
@@ -114,7 +115,7 @@ def test_the_baseline_ties_with_itself_on_every_task(tmp_path):
     evaluator = Evaluator(modes.ALR, task_definition("diabetes"), 0, store, executor,
                           backend="numba")
     tiers = [Tier("multi", ("diabetes", "digits-mlp"), lr_scales=(0.5, 2.0), normalise=True)]
-    fitness = FunnelFitness(evaluator, tiers, tmp_path / "funnel.json")
+    fitness = FunnelFitness(evaluator, tiers, tmp_path / "funnel.jsonl")
     adam = modes.ALR.baseline()[1]
     sgd = "weight: mul(0.01, grad)"
     [a, s] = fitness.evaluate([adam, sgd])
@@ -128,8 +129,8 @@ def test_the_baseline_ties_with_itself_on_every_task(tmp_path):
     assert [t["task"] for t in detail["tasks"]] == ["diabetes", "digits-mlp"]
     assert all(t["relative"] == 0.5 and t["score"] == t["baseline"] for t in detail["tasks"])
     assert detail["normalised"] and detail["lr_scale"] in (0.5, 2.0)
-    rows = json.loads((tmp_path / "funnel.json").read_text())["rows"]
-    assert {r[1] for r in rows} == {"multi", "multi/diabetes", "multi/digits-mlp"}
+    rows = read_state(tmp_path / "funnel.jsonl").rows
+    assert {key[1] for key in rows} == {"multi", "multi/diabetes", "multi/digits-mlp"}
     executor.close()
     store.close()
 
@@ -206,11 +207,39 @@ def test_two_texts_of_one_program_are_scored_once(tmp_path):
     executor = SerialExecutor()
     evaluator = Evaluator(modes.ALR, "smoke", 0, store, executor, backend="numba")
     tiers = [Tier("micro", ("digits-mlp",), steps=20, promote=0.0)]
-    fitness = FunnelFitness(evaluator, tiers, tmp_path / "funnel.json")
+    fitness = FunnelFitness(evaluator, tiers, tmp_path / "funnel.jsonl")
     one, other = "weight: mul(0.01, grad)", "weight: mul(grad, 0.01)"
     assert fitness.key(one) == fitness.key(other)
     a, b = fitness.evaluate([one, other])
     assert a.fitness == b.fitness and (a.text, b.text) == (one, other)
     assert fitness.counts()[0]["evaluated"] == 1
+    executor.close()
+    store.close()
+
+
+def test_the_funnel_log_appends_only_what_is_new_and_survives_a_cut_line(tmp_path):
+    """Each save appends one line of new rows (never the whole state again); a last line a kill
+    cut short is skipped on reading, and the next save starts a line of its own."""
+    store = Store(tmp_path / "store.sqlite")
+    executor = SerialExecutor()
+    evaluator = Evaluator(modes.ALR, "smoke", 0, store, executor, backend="numba")
+    tiers = [Tier("micro", ("digits-mlp",), steps=20, promote=0.0)]
+    path = tmp_path / "funnel.jsonl"
+    texts = ["weight: mul(0.01, grad)", "weight: mul(0.1, sign(grad))"]
+    FunnelFitness(evaluator, tiers, path).evaluate(texts[:1])
+    first = path.read_text()
+    FunnelFitness(evaluator, tiers, path).evaluate(texts)  # resumed: one new row appended
+    lines = path.read_text().splitlines()
+    assert path.read_text().startswith(first)
+    # Two saves an evaluate (the scorer's rows, then the call's counts): 2 rows in all, once each.
+    assert [len(json.loads(line)["rows"]) for line in lines] == [1, 0, 1, 0]
+    with open(path, "a") as handle:
+        handle.write('{"rows": [["weight: grad", "micro", 1.0, 0, 0.5]], "ord')  # a kill
+    state = read_state(path)
+    assert len(state.rows) == 2 and list(state.order) == [FunnelFitness(
+        evaluator, tiers, path).key(t) for t in texts]
+    resumed = FunnelFitness(evaluator, tiers, path)
+    resumed.evaluate(["weight: grad"])
+    assert len(read_state(path).rows) == 3
     executor.close()
     store.close()

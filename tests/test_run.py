@@ -699,7 +699,7 @@ def test_smoke_runs_the_funnel_and_every_output_shows_it(alr_run, env):
         for kind, n in KIND_COUNT.findall(line[line.index("("):]):
             shown[kind] += int(n)
     assert {k: v for k, v in summary["evaluations"]["outcomes"].items() if v} == dict(shown)
-    assert (run_dir / "funnel.json").exists()
+    assert (run_dir / "funnel.jsonl").exists()
     show = subprocess.run([sys.executable, "-m", "engine.show", str(run_dir)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert "fidelity tiers" in show.stdout, show.stdout
@@ -714,7 +714,7 @@ def test_tiers_off_trains_every_candidate_as_before(env, tmp_path):
     assert "tiers" not in summary and summary["evaluations"]["outcomes"]["micro"] == 0
     assert summary["best"]["lr_scale"] == 1.0 and len(summary["best"]["tasks"]) == 1
     assert "tiers" not in json.loads((run_dir / "config.json").read_text())
-    assert not (run_dir / "funnel.json").exists()
+    assert not (run_dir / "funnel.jsonl").exists()
     result = engine_run(["--resume", "--out", run_dir, "--tiers", "on"], env, cwd=tmp_path,
                         check=False)
     assert result.returncode == 2 and "--tiers on differs" in result.stderr
@@ -723,15 +723,17 @@ def test_tiers_off_trains_every_candidate_as_before(env, tmp_path):
 @pytest.mark.slow
 def test_time_budget_mid_funnel_then_resume_gives_the_uninterrupted_run(alr_run, env, tmp_path):
     """The budget runs out inside generation 0's funnel (after its micro tier, checked after
-    every tier's scoring); the resume reuses funnel.json's rows and ends as the run that was
+    every tier's scoring); the resume reuses funnel.jsonl's rows and ends as the run that was
     never stopped."""
     reference, _ = alr_run
     run_dir = tmp_path / "run"
     result = engine_run(smoke("alr", run_dir, tmp_path / "store.sqlite", "--time-budget", "1"),
                         env, cwd=tmp_path)
     assert "Stopped before generation 0 finished" in result.stdout
-    rows = json.loads((run_dir / "funnel.json").read_text())["rows"]
-    assert rows and {r[1] for r in rows} == {"micro"}
+    from engine.fitness.funnel import read_state
+
+    rows = read_state(run_dir / "funnel.jsonl").rows
+    assert rows and {key[1] for key in rows} == {"micro"}
     engine_run(["--resume", "--out", run_dir, "--time-budget", "10m"], env, cwd=tmp_path)
     assert history_rows(run_dir) == history_rows(reference)
     ours = json.loads((run_dir / "summary.json").read_text())

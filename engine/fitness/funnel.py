@@ -23,7 +23,10 @@ the minimum over trials. Each task's own score is kept as a row of its own (tier
 which `best_detail` reads back for summary.json's `best.tasks`.
 
 Resume: the funnel's rows are saved in the run directory after every scorer call
-(`STATE_FILE`); a resumed run loads them, the interrupted generation is re-run by evolve, and
+(`STATE_FILE`, append-only: each save adds one line with the rows, texts and counts that are new
+since the last, so a save costs what it adds, not the whole run's rows again: a 75-minute
+campaign's state had grown to 25 MB, rewritten a dozen times a generation); a resumed run loads
+them (`read_state`), the interrupted generation is re-run by evolve, and
 every job with a row is answered from it, so the result is the uninterrupted one.
 """
 
@@ -37,12 +40,13 @@ from pathlib import Path
 from engine.fitness.evaluator import Evaluation, Evaluator, train_batches
 from engine.fitness.store import not_reusable
 from engine.fitness.tiers import DEFAULT_TIERS, Funnel, FunnelState, Job, Tier
-from engine.rundir import write_atomic
+from engine.rundir import end_line
 
-__all__ = ["STATE_FILE", "FunnelFitness", "aggregate", "default_tiers", "micro_tiers", "relative",
+__all__ = ["STATE_FILE", "FunnelFitness", "read_state", "aggregate", "default_tiers", "micro_tiers", "relative",
            "score_chunk", "task_definition"]
 
-STATE_FILE = "funnel.json"
+STATE_FILE = "funnel.jsonl"
+OLD_STATE_FILE = "funnel.json"  # a whole-state snapshot, as runs before the append-only log saved
 
 
 def _final(answer: Evaluation) -> bool:
@@ -60,6 +64,30 @@ def default_tiers(preset: str) -> list[dict]:
     if preset != "smoke":
         tiers.append(dataclasses.replace(top, tasks=(preset,)))
     return [t.to_json() for t in tiers]
+
+
+def read_state(path: Path) -> FunnelState | None:
+    """The funnel state a run saved in `path` (None: nothing saved yet). Each line adds rows,
+    texts in first-seen order and per-call counts; a line a kill cut short is skipped (its rows
+    are scored again, as they would have been had the kill come before the save). A run saved
+    before the append-only log (`OLD_STATE_FILE` beside it) is read from that snapshot."""
+    old = path.with_name(OLD_STATE_FILE)
+    if not path.exists():
+        if old.exists():
+            return FunnelState.from_json(json.loads(old.read_text(encoding="utf-8")))
+        return None
+    state = FunnelState()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            part = json.loads(line)
+        except ValueError:
+            continue
+        for t, tier, scale, seed, v in part.get("rows", ()):
+            state.rows[(t, tier, float(scale), int(seed))] = float(v)
+        for t in part.get("order", ()):
+            state.order.setdefault(t, len(state.order))
+        state.counts.extend(part.get("counts", ()))
+    return state
 
 
 def micro_tiers(mode, tiers: Sequence[Tier]) -> set[str]:
@@ -136,9 +164,12 @@ class FunnelFitness:
         self.device = device
         self.definitions = {name: self._definition(name) for tier in tiers
                             if tier.name not in self.micro for name in tier.tasks}
-        state = None
-        if state_path.exists():
-            state = FunnelState.from_json(json.loads(state_path.read_text(encoding="utf-8")))
+        state = read_state(state_path)
+        end_line(state_path)  # a kill may have cut the last save short
+        # What the file holds already: a save appends only what is new.
+        self._written = set(state.rows) if state and state_path.exists() else set()
+        self._n_order = len(state.order) if state and state_path.exists() else 0
+        self._n_counts = len(state.counts) if state and state_path.exists() else 0
         scorers = {t.name: self._micro if t.name in self.micro else self._train for t in tiers}
         self.funnel = Funnel(tiers, scorers, state, checkpoint=self._save)
         self.trained: dict[str, Evaluation] = {}  # text -> its first training's answer
@@ -163,9 +194,17 @@ class FunnelFitness:
             self.tick()
 
     def _write(self, state: FunnelState) -> None:
-        data = state.to_json()
-        data["rows"] = [r for r in data["rows"] if tuple(r[:4]) not in self._unsaved]
-        write_atomic(self.path, json.dumps(data))
+        """Append what is new since the last save (rows of a machine's failure never)."""
+        rows = [[*key, v] for key, v in state.rows.items()
+                if key not in self._written and key not in self._unsaved]
+        order = list(state.order)[self._n_order:]
+        counts = state.counts[self._n_counts:]
+        if not (rows or order or counts):
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"rows": rows, "order": order, "counts": counts}) + "\n")
+        self._written.update(tuple(r[:4]) for r in rows)
+        self._n_order, self._n_counts = len(state.order), len(state.counts)
 
     # -- scorers -------------------------------------------------------------------------------
 

@@ -722,9 +722,9 @@ def test_tiers_off_trains_every_candidate_as_before(env, tmp_path):
 
 @pytest.mark.slow
 def test_time_budget_mid_funnel_then_resume_gives_the_uninterrupted_run(alr_run, env, tmp_path):
-    """The budget runs out inside generation 0's funnel (after its micro tier, checked after
-    every tier's scoring); the resume reuses funnel.jsonl's rows and ends as the run that was
-    never stopped."""
+    """The budget runs out inside generation 0's funnel (checked after every tier's scoring:
+    after the micro tier, or after the quick one where the micro tier took under a second);
+    the resume reuses funnel.jsonl's rows and ends as the run that was never stopped."""
     reference, _ = alr_run
     run_dir = tmp_path / "run"
     result = engine_run(smoke("alr", run_dir, tmp_path / "store.sqlite", "--time-budget", "1"),
@@ -732,8 +732,9 @@ def test_time_budget_mid_funnel_then_resume_gives_the_uninterrupted_run(alr_run,
     assert "Stopped before generation 0 finished" in result.stdout
     from engine.fitness.funnel import read_state
 
-    rows = read_state(run_dir / "funnel.jsonl").rows
-    assert rows and {key[1] for key in rows} == {"micro"}
+    state = read_state(run_dir / "funnel.jsonl")
+    assert "micro" in {key[1] for key in state.rows}
+    assert state.counts == []  # stopped inside the funnel: generation 0's counts never saved
     engine_run(["--resume", "--out", run_dir, "--time-budget", "10m"], env, cwd=tmp_path)
     assert history_rows(run_dir) == history_rows(reference)
     ours = json.loads((run_dir / "summary.json").read_text())

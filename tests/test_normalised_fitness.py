@@ -123,8 +123,10 @@ def test_the_baseline_ties_with_itself_on_every_task(tmp_path):
     assert s.fitness != 0.5
     # Every training counted (2 programs x 2 tasks x 2 scales; Adam is its own baseline), once.
     assert fitness.trainings == 8 and fitness.train_seconds > 0
-    fitness.evaluate([adam, sgd])
+    assert (a.source, s.source) == ("trained", "trained")
+    again = fitness.evaluate([adam, sgd])
     assert fitness.trainings == 8
+    assert [e.source for e in again] == ["store", "store"]  # met again: not trained again
     detail = fitness.best_detail(adam)
     assert [t["task"] for t in detail["tasks"]] == ["diabetes", "digits-mlp"]
     assert all(t["relative"] == 0.5 and t["score"] == t["baseline"] for t in detail["tasks"])

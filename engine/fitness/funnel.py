@@ -177,6 +177,7 @@ class FunnelFitness:
         # Trainings this process ran for the trained tiers (every task, scale and seed): the
         # answers a run logs are one per candidate, so they alone would undercount the work.
         self.trainings, self.train_seconds = 0, 0.0
+        self._told: set[str] = set()  # keys whose answer was already given as "trained"
         # Rows of trainings that failed by no fault of the candidate's (a timeout, a dead
         # worker): used for this generation, as the evaluator uses its floor fitness, but never
         # saved, so that a resume (or the next time the text comes up) trains it again.
@@ -359,6 +360,7 @@ class FunnelFitness:
             self.funnel.state.rows.pop(key, None)
         self._unsaved.clear()
         results = []
+        told = self._told
         for i, text in enumerate(texts):
             if i in final:
                 results.append(final[i])
@@ -369,7 +371,13 @@ class FunnelFitness:
             else:
                 seen = self.trained.get(keys[text]) or Evaluation(text, hashes.get(i), 0.0,
                                                                   "store")
-                answer = dataclasses.replace(seen, text=text, fitness=standing.fitness)
+                # "trained" once, when its training ran: a candidate met again (a later
+                # generation, another spelling) is answered from what is known, as the store's.
+                source = "trained" if seen.source == "trained" and keys[text] not in told \
+                    else "store" if seen.source == "trained" else seen.source
+                told.add(keys[text])
+                answer = dataclasses.replace(seen, text=text, fitness=standing.fitness,
+                                             source=source)
             if on_result is not None:
                 on_result(answer)
             results.append(answer)

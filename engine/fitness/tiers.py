@@ -252,16 +252,20 @@ class Funnel:
         nearest 1 in log space, then the first listed). A program's step size is one choice
         for all seeds, as a user's lr is: picking each seed's best scale would score the luck
         of the seeds."""
-        scales = self.scales(tier, text)
         done = self._done(tier, text, range(tier.seeds) if seeds is None else seeds)
+        return self._pick(self.scales(tier, text), done)
+
+    @staticmethod
+    def _pick(scales: tuple[float, ...], done: list[dict[float, float]]) -> float:
         if not done:
             return float(min(scales, key=lambda s: abs(math.log(s))))
         return float(max(scales, key=lambda s: (sum(d[s] for d in done), -abs(math.log(s)))))
 
     def _seed_scores(self, tier: Tier, text: str, seeds: range) -> list[float]:
         """Per seed run so far (in order, every scale done), the score at the best scale."""
-        scale = self.best_scale(tier, text, seeds)
-        return [d[scale] for d in self._done(tier, text, seeds)]
+        done = self._done(tier, text, seeds)
+        scale = self._pick(self.scales(tier, text), done)
+        return [d[scale] for d in done]
 
     def tier_score(self, tier: Tier, text: str) -> float | None:
         seeds = self._seed_scores(tier, text, range(tier.seeds))
